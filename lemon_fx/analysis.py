@@ -1,0 +1,450 @@
+"""Width analysis: which axes of a traced model are coupled, and what each one needs.
+
+``analyze_width(gm)`` walks the graph once. For every node it asks the node's rule (see
+``lemon_fx.rule``) to state facts through a ``NodeAnalysis``; nothing is changed. The
+result, a ``WidthAnalysis``, holds:
+
+- a ``DimTable``: every axis of every value and parameter as a dim, coupled and factored;
+- the *groups*: classes of growable leaves (not tied to a model input or output, and
+  owning at least one parameter axis), each with a readable name and a role;
+- the *form* needs of each value axis (LEMON's circ / avg / zero), solved per class of
+  axes that must share a form, with the conflicts that make non-multiple widths impossible;
+- parameter claims: for each parameter axis, whether it is expanded (fan-out: rows, bias)
+  or split (fan-in: columns) when its dim grows;
+- blocked growth: dims an op cannot grow (unknown op, softmax over the axis, ...), each
+  with the node, the op, the reason and the fix, raised only if a plan grows that dim.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+import torch.fx
+
+from lemon_fx.dims import DimTable, FactorMismatch
+from lemon_fx.errors import Problem
+from lemon_fx.graph_facts import op_name, plain_value, source_line, tensor_shape, tensor_shapes
+from lemon_fx.registry import Registry, default_registry
+from lemon_fx.rule import Rule
+
+__all__ = [
+    "FORMS",
+    "AxisUse",
+    "Blocker",
+    "Claim",
+    "NodeAnalysis",
+    "Slot",
+    "Value",
+    "WidthAnalysis",
+    "analyze_width",
+]
+
+FORMS = ("circ", "avg", "zero")
+# A value is a node's single tensor, or element i of a node that returns a tuple.
+Value = Union[torch.fx.Node, tuple[torch.fx.Node, int]]
+Slot = tuple[Value, int]
+
+ROLE_ORDER = ("heads", "kv_heads", "head_dim", "channels", "residual", "ffn", "hidden")
+
+
+@dataclass(frozen=True)
+class AxisUse:
+    """How a parameter axis follows its dim: ``expand`` (fan-out) or ``split`` (fan-in).
+
+    ``slot`` is the value axis whose LEMON form the expansion must reproduce (for
+    ``expand``) or invert (for ``split``).
+    """
+
+    kind: str
+    slot: Slot | None
+
+
+@dataclass
+class Claim:
+    """One rule's statement of how a parameter is grown."""
+
+    param: str
+    axes: tuple[AxisUse | None, ...]
+    node: torch.fx.Node
+    # (tensor, grown by the generic rule, NodeRewrite) -> tensor; for norms' gamma/beta
+    transform: Callable[..., torch.Tensor] | None = None
+    # bound of the uniform noise LEMON draws for split columns (the wide layer's init)
+    noise_bound: Callable[[tuple[int, ...]], float] | None = None
+
+
+@dataclass
+class Blocker:
+    """Growth of ``dim`` is impossible (``kind`` "unsupported") or inexact ("not_lossless")."""
+
+    dim: int
+    problem: Problem
+    kind: str
+    whole_multiples_ok: bool = False
+
+
+@dataclass
+class FormNeed:
+    forms: frozenset[str]
+    problem: Problem
+
+
+@dataclass
+class WidthAnalysis:
+    gm: torch.fx.GraphModule
+    dims: DimTable
+    value_dims: dict[Any, list[int]]
+    param_dims: dict[str, list[int]]
+    claims: dict[str, list[Claim]]
+    blockers: list[Blocker]
+    hints: dict[int, set[str]]
+    form_parent: dict[Slot, Slot]
+    form_needs: dict[Slot, list[FormNeed]]
+    ties: list[tuple[int, list[int], Problem]]
+    rules: dict[torch.fx.Node, Rule]
+    groups: list[Any] = field(default_factory=list)  # list[WidthGroup], set by build_groups
+    input_leaves: set[int] = field(default_factory=set)
+
+    # -- slots and forms -------------------------------------------------------------
+    def form_root(self, slot: Slot) -> Slot:
+        parent = self.form_parent
+        root = slot
+        while parent.get(root, root) != root:
+            root = parent[root]
+        return root
+
+    def form_classes(self) -> dict[Slot, list[Slot]]:
+        classes: dict[Slot, list[Slot]] = {}
+        for slot in self.form_parent:
+            classes.setdefault(self.form_root(slot), []).append(slot)
+        return classes
+
+    def allowed_forms(self, slot: Slot) -> tuple[frozenset[str], list[Problem]]:
+        root = self.form_root(slot)
+        allowed = frozenset(FORMS)
+        reasons: list[Problem] = []
+        for member in self.form_classes_index().get(root, [root]):
+            for need in self.form_needs.get(member, []):
+                allowed &= need.forms
+                reasons.append(need.problem)
+        return allowed, reasons
+
+    def form_classes_index(self) -> dict[Slot, list[Slot]]:
+        cached = getattr(self, "_form_index", None)
+        if cached is None:
+            cached = self.form_classes()
+            self._form_index = cached
+        return cached
+
+    def slot_leaves(self, slot: Slot) -> list[int]:
+        value, axis = slot
+        return self.dims.leaves(self.value_dims[_key(value)][axis])
+
+    def leaf_of(self, dim: int) -> list[int]:
+        return self.dims.leaves(dim)
+
+
+def _key(value: Value) -> Any:
+    return value
+
+
+class NodeAnalysis:
+    """What a rule may state about its node. Nothing here changes the graph."""
+
+    def __init__(self, analysis: WidthAnalysis, node: torch.fx.Node, rule: Rule):
+        self._a = analysis
+        self.node = node
+        self.rule = rule
+        self.root = analysis.gm
+        self.module = analysis.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    # -- facts about values ------------------------------------------------------------
+    def is_tensor(self, arg: Any) -> bool:
+        return isinstance(arg, torch.fx.Node) and _key(arg) in self._a.value_dims
+
+    def dims(self, value: Value) -> list[int]:
+        return self._a.value_dims[_key(value)]
+
+    def shape(self, value: Value) -> tuple[int, ...]:
+        return tuple(self._a.dims.size(d) for d in self.dims(value))
+
+    def value(self, arg: Any) -> Any:
+        """The plain (non-tensor) value of an argument when the example inputs ran."""
+        return plain_value(arg)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        if len(self.node.args) > index:
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def outputs(self) -> list[Value]:
+        """The node's tensor results: itself, or (node, i) for each tensor of a tuple."""
+        if _key(self.node) in self._a.value_dims:
+            return [self.node]
+        return [k for k in self._a.value_dims if isinstance(k, tuple) and k[0] is self.node]
+
+    def param(self, attr: str) -> str:
+        """The qualified name of this call_module node's parameter or buffer ``attr``."""
+        return f"{self.node.target}.{attr}" if self.node.target else attr
+
+    def param_dims(self, qualname: str) -> list[int]:
+        return self._a.param_dims[qualname]
+
+    def has_param(self, qualname: str) -> bool:
+        return qualname in self._a.param_dims
+
+    # -- coupling ----------------------------------------------------------------------
+    def unify(self, a: int, b: int) -> None:
+        try:
+            self._a.dims.unify(a, b)
+        except FactorMismatch as exc:
+            self._mismatch([a, b], str(exc))
+
+    def factor(self, dim: int, parts: list[int]) -> None:
+        try:
+            self._a.dims.factor_as(dim, parts)
+        except FactorMismatch as exc:
+            self._mismatch([dim, *parts], str(exc))
+
+    def concatenate(self, dim: int, parts: list[int]) -> None:
+        try:
+            self._a.dims.concatenate_as(dim, parts)
+        except FactorMismatch as exc:
+            self._mismatch([dim, *parts], str(exc))
+
+    def _mismatch(self, dims: list[int], why: str) -> None:
+        for d in dims:
+            self.fix(d, f"{op_name(self.node, self.root)} at '{self.node.name}' mixes axes ({why})")
+
+    def new_dim(self, size: int) -> int:
+        return self._a.dims.new(size)
+
+    def fix(self, dim: int, reason: str) -> None:
+        """The dim is tied to something outside the model's width and never grows."""
+        self._a.dims.fix(dim, reason)
+
+    def hint(self, dim: int, role: str) -> None:
+        for leaf in self._a.dims.leaves(dim):
+            self._a.hints.setdefault(leaf, set()).add(role)
+        # hints on not-yet-factored dims are re-read through leaves at the end
+        self._a.hints.setdefault(self._a.dims.find(dim), set()).add(role)
+
+    def tie(self, dim: int, parts: list[int], reason: str, fix: str) -> None:
+        """After growth ``size(dim)`` must still equal the product of ``size(parts)``."""
+        self._a.ties.append((dim, parts, self.problem(reason, fix)))
+
+    # -- forms -------------------------------------------------------------------------
+    def slot(self, value: Value, axis: int) -> Slot:
+        rank = len(self.dims(value))
+        slot = (value, axis % rank)
+        self._a.form_parent.setdefault(slot, slot)
+        return slot
+
+    def same_form(self, *slots: Slot) -> None:
+        a = self._a
+        roots = [a.form_root(s) for s in slots]
+        for r in roots[1:]:
+            if r != roots[0]:
+                a.form_parent[r] = roots[0]
+
+    def require_form(self, slot: Slot, forms: set[str] | frozenset[str], reason: str) -> None:
+        """The axis must be in one of ``forms`` when its width grows by a non-multiple."""
+        self._a.form_needs.setdefault(slot, []).append(
+            FormNeed(frozenset(forms), self.problem(reason, "grow this width by a whole "
+                                                    "multiple (2x, 3x, ...)"))
+        )
+
+    def pass_through(self, src: Value, dst: Value) -> None:
+        """``dst`` has ``src``'s axes in the same order and the same form (elementwise)."""
+        for axis, (a, b) in enumerate(zip(self.dims(src), self.dims(dst))):
+            self.unify(a, b)
+            self.same_form(self.slot(src, axis), self.slot(dst, axis))
+
+    def broadcast(self, inputs: list[Any], output: Value) -> None:
+        """Numpy broadcasting: trailing axes of equal size are one dim with one form."""
+        out_dims = self.dims(output)
+        for arg in inputs:
+            if not self.is_tensor(arg):
+                continue
+            in_dims = self.dims(arg)
+            offset = len(out_dims) - len(in_dims)
+            for axis, d in enumerate(in_dims):
+                o = out_dims[axis + offset] if axis + offset >= 0 else None
+                if o is None:
+                    continue
+                if self._a.dims.size(d) == self._a.dims.size(o):
+                    self.unify(d, o)
+                    self.same_form(self.slot(arg, axis), self.slot(output, axis + offset))
+                # a size-1 axis broadcast against a grown one reads the same entry for
+                # every copy, which is exactly what every form needs
+
+    # -- parameters --------------------------------------------------------------------
+    def claim(
+        self,
+        qualname: str,
+        axes: list[AxisUse | None],
+        *,
+        transform: Callable[..., torch.Tensor] | None = None,
+        noise_bound: Callable[[tuple[int, ...]], float] | None = None,
+    ) -> None:
+        self._a.claims.setdefault(qualname, []).append(
+            Claim(qualname, tuple(axes), self.node, transform, noise_bound)
+        )
+
+    # -- refusals ----------------------------------------------------------------------
+    def problem(self, reason: str, fix: str) -> Problem:
+        return Problem(
+            reason=reason,
+            fix=fix,
+            node=self.node.name,
+            op=op_name(self.node, self.root),
+            source=source_line(self.node),
+        )
+
+    def forbid_growth(
+        self, dims: list[int] | int, reason: str, fix: str, *, kind: str = "unsupported",
+        whole_multiples_ok: bool = False,
+    ) -> None:
+        """Growing any of ``dims`` would be wrong; raised only if a plan grows one."""
+        for d in [dims] if isinstance(dims, int) else dims:
+            self._a.blockers.append(
+                Blocker(d, self.problem(reason, fix), kind, whole_multiples_ok)
+            )
+
+
+def _new_value_dims(table: DimTable, shape: tuple[int, ...]) -> list[int]:
+    return [table.new(s) for s in shape]
+
+
+def _tensor_args(node: torch.fx.Node, value_dims: dict) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
+    return [n for n in found if n in value_dims]
+
+
+def analyze_width(gm: torch.fx.GraphModule, registry: Registry | None = None) -> WidthAnalysis:
+    """State every coupling in ``gm``; groups, forms and blockers come out of it."""
+    registry = registry or default_registry()
+    table = DimTable()
+    analysis = WidthAnalysis(
+        gm=gm, dims=table, value_dims={}, param_dims={}, claims={}, blockers=[], hints={},
+        form_parent={}, form_needs={}, ties=[], rules={},
+    )
+    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        analysis.param_dims[name] = _new_value_dims(table, tuple(tensor.shape))
+    for node in gm.graph.nodes:
+        shape = tensor_shape(node)
+        if shape is not None and node.op != "output":
+            analysis.value_dims[node] = _new_value_dims(table, shape)
+            continue
+        shapes = tensor_shapes(node)
+        if shapes is not None and node.op != "output":
+            for i, s in enumerate(shapes):
+                if s is not None:
+                    analysis.value_dims[(node, i)] = _new_value_dims(table, s)
+
+    unknown = _UnknownOp()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            for value in _values_of(node, analysis):
+                for axis, d in enumerate(analysis.value_dims[value]):
+                    table.fix(d, f"axis {axis} of model input '{node.name}'")
+        elif node.op == "output":
+            _fix_outputs(node, analysis)
+        elif node.op == "get_attr":
+            _analyze_get_attr(node, analysis)
+        else:
+            has_tensors = bool(_values_of(node, analysis)) or bool(
+                _tensor_args(node, analysis.value_dims)
+            )
+            if not has_tensors:
+                continue  # shape arithmetic on plain ints
+            rule = registry.lookup(node, gm) or unknown
+            analysis.rules[node] = rule
+            rule.analyze(node, NodeAnalysis(analysis, node, rule))
+    _claim_unclaimed_module_params(analysis)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            for value in _values_of(node, analysis):
+                for d in analysis.value_dims[value]:
+                    analysis.input_leaves.update(table.find(x) for x in table.leaves(d))
+    return analysis
+
+
+def _values_of(node: torch.fx.Node, analysis: WidthAnalysis) -> list[Value]:
+    if node in analysis.value_dims:
+        return [node]
+    return [k for k in analysis.value_dims if isinstance(k, tuple) and k[0] is node]
+
+
+def _fix_outputs(node: torch.fx.Node, analysis: WidthAnalysis) -> None:
+    def visit(arg: torch.fx.Node) -> torch.fx.Node:
+        for value in _values_of(arg, analysis):
+            for axis, d in enumerate(analysis.value_dims[value]):
+                analysis.dims.fix(d, f"axis {axis} of model output '{arg.name}'")
+        return arg
+
+    torch.fx.node.map_arg(node.args, visit)
+
+
+def _analyze_get_attr(node: torch.fx.Node, analysis: WidthAnalysis) -> None:
+    """A parameter or buffer read directly: its value's axes are the tensor's axes."""
+    if node not in analysis.value_dims or node.target not in analysis.param_dims:
+        return
+    ctx = NodeAnalysis(analysis, node, _UnknownOp())
+    for a, b in zip(analysis.value_dims[node], analysis.param_dims[node.target]):
+        ctx.unify(a, b)
+    analysis.get_attr_nodes = getattr(analysis, "get_attr_nodes", [])
+    analysis.get_attr_nodes.append(node)
+
+
+def _claim_unclaimed_module_params(analysis: WidthAnalysis) -> None:
+    """A get_attr parameter nobody claimed is data on its axes: expand every axis."""
+    for node in getattr(analysis, "get_attr_nodes", []):
+        if node.target in analysis.claims:
+            continue
+        ctx = NodeAnalysis(analysis, node, _UnknownOp())
+        rank = len(analysis.value_dims[node])
+        ctx.claim(node.target, [AxisUse("expand", ctx.slot(node, i)) for i in range(rank)])
+
+
+class _UnknownOp(Rule):
+    """No rule: the op is fine only while none of the axes it touches grows."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        touched: list[int] = []
+        for value in ctx.outputs():
+            touched += ctx.dims(value)
+        for arg in _tensor_args(node, ctx._a.value_dims):
+            touched += ctx.dims(arg)
+        if ctx.module is not None:
+            for name, _ in ctx.module.named_parameters(recurse=True):
+                touched += ctx.param_dims(ctx.param(name))
+        ctx.forbid_growth(
+            touched,
+            "no rule for this op, and an axis it reads or writes would grow",
+            "register a rule for it with lemon_fx.register (see README), keep this width "
+            "fixed in the plan, or trace the module with leaf_modules and a rule",
+            kind="unsupported",
+        )
+
+
+def group_name_candidates(params: list[str]) -> str:
+    """The longest common dotted prefix of the modules owning ``params``."""
+    owners = [p.rsplit(".", 1)[0] if "." in p else "" for p in params]
+    if not owners:
+        return ""
+    parts = owners[0].split(".") if owners[0] else []
+    for o in owners[1:]:
+        other = o.split(".") if o else []
+        n = 0
+        while n < min(len(parts), len(other)) and parts[n] == other[n]:
+            n += 1
+        parts = parts[:n]
+    return ".".join(parts)
+
+
+def matches(pattern: str, name: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)

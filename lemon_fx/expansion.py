@@ -1,0 +1,161 @@
+"""LEMON's expansion maps along one tensor axis, and the fan-in split.
+
+An activation ``x`` of width ``S`` lives in the wide model as ``E x`` (width ``T``), where
+``E`` depends on the axis' *form* (``k = T // S``, ``r = T % S``):
+
+- circ: entry ``i`` is ``x[i % S]``;
+- avg:  ``k`` tiles of ``x``, then ``r`` entries ``mean(x)``;
+- zero: ``k`` tiles of ``x``, then ``r`` zeros.
+
+A composite axis (``[H, Dh]`` after a head split, ``[3, H, Dh]`` for fused qkv) expands
+as the Kronecker product of its leaves' maps, outer leaf first; a concatenated axis as its
+parts' maps one after another. Everything below applies these maps with index operations
+along one dim, never as dense matrices.
+
+Fan-out (producers): ``W' = E W`` along the output axis (``expand``).
+Fan-in (consumers): any ``W'`` with ``W' E = W`` is exact. With ``P`` the equal split
+(``P E = I``: copy ``c`` of column ``j`` gets ``1/m_j``; avg/zero extras get 0), LEMON's
+"proj" split is ``W' = W P + R - (R E) P`` for noise ``R`` drawn at the wide layer's init
+scale: each copy is ``W[:, j]/m`` plus zero-mean noise, and ``W' E = W P E + R E - R E P E
+= W``. ``net2net`` is ``R = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+__all__ = ["AxisGrowth", "LeafGrowth", "embed", "gather", "split_equal", "split_lemon"]
+
+
+@dataclass(frozen=True)
+class LeafGrowth:
+    source: int
+    target: int
+    form: str = "circ"
+
+    @property
+    def k(self) -> int:
+        return self.target // self.source
+
+    @property
+    def r(self) -> int:
+        return self.target % self.source
+
+    @property
+    def alpha(self) -> float:
+        return self.k * self.source / self.target
+
+    @property
+    def eta(self) -> float:
+        return math.sqrt(self.alpha)
+
+    @property
+    def identity(self) -> bool:
+        return self.source == self.target
+
+    def copies(self) -> torch.Tensor:
+        """How many times each source entry appears (m_j)."""
+        m = torch.full((self.source,), self.k, dtype=torch.long)
+        if self.form == "circ":
+            m[: self.r] += 1
+        return m
+
+
+# An axis layout: a leaf, or ("prod" | "sum", [children]).
+AxisGrowth = Union[LeafGrowth, tuple]
+
+
+def _sizes(g: AxisGrowth, attr: str) -> int:
+    if isinstance(g, LeafGrowth):
+        return getattr(g, attr)
+    kind, children = g
+    values = [_sizes(c, attr) for c in children]
+    return math.prod(values) if kind == "prod" else sum(values)
+
+
+def source_size(g: AxisGrowth) -> int:
+    return _sizes(g, "source")
+
+
+def target_size(g: AxisGrowth) -> int:
+    return _sizes(g, "target")
+
+
+def _along(t: torch.Tensor, dim: int, g: AxisGrowth, leaf_op, in_attr: str) -> torch.Tensor:
+    """Apply ``leaf_op`` to every leaf of layout ``g`` on axis ``dim`` of ``t``."""
+    dim = dim % t.dim()
+    if isinstance(g, LeafGrowth):
+        return t if g.identity else leaf_op(t, dim, g)
+    kind, children = g
+    if kind == "prod":
+        sizes = [_sizes(c, in_attr) for c in children]
+        shaped = t.reshape(*t.shape[:dim], *sizes, *t.shape[dim + 1:])
+        for i, child in enumerate(children):
+            shaped = _along(shaped, dim + i, child, leaf_op, in_attr)
+        return shaped.reshape(*shaped.shape[:dim], -1, *shaped.shape[dim + len(sizes):])
+    sizes = [_sizes(c, in_attr) for c in children]
+    parts = torch.split(t, sizes, dim=dim)
+    return torch.cat([_along(p, dim, c, leaf_op, in_attr) for p, c in zip(parts, children)],
+                     dim=dim)
+
+
+def _embed_leaf(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
+    idx = torch.arange(g.target, device=t.device) % g.source
+    out = t.index_select(dim, idx)
+    if g.form == "circ" or g.r == 0:
+        return out
+    extra = out.narrow(dim, g.k * g.source, g.r)
+    if g.form == "avg":
+        extra.copy_(t.mean(dim=dim, keepdim=True).expand_as(extra))
+    else:
+        extra.zero_()
+    return out
+
+
+def _gather_leaf(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
+    """``R E`` along ``dim``: sum the copies of each source entry (T -> S)."""
+    idx = torch.arange(g.target, device=t.device) % g.source
+    shape = list(t.shape)
+    shape[dim] = g.source
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    if g.form == "circ" or g.r == 0:
+        return out.index_add_(dim, idx, t)
+    tiles = g.k * g.source
+    out.index_add_(dim, idx[:tiles], t.narrow(dim, 0, tiles))
+    if g.form == "avg":
+        out += t.narrow(dim, tiles, g.r).sum(dim=dim, keepdim=True) / g.source
+    return out
+
+
+def _split_leaf(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
+    """``W P`` along ``dim``: copy ``c`` of entry ``j`` gets ``W[j] / m_j`` (S -> T)."""
+    m = g.copies().to(device=t.device, dtype=t.dtype)
+    scaled = t / m.reshape([-1 if i == dim else 1 for i in range(t.dim())])
+    out = _embed_leaf(scaled, dim, LeafGrowth(g.source, g.target, "circ"))
+    if g.form != "circ" and g.r:
+        out.narrow(dim, g.k * g.source, g.r).zero_()
+    return out
+
+
+def embed(t: torch.Tensor, dim: int, g: AxisGrowth) -> torch.Tensor:
+    """``E t`` along ``dim``: the fan-out expansion of rows, biases, activations."""
+    return _along(t, dim, g, _embed_leaf, "source")
+
+
+def gather(t: torch.Tensor, dim: int, g: AxisGrowth) -> torch.Tensor:
+    """``t E`` along ``dim`` (wide to narrow): sums the copies of each entry."""
+    return _along(t, dim, g, _gather_leaf, "target")
+
+
+def split_equal(t: torch.Tensor, dim: int, g: AxisGrowth) -> torch.Tensor:
+    """``t P`` along ``dim``: Net2Net's equal fan-in split."""
+    return _along(t, dim, g, _split_leaf, "source")
+
+
+def split_lemon(t: torch.Tensor, dim: int, g: AxisGrowth, noise: torch.Tensor) -> torch.Tensor:
+    """LEMON's unequal split ``W P + R - (R E) P``; ``noise`` has the grown shape."""
+    return split_equal(t, dim, g) + noise - split_equal(gather(noise, dim, g), dim, g)

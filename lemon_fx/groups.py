@@ -1,0 +1,96 @@
+"""Width groups: the growable leaves of the analysis, named, with a role and a form.
+
+A group is one class of coupled leaves that is not tied to a model input or output and
+that owns at least one parameter axis (an axis no parameter touches has nothing to grow).
+Its name is the longest common module prefix of the parameters on it plus its role,
+e.g. ``blocks.3.mlp.ffn``; the model-wide residual stream is just ``residual``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lemon_fx.analysis import ROLE_ORDER, WidthAnalysis, group_name_candidates
+
+__all__ = ["WidthGroup", "build_groups"]
+
+
+@dataclass
+class WidthGroup:
+    name: str
+    size: int
+    role: str
+    members: list[str]
+    form: str
+    leaf: int = field(repr=False, default=-1)
+    blocked_by: list[str] = field(default_factory=list)
+    whole_multiples_only: list[str] = field(default_factory=list)
+
+
+def _role(hints: set[str]) -> str:
+    if "heads" in hints:
+        return "kv_heads" if "kv" in hints else "heads"
+    if "head_dim" in hints:
+        return "head_dim"
+    if "channels" in hints:
+        return "channels"
+    if "norm" in hints:
+        return "residual"
+    if "nonlinear" in hints:
+        return "ffn"
+    if "residual_add" in hints:
+        return "residual"
+    return "hidden"
+
+
+def build_groups(analysis: WidthAnalysis) -> list[WidthGroup]:
+    table = analysis.dims
+    fixed = table.fixed_leaves()
+    members: dict[int, list[str]] = {}
+    for name, dims in analysis.param_dims.items():
+        for axis, d in enumerate(dims):
+            for leaf in table.leaves(d):
+                if leaf not in fixed:
+                    members.setdefault(leaf, []).append(f"{name}[{axis}]")
+    hints: dict[int, set[str]] = {}
+    for d, roles in analysis.hints.items():
+        for leaf in table.leaves(d):
+            hints.setdefault(leaf, set()).update(roles)
+    slot_forms: dict[int, Counter] = {}
+    for slot in analysis.form_parent:
+        value, axis = slot
+        allowed, _ = analysis.allowed_forms(slot)
+        form = next((f for f in ("circ", "avg", "zero") if f in allowed), "conflict")
+        for leaf in table.leaves(analysis.value_dims[value][axis]):
+            slot_forms.setdefault(leaf, Counter())[form] += 1
+    groups = []
+    for leaf, params in members.items():
+        role = _role(hints.get(leaf, set()))
+        prefix = group_name_candidates([p.split("[")[0] for p in params])
+        name = f"{prefix}.{role}" if prefix else role
+        counts = slot_forms.get(leaf, Counter({"circ": 1}))
+        form = "conflict" if "conflict" in counts else counts.most_common(1)[0][0]
+        blocked, whole = [], []
+        for b in analysis.blockers:
+            if leaf in table.leaves(b.dim):
+                text = f"{b.problem.node} ({b.problem.op}): {b.problem.reason}"
+                (whole if b.whole_multiples_ok else blocked).append(text)
+        groups.append(
+            WidthGroup(name, table.size(leaf), role, params, form, leaf,
+                       sorted(set(blocked)), sorted(set(whole)))
+        )
+    _make_names_unique(groups)
+    order = {r: i for i, r in enumerate(ROLE_ORDER)}
+    groups.sort(key=lambda g: (g.name.count("."), order.get(g.role, 99), g.name))
+    analysis.groups = groups
+    return groups
+
+
+def _make_names_unique(groups: list[WidthGroup]) -> None:
+    seen = Counter(g.name for g in groups)
+    index: Counter = Counter()
+    for g in sorted(groups, key=lambda g: min(g.members)):
+        if seen[g.name] > 1:
+            index[g.name] += 1
+            g.name = f"{g.name}_{index[g.name] - 1}"

@@ -1,0 +1,131 @@
+"""``Plan``: what to grow, by how much, and how. Plain data; resolution is elsewhere.
+
+``width``  a bare number scales every growable group except ``head_dim``; a mapping takes
+           selectors (``"@residual"``, ``"@ffn"``, ``"@heads"``, ``"@kv_heads"``,
+           ``"@head_dim"``, ``"@channels"``, ``"@hidden"``, or a glob over group names such
+           as ``"blocks.3.*"``) to targets: an int is an absolute size (heads counted in
+           heads), a float a multiplier. Later entries override earlier ones.
+``depth``  a bare number scales every block stack; a mapping takes stack names to a target
+           count (int) or a multiplier (float).
+``placement``  ``"interleave"`` (LEMON: 1, 1', 2, 2', ...) or ``"stack"`` (copies on top),
+           or an explicit list of source indices.
+``method`` ``"lemon"`` (unequal splits, cancelling new blocks) or ``"net2net"`` (equal
+           splits, zeroed new blocks), the baseline users compare against.
+``seed``   the only source of randomness: same seed, identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+from lemon_fx.errors import PlanError, Problem
+
+__all__ = ["Plan", "METHODS", "PLACEMENTS"]
+
+METHODS = ("lemon", "net2net")
+PLACEMENTS = ("interleave", "stack")
+Target = Union[int, float]
+
+
+def _check_target(where: str, value: Any) -> list[Problem]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return [Problem(reason=f"{where} is {value!r}, not a number",
+                        fix="use an int (absolute size) or a float (multiplier)", node=where)]
+    if value <= 0:
+        return [Problem(reason=f"{where} is {value}, not positive",
+                        fix="use a size or multiplier greater than zero", node=where)]
+    return []
+
+
+@dataclass(frozen=True)
+class Plan:
+    width: Target | Mapping[str, Target] | None = None
+    depth: Target | Mapping[str, Target] | None = None
+    placement: str | tuple[int, ...] = "interleave"
+    method: str = "lemon"
+    seed: int = 0
+    allow_inexact: bool = False
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        problems: list[Problem] = []
+        if isinstance(self.width, Mapping):
+            object.__setattr__(self, "width", dict(self.width))
+            for sel, target in self.width.items():
+                if not isinstance(sel, str) or not sel:
+                    problems.append(Problem(reason=f"width selector {sel!r} is not a string",
+                                            fix="use '@role' or a glob over group names",
+                                            node="width"))
+                problems += _check_target(f"width[{sel!r}]", target)
+        elif self.width is not None:
+            problems += _check_target("width", self.width)
+        if isinstance(self.depth, Mapping):
+            object.__setattr__(self, "depth", dict(self.depth))
+            for sel, target in self.depth.items():
+                problems += _check_target(f"depth[{sel!r}]", target)
+        elif self.depth is not None:
+            problems += _check_target("depth", self.depth)
+        if self.method not in METHODS:
+            problems.append(Problem(reason=f"method {self.method!r} is unknown",
+                                    fix=f"use one of {METHODS}", node="method"))
+        if isinstance(self.placement, str):
+            if self.placement not in PLACEMENTS:
+                problems.append(Problem(reason=f"placement {self.placement!r} is unknown",
+                                        fix=f"use one of {PLACEMENTS} or a list of source "
+                                        "indices", node="placement"))
+        elif isinstance(self.placement, (list, tuple)):
+            object.__setattr__(self, "placement", tuple(self.placement))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            problems.append(Problem(reason=f"seed {self.seed!r} is not an int",
+                                    fix="use an integer seed", node="seed"))
+        if problems:
+            raise PlanError("the plan is invalid", problems)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(
+                "the plan has unknown fields",
+                [Problem(reason=f"unknown field {k!r}", fix=f"use only {sorted(known)}",
+                         node=k) for k in unknown],
+            )
+        return cls(**dict(data))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Plan:
+        """Read a plan from YAML (``.yaml``/``.yml``) or JSON."""
+        path = Path(path)
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else getattr(exc, "lineno", None)
+            raise PlanError(
+                f"cannot read plan file {path}",
+                [Problem(reason=str(exc).splitlines()[0],
+                         source=f"{path}:{line}" if line else str(path),
+                         fix="fix the syntax at that line")],
+            ) from exc
+        if not isinstance(data, Mapping):
+            raise PlanError(f"plan file {path} must hold a mapping of Plan fields",
+                            [Problem(reason=f"found {type(data).__name__}",
+                                     fix="write e.g. 'width: 2.0'", source=str(path))])
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("extra")
+        if isinstance(data["placement"], tuple):
+            data["placement"] = list(data["placement"])
+        return data

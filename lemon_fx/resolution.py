@@ -1,0 +1,246 @@
+"""Plan resolution: from a ``Plan`` and a ``WidthAnalysis`` to a target size per leaf.
+
+Resolution is where every "no" is said, before anything is built: unknown selectors and
+shrinking (``PlanError``), growth through ops without a rule (``UnsupportedOpError``), and
+growth with no exact answer (``NotLosslessError``: conflicting LEMON forms at a
+non-multiple width, a blocked axis, an unclaimed parameter). All problems of one kind are
+raised together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lemon_fx.analysis import FORMS, AxisUse, Slot, WidthAnalysis, matches
+from lemon_fx.errors import NotLosslessError, PlanError, Problem, UnsupportedOpError
+from lemon_fx.expansion import AxisGrowth, LeafGrowth
+from lemon_fx.groups import WidthGroup
+from lemon_fx.plan import Plan
+
+__all__ = ["Resolution", "resolve_width"]
+
+ROLES = ("residual", "ffn", "heads", "kv_heads", "head_dim", "channels", "hidden")
+
+
+@dataclass
+class Resolution:
+    analysis: WidthAnalysis
+    plan: Plan
+    targets: dict[int, int]
+    forms: dict[Slot, str] = field(default_factory=dict)
+
+    # -- sizes -------------------------------------------------------------------------
+    def target(self, leaf: int) -> int:
+        root = self.analysis.dims.find(leaf)
+        return self.targets.get(root, self.analysis.dims.size(root))
+
+    def grown(self, dim: int) -> int:
+        tree = self.analysis.dims.tree(dim)
+        return self._grown_tree(tree)
+
+    def _grown_tree(self, tree) -> int:
+        if isinstance(tree, int):
+            return self.target(tree)
+        kind, children = tree
+        sizes = [self._grown_tree(c) for c in children]
+        return math.prod(sizes) if kind == "prod" else sum(sizes)
+
+    def grows(self, dim: int) -> bool:
+        return any(self.target(leaf) != self.analysis.dims.size(leaf)
+                   for leaf in self.analysis.dims.leaves(dim))
+
+    def grown_shape(self, value) -> tuple[int, ...]:
+        return tuple(self.grown(d) for d in self.analysis.value_dims[value])
+
+    # -- forms -------------------------------------------------------------------------
+    def form(self, slot: Slot | None) -> str:
+        """The chosen form of a value axis; ``None`` stands for a rule-internal axis
+        (the heads inside ``nn.MultiheadAttention``), which is always circ."""
+        if slot is None:
+            return "circ"
+        return self.forms.get(self.analysis.form_root(slot), "circ")
+
+    def is_dynamic(self, dim: int) -> bool:
+        """Whether the axis' size follows a model input's size (batch, sequence)."""
+        return any(self.analysis.dims.find(leaf) in self.analysis.input_leaves
+                   for leaf in self.analysis.dims.leaves(dim))
+
+    def axis_growth(self, dim: int, form: str) -> AxisGrowth:
+        """The expansion layout of ``dim`` with every growing leaf in ``form``."""
+        return self._layout(self.analysis.dims.tree(dim), form)
+
+    def _layout(self, tree, form: str) -> AxisGrowth:
+        if isinstance(tree, int):
+            source = self.analysis.dims.size(tree)
+            return LeafGrowth(source, self.target(tree), form)
+        kind, children = tree
+        return (kind, [self._layout(c, form) for c in children])
+
+    def slot_growth(self, slot: Slot) -> AxisGrowth:
+        value, axis = slot
+        return self.axis_growth(self.analysis.value_dims[value][axis], self.form(slot))
+
+    def leaf_growth(self, dim: int, form: str = "circ") -> LeafGrowth:
+        """The growth of a dim that must be a single leaf (norms' normalized axis)."""
+        leaves = self.analysis.dims.leaves(dim)
+        size = self.analysis.dims.size(dim)
+        if len(leaves) != 1:
+            return LeafGrowth(size, self.grown(dim), form)
+        return LeafGrowth(size, self.target(leaves[0]), form)
+
+
+def _selected(groups: list[WidthGroup], selector: str) -> list[WidthGroup]:
+    if selector.startswith("@"):
+        return [g for g in groups if g.role == selector[1:]]
+    return [g for g in groups if matches(selector, g.name)]
+
+
+def _target_for(group: WidthGroup, value: float | int) -> int:
+    if isinstance(value, float):
+        return int(round(group.size * value))
+    return int(value)
+
+
+def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
+    groups = analysis.groups
+    targets: dict[int, int] = {}
+    problems: list[Problem] = []
+    width = plan.width
+    if width is None:
+        pass
+    elif isinstance(width, dict):
+        names = ", ".join(g.name for g in groups) or "(none)"
+        for selector, value in width.items():
+            if selector.startswith("@") and selector[1:] not in ROLES:
+                problems.append(Problem(
+                    reason=f"unknown role selector {selector!r}", node=f"width[{selector!r}]",
+                    fix=f"use one of {', '.join('@' + r for r in ROLES)} or a group name "
+                    f"glob; the groups are: {names}"))
+                continue
+            chosen = _selected(groups, selector)
+            if not chosen and not selector.startswith("@"):
+                problems.append(Problem(
+                    reason=f"selector {selector!r} matches no width group",
+                    node=f"width[{selector!r}]",
+                    fix=f"use a group name or glob; the groups are: {names}"))
+            for g in chosen:
+                targets[g.leaf] = _target_for(g, value)
+    else:
+        for g in groups:
+            if g.role != "head_dim":
+                targets[g.leaf] = _target_for(g, width)
+    for g in groups:
+        t = targets.get(g.leaf, g.size)
+        if t < g.size:
+            problems.append(Problem(
+                reason=f"group {g.name!r} would shrink from {g.size} to {t}",
+                node=g.name, fix="lemon_fx only grows: use a target >= the current size"))
+    if problems:
+        raise PlanError("the plan does not fit this model", problems)
+    resolution = Resolution(analysis, plan, {k: v for k, v in targets.items()})
+    _check_ties(resolution)
+    _check_blockers(resolution)
+    _solve_forms(resolution)
+    _check_claims(resolution)
+    return resolution
+
+
+def _check_ties(res: Resolution) -> None:
+    problems = []
+    for dim, parts, problem in res.analysis.ties:
+        want = math.prod(res.grown(p) for p in parts)
+        if res.grown(dim) != want:
+            problems.append(Problem(
+                reason=f"{problem.reason}: width {res.grown(dim)} but the parts give {want}",
+                fix=problem.fix, node=problem.node, op=problem.op, source=problem.source))
+    if problems:
+        raise PlanError("the plan breaks a size constraint of the model", problems)
+
+
+def _check_blockers(res: Resolution) -> None:
+    unsupported, inexact = [], []
+    dims = res.analysis.dims
+    seen = set()
+    for b in res.analysis.blockers:
+        growing = [leaf for leaf in dims.leaves(b.dim) if res.target(leaf) != dims.size(leaf)]
+        if not growing:
+            continue
+        if b.whole_multiples_ok and all(res.target(leaf) % dims.size(leaf) == 0
+                                        for leaf in growing):
+            continue
+        key = (b.problem.node, b.problem.reason)
+        if key in seen:
+            continue
+        seen.add(key)
+        (unsupported if b.kind == "unsupported" else inexact).append(b.problem)
+    if unsupported:
+        raise UnsupportedOpError("growing this model needs ops lemon_fx has no rule for",
+                                 unsupported + inexact)
+    if inexact:
+        raise NotLosslessError("this growth has no exact answer", inexact)
+
+
+def _solve_forms(res: Resolution) -> None:
+    """Pick each form class' form: circ, else avg, else zero, among what its ops allow.
+
+    A class only needs a choice when one of its axes grows by a non-multiple (``r != 0``):
+    for whole multiples all three forms are the same tiling.
+    """
+    a = res.analysis
+    problems: list[Problem] = []
+    for root, members in a.form_classes_index().items():
+        allowed, reasons = a.allowed_forms(root)
+        needs_choice = any(
+            res.target(leaf) % a.dims.size(leaf) != 0
+            for slot in members for leaf in a.slot_leaves(slot)
+        )
+        composite = any(len([leaf for leaf in a.slot_leaves(s)
+                             if res.target(leaf) % a.dims.size(leaf)]) > 0
+                        and len(a.slot_leaves(s)) > 1 for s in members)
+        if composite:
+            allowed &= frozenset({"circ"})
+        chosen = next((f for f in FORMS if f in allowed), None)
+        if chosen is None:
+            if needs_choice:
+                problems.extend(dict.fromkeys(reasons))
+            chosen = "circ"
+        res.forms[root] = chosen
+    if problems:
+        raise NotLosslessError(
+            "these ops need different LEMON forms on one axis, which has no exact answer "
+            "at a non-multiple width", problems)
+
+
+def _check_claims(res: Resolution) -> None:
+    """Every growing parameter axis is claimed, and all claims on it agree."""
+    a = res.analysis
+    problems = []
+    for name, dims in a.param_dims.items():
+        growing = [i for i, d in enumerate(dims) if res.grows(d)]
+        if not growing:
+            continue
+        claims = a.claims.get(name, [])
+        if not claims:
+            problems.append(Problem(
+                reason=f"parameter {name!r} has a growing axis but no rule says how to grow it",
+                node=name, fix="register a rule for the module that owns it"))
+            continue
+        first = claims[0]
+        for axis in growing:
+            uses = [c.axes[axis] if axis < len(c.axes) else None for c in claims]
+            if any(u is None for u in uses):
+                problems.append(Problem(
+                    reason=f"axis {axis} of parameter {name!r} grows, but "
+                    f"'{first.node.name}' cannot grow it", node=first.node.name,
+                    fix="keep this width fixed"))
+                continue
+            kinds = {(u.kind, res.form(u.slot)) for u in uses if isinstance(u, AxisUse)}
+            if len(kinds) > 1:
+                problems.append(Problem(
+                    reason=f"parameter {name!r} is shared by ops that need it grown "
+                    f"differently ({sorted(kinds)})",
+                    node=", ".join(sorted({c.node.name for c in claims})),
+                    fix="untie the parameter, or keep this width fixed"))
+    if problems:
+        raise NotLosslessError("some parameters cannot be grown exactly", problems)

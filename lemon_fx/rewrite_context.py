@@ -1,0 +1,139 @@
+"""What a rule may do in its rewrite half: read the resolved sizes and forms, record edits.
+
+Edits (new literal arguments, new module attributes) are *recorded*, not applied: the
+width pass applies them only after every rule of the graph has rewritten without refusing.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from lemon_fx.analysis import Slot, Value
+from lemon_fx.errors import Problem
+from lemon_fx.expansion import AxisGrowth, LeafGrowth
+from lemon_fx.graph_facts import op_name, plain_value, source_line
+from lemon_fx.resolution import Resolution
+
+__all__ = ["Edits", "NodeRewrite", "Unevaluable"]
+
+
+class Unevaluable(Exception):
+    """A shape expression whose grown value cannot be worked out statically."""
+
+
+@dataclass
+class Edits:
+    args: list[tuple[str, int | str, Any]] = field(default_factory=list)
+    attrs: list[tuple[str, str, Any]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+_ARITH = {
+    operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+    operator.floordiv: operator.floordiv, operator.truediv: operator.truediv,
+    operator.mod: operator.mod, operator.neg: operator.neg,
+}
+
+
+class NodeRewrite:
+    def __init__(self, res: Resolution, node: torch.fx.Node, edits: Edits):
+        self.res = res
+        self.node = node
+        self.root = res.analysis.gm
+        self.module = self.root.get_submodule(node.target) if node.op == "call_module" else None
+        self._edits = edits
+
+    # -- reading the resolution ---------------------------------------------------------
+    def dims(self, value: Value) -> list[int]:
+        return self.res.analysis.value_dims[value]
+
+    def shape(self, value: Value) -> tuple[int, ...]:
+        return tuple(self.res.analysis.dims.size(d) for d in self.dims(value))
+
+    def grown_shape(self, value: Value) -> tuple[int, ...]:
+        return self.res.grown_shape(value)
+
+    def grows(self, dim: int) -> bool:
+        return self.res.grows(dim)
+
+    def grown(self, dim: int) -> int:
+        return self.res.grown(dim)
+
+    def is_dynamic(self, dim: int) -> bool:
+        return self.res.is_dynamic(dim)
+
+    def slot(self, value: Value, axis: int) -> Slot:
+        return (value, axis % len(self.dims(value)))
+
+    def form(self, slot: Slot) -> str:
+        return self.res.form(slot)
+
+    def slot_growth(self, slot: Slot) -> AxisGrowth:
+        return self.res.slot_growth(slot)
+
+    def leaf_growth(self, dim: int, form: str = "circ") -> LeafGrowth:
+        return self.res.leaf_growth(dim, form)
+
+    def is_tensor(self, arg: Any) -> bool:
+        return isinstance(arg, torch.fx.Node) and arg in self.res.analysis.value_dims
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        if len(self.node.args) > index:
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def value(self, arg: Any) -> Any:
+        return plain_value(arg)
+
+    def param(self, attr: str) -> str:
+        return f"{self.node.target}.{attr}" if self.node.target else attr
+
+    def param_dims(self, qualname: str) -> list[int]:
+        return self.res.analysis.param_dims[qualname]
+
+    def grown_value(self, arg: Any) -> Any:
+        """What a shape expression evaluates to in the grown graph."""
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.grown_value(a) for a in arg)
+        if not isinstance(arg, torch.fx.Node):
+            return arg
+        if arg in self.res.analysis.value_dims:
+            raise Unevaluable(arg.name)
+        if arg.op == "call_function" and arg.target is getattr and arg.args[1] == "shape":
+            return torch.Size(self.res.grown_shape(arg.args[0]))
+        if arg.op == "call_method" and arg.target == "size":
+            shape = self.res.grown_shape(arg.args[0])
+            dim = arg.args[1] if len(arg.args) > 1 else arg.kwargs.get("dim")
+            return torch.Size(shape) if dim is None else shape[self.grown_value(dim)]
+        if arg.op == "call_method" and arg.target == "dim":
+            return len(self.res.grown_shape(arg.args[0]))
+        if arg.op == "call_function" and arg.target is operator.getitem:
+            return self.grown_value(arg.args[0])[self.grown_value(arg.args[1])]
+        if arg.op == "call_function" and arg.target in _ARITH:
+            return _ARITH[arg.target](*[self.grown_value(a) for a in arg.args])
+        if arg.op == "call_function" and arg.target in (int, float):
+            return arg.target(self.grown_value(arg.args[0]))
+        raise Unevaluable(arg.name)
+
+    # -- recording edits ----------------------------------------------------------------
+    def set_arg(self, index: int, name: str, value: Any) -> None:
+        """Replace positional ``index`` if present, else keyword ``name``."""
+        key: int | str = index if len(self.node.args) > index else name
+        self._edits.args.append((self.node.name, key, value))
+
+    def set_attr(self, attr: str, value: Any) -> None:
+        self._edits.attrs.append((self.node.target, attr, value))
+
+    def note(self, text: str) -> None:
+        self._edits.notes.append(f"{self.node.name}: {text}")
+
+    def refuse(self, reason: str, fix: str) -> None:
+        self._edits.problems.append(Problem(
+            reason=reason, fix=fix, node=self.node.name, op=op_name(self.node, self.root),
+            source=source_line(self.node)))

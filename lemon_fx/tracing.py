@@ -1,0 +1,166 @@
+"""Frontends: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule`` with shape facts.
+
+The analysis reads a graph only through ``lemon_fx.graph_facts``, which knows where each
+frontend stores its facts. The symbolic_trace frontend below stores a ``TensorMetadata``
+under ``node.meta["tensor_meta"]`` (as ``torch.fx.passes.shape_prop`` does) and every
+non-tensor value (sizes, ints, tuples of ints) under ``node.meta[VALUE_KEY]``; a torch.export
+frontend keeps its own ``node.meta["val"]`` and needs no other change to the analysis.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect as pyinspect
+import traceback
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from lemon_fx.errors import Problem, TraceError
+
+__all__ = ["trace", "EXAMPLE_INPUTS_KEY", "VALUE_KEY"]
+
+EXAMPLE_INPUTS_KEY = "lemon_fx.example_inputs"
+VALUE_KEY = "lemon_fx.value"
+
+
+class _FactRecorder(torch.fx.Interpreter):
+    """Runs the graph once and records each node's tensor metadata or plain value."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        _record(n, result)
+        return result
+
+
+def _record(node: torch.fx.Node, result: Any) -> None:
+    if isinstance(result, torch.Tensor):
+        node.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return
+    if isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result):
+        node.meta["tensor_meta"] = tuple(
+            _extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else None for r in result
+        )
+        node.meta[VALUE_KEY] = tuple(None if isinstance(r, torch.Tensor) else r for r in result)
+        return
+    if isinstance(result, (int, float, bool, str, torch.Size, slice, type(None))) or (
+        isinstance(result, (tuple, list))
+        and all(isinstance(r, (int, float, bool, type(None))) for r in result)
+    ):
+        node.meta[VALUE_KEY] = result
+
+
+def record_facts(gm: torch.fx.GraphModule, example_inputs: Iterable[Any]) -> None:
+    """Run ``gm`` once on ``example_inputs`` (no grad) and store shapes and values on nodes."""
+    with torch.no_grad():
+        _FactRecorder(gm).run(*example_inputs)
+    gm.meta[EXAMPLE_INPUTS_KEY] = tuple(example_inputs)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame that is the user's code, not torch's or ours."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" in path or "/lemon_fx/" in path or path.startswith("<"):
+            continue
+        return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return None
+
+
+def _positional_inputs(
+    model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None
+) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    args = tuple(example_inputs)
+    if not example_kwargs:
+        return args
+    params = list(pyinspect.signature(model.forward).parameters)
+    values = list(args)
+    for name in params[len(args):]:
+        if name in example_kwargs:
+            values.append(example_kwargs[name])
+        else:
+            break
+    unused = set(example_kwargs) - set(params[len(args): len(values)])
+    if unused:
+        raise TraceError(
+            "example_kwargs do not follow forward()'s signature",
+            [
+                Problem(
+                    reason=f"keyword inputs {sorted(unused)} leave a gap in forward{params}",
+                    fix="pass every argument up to the last one you use, positionally "
+                    "or as keywords",
+                )
+            ],
+        )
+    return tuple(values)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> torch.fx.GraphModule:
+    """Trace ``model`` into a GraphModule with shape facts on every node.
+
+    The model is deep-copied first, so tracing and the shape run never touch the user's
+    module (a BatchNorm in train mode would otherwise update its running stats).
+    ``leaf_modules`` are kept as single ``call_module`` nodes; ``concrete_args`` pins
+    Python-level arguments, as in ``torch.fx.symbolic_trace``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(
+            "lemon_fx.trace needs an nn.Module",
+            [Problem(reason=f"got {type(model).__name__}", fix="pass the model instance")],
+        )
+    inputs = _positional_inputs(model, example_inputs, example_kwargs)
+    private = copy.deepcopy(model)
+    leaves = tuple(leaf_modules)
+
+    class _Tracer(torch.fx.Tracer):
+        # stack traces let every error name the user's source line
+        record_stack_traces = True
+
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(private, concrete_args=concrete_args)
+    except Exception as exc:  # torch.fx raises many types; all mean "could not trace"
+        raise TraceError(
+            f"torch.fx.symbolic_trace could not trace {type(model).__name__}",
+            [
+                Problem(
+                    reason=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                    source=_user_frame(exc),
+                    fix="make the failing line independent of tensor values, or pass the "
+                    "module that contains it in leaf_modules=(...) (it must then keep its "
+                    "width), or pin Python arguments with concrete_args={...}",
+                )
+            ],
+        ) from exc
+    gm = torch.fx.GraphModule(private, graph, class_name=type(model).__name__)
+    gm.meta["lemon_fx.source_class"] = type(model)
+    try:
+        record_facts(gm, inputs)
+    except Exception as exc:
+        raise TraceError(
+            f"the traced graph of {type(model).__name__} failed on the example inputs",
+            [
+                Problem(
+                    reason=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                    source=_user_frame(exc),
+                    fix="check that example_inputs are what forward() expects "
+                    "(shapes, dtypes, order)",
+                )
+            ],
+        ) from exc
+    return gm

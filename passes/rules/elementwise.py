@@ -1,0 +1,223 @@
+"""Rules for elementwise ops: activations, arithmetic with broadcasting, masks.
+
+Maths. An elementwise op ``f`` commutes with an expansion ``E`` exactly when the extra
+entries it produces are the ones the output form asks for:
+
+- tiles (``i < kS``, and every circ entry) are copies, so any ``f`` maps copies to copies;
+- avg extras hold ``mean(x)``: only *affine* maps keep "mean of the entries"
+  (``x + y``, ``a * x``, ``x + b`` with ``b`` a tensor in the same form);
+- zero extras hold 0: fine when ``f(0, ..., 0) = 0`` (ReLU, GELU, SiLU, tanh, products).
+
+So additive ops accept every form, products need circ or zero, nonlinearities with
+``f(0) = 0`` circ or zero, and the others (sigmoid, exp, division by a grown tensor)
+circ only. A size-1 axis broadcast against a grown axis reads one value for all copies,
+which every form accepts.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from lemon_fx.analysis import NodeAnalysis
+from lemon_fx.registry import Registry
+from lemon_fx.rule import Rule
+
+__all__ = [
+    "ActivationRule",
+    "AdditiveRule",
+    "PassThroughRule",
+    "ProductRule",
+    "QuotientRule",
+    "register_rules",
+]
+
+CIRC_OR_ZERO = frozenset({"circ", "zero"})
+CIRC = frozenset({"circ"})
+
+
+def _first_tensor(node: torch.fx.Node, ctx: NodeAnalysis):
+    for arg in list(node.args) + list(node.kwargs.values()):
+        if ctx.is_tensor(arg):
+            return arg
+    return None
+
+
+class PassThroughRule(Rule):
+    """Identity-like ops (Dropout, Identity, contiguous, dtype casts): same axes, same form.
+
+    Dropout in training mode multiplies every entry by an independent mask, so copies
+    stop being copies after one step; in eval mode (and for verification) it is exact.
+    """
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = _first_tensor(node, ctx)
+        if x is not None and ctx.is_tensor(node) and ctx.shape(x) == ctx.shape(node):
+            ctx.pass_through(x, node)
+
+
+class ActivationRule(Rule):
+    """``y = f(x)`` elementwise; circ always, zero too when ``f(0) = 0``."""
+
+    def __init__(self, zero_at_zero: bool):
+        self.zero_at_zero = zero_at_zero
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = _first_tensor(node, ctx)
+        ctx.pass_through(x, node)
+        allowed = CIRC_OR_ZERO if self.zero_at_zero else CIRC
+        for axis, dim in enumerate(ctx.dims(node)):
+            ctx.hint(dim, "nonlinear")
+            ctx.require_form(ctx.slot(node, axis), allowed,
+                             "a nonlinearity needs its axis in the circ form"
+                             + (" (or zero)" if self.zero_at_zero else ""))
+
+
+class _BinaryRule(Rule):
+    """Broadcasting binary op; subclasses say which forms shared grown axes allow."""
+
+    allowed: frozenset[str] = frozenset({"circ", "avg", "zero"})
+    why = ""
+
+    def _operands(self, node: torch.fx.Node, ctx: NodeAnalysis) -> list:
+        return [a for a in list(node.args[:2]) + [node.kwargs.get("other")] if a is not None]
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        operands = self._operands(node, ctx)
+        ctx.broadcast(operands, node)
+        tensors = [a for a in operands if ctx.is_tensor(a)]
+        out_rank = len(ctx.dims(node))
+        for axis in range(out_rank):
+            size = ctx.shape(node)[axis]
+            sharing = [t for t in tensors if len(ctx.dims(t)) >= out_rank - axis
+                       and ctx.shape(t)[axis - out_rank] == size]
+            if size > 1 and self.restrict(len(sharing), len(tensors)):
+                ctx.require_form(ctx.slot(node, axis), self.allowed, self.why)
+        if (len(tensors) == 2 and all(t.op != "get_attr" for t in tensors)
+                and ctx.shape(tensors[0]) == ctx.shape(tensors[1])):
+            for dim in ctx.dims(node):
+                ctx.hint(dim, "residual_add")
+
+    def restrict(self, sharing: int, tensors: int) -> bool:
+        return False
+
+
+class AdditiveRule(_BinaryRule):
+    """``x + y``, ``x - y``, ``-x``: affine, exact in every form."""
+
+
+class ProductRule(_BinaryRule):
+    """``x * y`` where both vary along a grown axis: circ or zero (``E x * E y = E(x y)``)."""
+
+    allowed = CIRC_OR_ZERO
+    why = "a product of two tensors along this axis needs the circ or zero form"
+
+    def restrict(self, sharing: int, tensors: int) -> bool:
+        return sharing >= 2
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        super().analyze(node, ctx)
+        tensors = [a for a in self._operands(node, ctx) if ctx.is_tensor(a)]
+        if len(tensors) == 2 and ctx.shape(tensors[0]) == ctx.shape(tensors[1]):
+            for dim in ctx.dims(node):
+                ctx.hint(dim, "nonlinear")  # a gated MLP's hidden axis is an ffn axis
+
+
+class QuotientRule(_BinaryRule):
+    """``x / y``: dividing by a tensor that varies along a grown axis needs circ."""
+
+    allowed = CIRC
+    why = "dividing by a tensor along this axis needs the circ form"
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        operands = self._operands(node, ctx)
+        ctx.broadcast(operands, node)
+        divisor = operands[1] if len(operands) > 1 else None
+        if not ctx.is_tensor(divisor):
+            return
+        rank = len(ctx.dims(node))
+        for axis, size in enumerate(ctx.shape(divisor)):
+            if size > 1:
+                ctx.require_form(ctx.slot(node, axis + rank - len(ctx.shape(divisor))),
+                                 self.allowed, self.why)
+
+
+class MaskedFillRule(Rule):
+    """``x.masked_fill(mask, v)``: a mask that varies along a grown axis needs circ."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x, mask = node.args[0], ctx.arg(1, "mask")
+        ctx.pass_through(x, node)
+        ctx.broadcast([mask], node)
+        if ctx.is_tensor(mask):
+            rank = len(ctx.dims(node))
+            for axis, size in enumerate(ctx.shape(mask)):
+                if size > 1:
+                    ctx.require_form(ctx.slot(node, axis + rank - len(ctx.shape(mask))), CIRC,
+                                     "a mask that varies along this axis needs the circ form")
+
+
+class WhereRule(Rule):
+    """``torch.where(cond, a, b)``: selection along a grown axis needs circ."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        operands = list(node.args[:3])
+        ctx.broadcast(operands, node)
+        for axis in range(len(ctx.dims(node))):
+            ctx.require_form(ctx.slot(node, axis), CIRC, "torch.where needs the circ form")
+
+
+def _zero_at_zero(fn) -> bool:
+    return bool(fn(torch.zeros(1, dtype=torch.float64)).abs().item() == 0)
+
+
+def register_rules(registry: Registry) -> None:
+    passthrough = PassThroughRule()
+    registry.add(passthrough, [
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, F.dropout, torch.nn.functional.alpha_dropout,
+        "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
+        "type", torch.clone, torch.zeros_like,
+    ])
+    activations = {
+        nn.ReLU: F.relu, nn.GELU: F.gelu, nn.SiLU: F.silu, nn.Tanh: torch.tanh,
+        nn.Sigmoid: torch.sigmoid, nn.Mish: F.mish, nn.ELU: F.elu, nn.LeakyReLU: F.leaky_relu,
+        nn.Softplus: F.softplus, nn.Hardswish: F.hardswish, nn.Hardsigmoid: F.hardsigmoid,
+        nn.ReLU6: F.relu6, nn.Hardtanh: F.hardtanh,
+    }
+    with_zero = ActivationRule(zero_at_zero=True)
+    without_zero = ActivationRule(zero_at_zero=False)
+    extra_functions = {
+        torch.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+        F.tanh: "tanh", torch.exp: "exp", torch.sqrt: "sqrt", torch.rsqrt: "rsqrt",
+        torch.abs: "abs", torch.square: "square", torch.erf: "erf", torch.log: "log",
+        torch.cos: "cos", torch.sin: "sin",
+    }
+    zero_ops, other_ops = [], []
+    for module, fn in activations.items():
+        (zero_ops if _zero_at_zero(fn) else other_ops).extend([module, fn])
+    for fn, method in extra_functions.items():
+        zero = method in ("relu", "tanh", "abs", "square", "erf", "sin", "sqrt")
+        (zero_ops if zero else other_ops).extend([fn, method])
+    for method in ("gelu", "silu"):
+        zero_ops.append(method)
+    registry.add(with_zero, zero_ops)
+    registry.add(without_zero, other_ops + ["reciprocal", "pow", operator.pow, torch.pow])
+    registry.add(AdditiveRule(), [
+        operator.add, operator.sub, operator.neg, operator.iadd, operator.isub, torch.add,
+        torch.sub, torch.subtract, torch.neg, "add", "sub", "neg", "add_", "sub_", torch.rsub,
+    ])
+    registry.add(ProductRule(), [operator.mul, operator.imul, torch.mul, torch.multiply, "mul",
+                                 "mul_"])
+    registry.add(QuotientRule(), [operator.truediv, operator.itruediv, torch.div, torch.divide,
+                                  torch.true_divide, "div", "div_", "true_divide"])
+    registry.add(MaskedFillRule(), ["masked_fill", "masked_fill_", torch.masked_fill])
+    registry.add(WhereRule(), [torch.where, torch.ones_like, torch.full_like])
+    comparison = WhereRule()
+    registry.add(comparison, [operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                              operator.ge, torch.eq, torch.ne, "eq", "ne", "logical_not",
+                              torch.logical_not, operator.invert])

@@ -1,0 +1,159 @@
+"""Rules for normalization over the feature axis: LayerNorm and RMSNorm.
+
+LayerNorm over an **avg**-formed input (``k`` tiles of ``x``, then ``r`` entries
+``mean(x)``): the grown input keeps the mean ``mu`` and has variance ``alpha * var``
+(``alpha = kS/T``). With ``eps' = alpha * eps``, ``gamma' = eta * [gamma tiled, r free]``
+(``eta = sqrt(alpha)``) and ``beta' = [beta tiled, r zeros]``::
+
+    gamma'_i (x'_i - mu) / sqrt(alpha var + alpha eps) = gamma_i (x_i - mu) / sqrt(var + eps)
+
+so the output is the **zero** form of ``LN(x)`` (its extra entries are ``beta' = 0``).
+
+RMSNorm over a **zero**-formed input: the mean square becomes ``alpha * ms``; with
+``eps' = alpha * eps`` and ``gamma' = eta * [gamma tiled, r free]`` the output is the zero
+form of ``RMSNorm(x)``. (The algebra of LEMON's LayerNorm rule; checked numerically.)
+
+For whole multiples (``r = 0``) every form is plain tiling and ``alpha = eta = 1``.
+Refuses: normalization over several axes when one of them grows; a normalized axis that
+is not a single width group at a non-multiple width (the forms conflict).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from lemon_fx.analysis import AxisUse, NodeAnalysis
+from lemon_fx.expansion import LeafGrowth, embed
+from lemon_fx.registry import Registry
+from lemon_fx.rewrite_context import NodeRewrite
+from lemon_fx.rule import Rule
+
+__all__ = ["LayerNormRule", "RMSNormRule", "register_rules"]
+
+
+def _scaled_gamma(dim: int):
+    def transform(gamma: torch.Tensor, _generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
+        growth = ctx.leaf_growth(dim)
+        tiled = embed(gamma, 0, LeafGrowth(growth.source, growth.target, "circ"))
+        return tiled * growth.eta
+
+    return transform
+
+
+def _zero_padded(dim: int):
+    def transform(beta: torch.Tensor, _generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
+        growth = ctx.leaf_growth(dim)
+        return embed(beta, 0, LeafGrowth(growth.source, growth.target, "zero"))
+
+    return transform
+
+
+class _FeatureNormRule(Rule):
+    """Shared analysis: normalize over the last axes, with input/output forms."""
+
+    input_form = "avg"
+    module_weight = "weight"
+    module_bias: str | None = "bias"
+
+    def _normalized_rank(self, node: torch.fx.Node, ctx: NodeAnalysis) -> int:
+        if ctx.module is not None:
+            shape = getattr(ctx.module, "normalized_shape", None)
+            return len(shape) if shape is not None else 1
+        shape = ctx.value(ctx.arg(1, "normalized_shape"))
+        return 1 if isinstance(shape, int) else len(shape)
+
+    def _params(self, node: torch.fx.Node, ctx: NodeAnalysis) -> list[tuple[str, list[int], str]]:
+        """(qualified name, dims, 'gamma'|'beta') of the affine parameters."""
+        found = []
+        if ctx.module is not None:
+            for attr, kind in ((self.module_weight, "gamma"), (self.module_bias, "beta")):
+                if attr and getattr(ctx.module, attr, None) is not None:
+                    found.append((ctx.param(attr), ctx.param_dims(ctx.param(attr)), kind))
+            return found
+        for index, name, kind in self.functional_params:
+            arg = ctx.arg(index, name)
+            if ctx.is_tensor(arg):
+                if arg.op != "get_attr":
+                    ctx.forbid_growth(ctx.dims(arg), "the norm's affine weight is computed at "
+                                      "run time", "make it an nn.Parameter")
+                    continue
+                found.append((arg.target, ctx.dims(arg), kind))
+        return found
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = ctx.arg(0, "input")
+        rank = self._normalized_rank(node, ctx)
+        x_dims = ctx.dims(x)
+        for axis, (a, b) in enumerate(zip(x_dims, ctx.dims(node))):
+            ctx.unify(a, b)
+            if axis < len(x_dims) - rank:
+                ctx.same_form(ctx.slot(x, axis), ctx.slot(node, axis))
+        if rank != 1:
+            ctx.forbid_growth(x_dims[-rank:], "normalization over several axes",
+                              "normalize over the last axis only, or keep these widths fixed")
+            return
+        dim = x_dims[-1]
+        ctx.hint(dim, "norm")
+        ctx.require_form(ctx.slot(x, -1), {self.input_form},
+                         f"{type(self).__name__[:-4]} needs its input in the "
+                         f"{self.input_form} form")
+        ctx.require_form(ctx.slot(node, -1), {"zero"},
+                         "a norm's output is in the zero form")
+        for name, dims, kind in self._params(node, ctx):
+            ctx.unify(dims[0], dim)
+            transform = _scaled_gamma(dim) if kind == "gamma" else _zero_padded(dim)
+            ctx.claim(name, [AxisUse("expand", ctx.slot(node, -1))], transform=transform)
+
+    def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
+        x = ctx.arg(0, "input")
+        dim = ctx.dims(x)[-1]
+        if not ctx.grows(dim):
+            return
+        growth = ctx.leaf_growth(dim)
+        width = ctx.grown(dim)
+        if ctx.module is not None:
+            ctx.set_attr("normalized_shape", (width,))
+            eps = getattr(ctx.module, "eps", None)
+            if eps is not None:
+                ctx.set_attr("eps", eps * growth.alpha)
+            elif growth.r:
+                ctx.refuse("the norm uses its default eps, which cannot be scaled by alpha",
+                           "set eps explicitly in the module, or grow by a whole multiple")
+            return
+        ctx.set_arg(1, "normalized_shape", [width])
+        eps = ctx.value(ctx.arg(self.eps_index, "eps", self.default_eps))
+        if eps is None:
+            if growth.r:
+                ctx.refuse("the norm uses its default eps, which cannot be scaled by alpha",
+                           "pass eps explicitly, or grow by a whole multiple")
+            return
+        ctx.set_arg(self.eps_index, "eps", eps * growth.alpha)
+
+
+class LayerNormRule(_FeatureNormRule):
+    """``nn.LayerNorm`` and ``F.layer_norm``: avg in, zero out, ``eps' = alpha eps``."""
+
+    input_form = "avg"
+    functional_params = ((2, "weight", "gamma"), (3, "bias", "beta"))
+    eps_index = 4
+    default_eps = 1e-5
+
+
+class RMSNormRule(_FeatureNormRule):
+    """``nn.RMSNorm`` and ``F.rms_norm``: zero in, zero out, ``eps' = alpha eps``."""
+
+    input_form = "zero"
+    module_bias = None
+    functional_params = ((2, "weight", "gamma"),)
+    eps_index = 3
+    default_eps = None
+
+
+def register_rules(registry: Registry) -> None:
+    registry.add(LayerNormRule(), [nn.LayerNorm, F.layer_norm])
+    rms_ops: list = [op for op in (getattr(nn, "RMSNorm", None), getattr(F, "rms_norm", None))
+                     if op is not None]
+    registry.add(RMSNormRule(), rms_ops)

@@ -1,0 +1,106 @@
+"""Rules for ops that reduce or normalize along one axis: mean, sum, max, softmax.
+
+Maths. Along a grown axis:
+
+- ``mean`` of the avg form is exact: ``(k S mean + r mean) / T = mean``; circ and zero
+  forms change it (unless ``r = 0``, where all forms are tiling and the mean is kept);
+- ``sum`` scales by ``k`` (plus extras): never exact, refused;
+- ``amax``/``max`` over copies is the max: exact for circ (and any form at ``r = 0``);
+- ``softmax`` / ``log_softmax`` over a grown axis changes the normalizer: refused.
+
+Along every other axis these ops act entry by entry; softmax is not affine, so a grown
+axis that is *not* reduced must be circ (each copy gets its own, identical, softmax).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from lemon_fx.analysis import NodeAnalysis
+from lemon_fx.registry import Registry
+from lemon_fx.rule import Rule
+
+__all__ = ["ReduceRule", "SoftmaxRule", "register_rules"]
+
+
+def _reduced_axes(ctx: NodeAnalysis, dim, rank: int) -> list[int]:
+    dim = ctx.value(dim)
+    if dim is None:
+        return list(range(rank))
+    if isinstance(dim, int):
+        return [dim % rank]
+    return sorted(d % rank for d in dim)
+
+
+class ReduceRule(Rule):
+    """mean / sum / amax over ``dim`` (keepdim or not)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = node.args[0]
+        rank = len(ctx.dims(x))
+        axes = _reduced_axes(ctx, ctx.arg(1, "dim"), rank)
+        keep = ctx.value(ctx.arg(2, "keepdim", False))
+        out = ctx.dims(node) if ctx.is_tensor(node) else []
+        b = 0
+        for a in range(rank):
+            if a in axes:
+                self._reduced(node, ctx, x, a)
+                if keep:
+                    b += 1
+                continue
+            if b < len(out):
+                ctx.unify(ctx.dims(x)[a], out[b])
+                ctx.same_form(ctx.slot(x, a), ctx.slot(node, b))
+            b += 1
+
+    def _reduced(self, node, ctx: NodeAnalysis, x, axis: int) -> None:
+        d = ctx.dims(x)[axis]
+        if self.kind == "mean":
+            ctx.require_form(ctx.slot(x, axis), {"avg"}, "a mean over this axis needs the "
+                             "avg form")
+        elif self.kind == "max":
+            ctx.require_form(ctx.slot(x, axis), {"circ"}, "a max over this axis needs the "
+                             "circ form")
+        else:
+            ctx.forbid_growth(d, f"{self.kind} over this axis changes when it grows",
+                              "reduce with mean instead, or keep this width fixed",
+                              kind="not_lossless")
+
+
+class SoftmaxRule(Rule):
+    """softmax / log_softmax: the normalized axis must not grow; other axes circ."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = node.args[0]
+        rank = len(ctx.dims(x))
+        if ctx.module is not None:
+            dim = ctx.module.dim
+        else:
+            dim = ctx.value(ctx.arg(1, "dim"))
+        if dim is None:
+            ctx.forbid_growth(ctx.dims(x), "softmax without an explicit dim",
+                              "pass dim=-1")
+            return
+        dim %= rank
+        ctx.pass_through(x, node)
+        ctx.forbid_growth(ctx.dims(x)[dim], "softmax normalizes over this axis, and more "
+                          "entries change the normalizer", "keep this width fixed",
+                          kind="not_lossless")
+        for axis in range(rank):
+            if axis != dim:
+                ctx.require_form(ctx.slot(node, axis), {"circ"},
+                                 "softmax is not affine: the other axes need the circ form")
+
+
+def register_rules(registry: Registry) -> None:
+    registry.add(ReduceRule("mean"), ["mean", torch.mean])
+    registry.add(ReduceRule("sum"), ["sum", torch.sum])
+    registry.add(ReduceRule("max"), ["amax", torch.amax])
+    registry.add(SoftmaxRule(), ["softmax", "log_softmax", torch.softmax, torch.log_softmax,
+                                 F.softmax, F.log_softmax, nn.Softmax, nn.LogSoftmax])

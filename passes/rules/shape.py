@@ -1,0 +1,397 @@
+"""Rules for ops that move axes around: view/reshape/flatten, permute/transpose,
+unsqueeze/squeeze, expand/repeat, cat, split/chunk/unbind, indexing, shape queries.
+
+Maths. These ops only relabel entries, so they commute with any expansion as long as the
+grown layout of each axis is followed: a reshape that splits ``C`` into ``[H, Dh]``
+*factors* the dim (``C = H x Dh``, outer first) and the grown axis is the Kronecker
+layout of the grown factors; ``cat`` makes the output axis the *concatenation* of its
+inputs' axes; ``chunk(n)`` factors the axis into ``[n, C/n]``. All of it is recorded in
+the ``DimTable``; a reshape whose factors do not refine each other fixes those axes.
+
+Rewrites: size literals (``view(B, T, 12, 64)``, ``expand(B, -1, 768)``, split sizes)
+become the grown sizes. A size computed from tensor shapes (``C // self.num_heads``) is
+kept if it still evaluates to the right size in the grown graph, else replaced by the
+grown literal (a static axis) or by ``-1`` (an axis that follows an input's size).
+
+Refuses: slicing or integer indexing along a growing axis, advanced indexing, ``repeat``
+along a growing axis when the repeats differ from tiling.
+"""
+
+from __future__ import annotations
+
+import operator
+import torch
+import torch.fx
+from torch import nn
+
+from lemon_fx.analysis import NodeAnalysis
+from lemon_fx.registry import Registry
+from lemon_fx.rewrite_context import NodeRewrite, Unevaluable
+from lemon_fx.rule import Rule
+
+__all__ = ["register_rules"]
+
+
+def _size_args(node: torch.fx.Node, first: int = 1, name: str = "shape") -> tuple[list, str]:
+    """The size arguments of view/reshape/expand in either spelling, and how to set them."""
+    rest = list(node.args[first:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        return list(rest[0]), "packed"
+    if not rest and name in node.kwargs:
+        return list(node.kwargs[name]), "kw"
+    return rest, "spread"
+
+
+def _set_size_args(node: torch.fx.Node, ctx: NodeRewrite, sizes: list, how: str,
+                   first: int = 1, name: str = "shape") -> None:
+    if how == "packed":
+        ctx.set_arg(first, name, list(sizes))
+    elif how == "kw":
+        ctx.set_arg(10_000, name, list(sizes))
+    else:
+        for i, s in enumerate(sizes):
+            ctx.set_arg(first + i, name, s)
+
+
+def rewrite_sizes(node: torch.fx.Node, ctx: NodeRewrite, out_dims: list[int], sizes: list,
+                  how: str, first: int = 1, name: str = "shape") -> None:
+    """Make each size argument evaluate to its axis' grown size (see module docstring)."""
+    if len(sizes) != len(out_dims):
+        return
+    new = list(sizes)
+    changed = False
+    free = -1 not in [s for s in sizes if isinstance(s, int)]
+    for i, (arg, dim) in enumerate(zip(sizes, out_dims)):
+        want = ctx.grown(dim)
+        if isinstance(arg, int):
+            if arg != -1 and arg != want:
+                new[i], changed = want, True
+            continue
+        try:
+            if ctx.grown_value(arg) == want:
+                continue
+        except Unevaluable:
+            if not ctx.grows(dim):
+                continue
+        if not ctx.is_dynamic(dim):
+            new[i], changed = want, True
+        elif free:
+            new[i], changed, free = -1, True, False
+        else:
+            ctx.refuse(f"size argument {i} is computed from tensor shapes and cannot be "
+                       "rewritten for the grown width",
+                       "write that size as a literal, or use -1 for it")
+    if changed:
+        _set_size_args(node, ctx, new, how, first, name)
+
+
+def couple_reshape(ctx: NodeAnalysis, x, out) -> None:
+    """Align input and output axes by products and factor where one splits into many."""
+    in_dims, out_dims = ctx.dims(x), ctx.dims(out)
+    ins = [i for i, d in enumerate(in_dims) if ctx.shape(x)[i] != 1]
+    outs = [j for j, d in enumerate(out_dims) if ctx.shape(out)[j] != 1]
+    size_in, size_out = ctx.shape(x), ctx.shape(out)
+    i = j = 0
+    while i < len(ins) and j < len(outs):
+        group_in, group_out = [ins[i]], [outs[j]]
+        p_in, p_out = size_in[ins[i]], size_out[outs[j]]
+        while p_in != p_out:
+            if p_in < p_out and i + 1 < len(ins):
+                i += 1
+                group_in.append(ins[i])
+                p_in *= size_in[ins[i]]
+            elif p_out < p_in and j + 1 < len(outs):
+                j += 1
+                group_out.append(outs[j])
+                p_out *= size_out[outs[j]]
+            else:
+                break
+        i, j = i + 1, j + 1
+        slots = [ctx.slot(x, a) for a in group_in] + [ctx.slot(out, b) for b in group_out]
+        ctx.same_form(*slots)
+        if len(group_in) == 1 and len(group_out) == 1:
+            ctx.unify(in_dims[group_in[0]], out_dims[group_out[0]])
+        elif len(group_in) == 1:
+            ctx.factor(in_dims[group_in[0]], [out_dims[b] for b in group_out])
+        elif len(group_out) == 1:
+            ctx.factor(out_dims[group_out[0]], [in_dims[a] for a in group_in])
+        else:
+            joint = ctx.new_dim(p_in)
+            ctx.factor(joint, [in_dims[a] for a in group_in])
+            ctx.factor(joint, [out_dims[b] for b in group_out])
+
+
+class ReshapeRule(Rule):
+    """view / reshape / flatten / unflatten / squeeze / unsqueeze: factor and follow axes."""
+
+    def __init__(self, sizes_from: int | None):
+        self.sizes_from = sizes_from  # index of the first size argument, or None
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        couple_reshape(ctx, node.args[0], node)
+
+    def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
+        if self.sizes_from is None:
+            if node.target in ("unflatten", torch.unflatten):
+                self._rewrite_unflatten(node, ctx)
+            return
+        sizes, how = _size_args(node, self.sizes_from)
+        rewrite_sizes(node, ctx, ctx.dims(node), sizes, how, self.sizes_from)
+
+    def _rewrite_unflatten(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
+        dim = ctx.value(ctx.arg(1, "dim"))
+        sizes = list(ctx.arg(2, "sizes"))
+        rank_in = len(ctx.dims(node.args[0]))
+        dim = dim % rank_in
+        out_dims = ctx.dims(node)[dim:dim + len(sizes)]
+        new = [ctx.grown(d) if isinstance(s, int) and s != -1 else s
+               for s, d in zip(sizes, out_dims)]
+        if new != sizes:
+            ctx.set_arg(2, "sizes", new)
+
+
+class PermuteRule(Rule):
+    """permute / transpose / ``.T`` / movedim: output axis ``i`` is input axis ``perm[i]``."""
+
+    def _perm(self, node: torch.fx.Node, ctx: NodeAnalysis, rank: int) -> list[int]:
+        if node.target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
+            a = ctx.value(ctx.arg(1, "dim0")) % rank
+            b = ctx.value(ctx.arg(2, "dim1")) % rank
+            perm = list(range(rank))
+            perm[a], perm[b] = perm[b], perm[a]
+            return perm
+        if node.target in ("t",) or node.target is torch.t:
+            return list(reversed(range(rank)))
+        if node.target in ("movedim", torch.movedim):
+            src = ctx.value(ctx.arg(1, "source"))
+            dst = ctx.value(ctx.arg(2, "destination"))
+            src = [src] if isinstance(src, int) else list(src)
+            dst = [dst] if isinstance(dst, int) else list(dst)
+            return _movedim_perm(rank, src, dst)
+        sizes, _ = _size_args(node, 1, "dims")
+        return [ctx.value(s) % rank for s in sizes]
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = node.args[0]
+        rank = len(ctx.dims(x))
+        for out_axis, in_axis in enumerate(self._perm(node, ctx, rank)):
+            ctx.unify(ctx.dims(x)[in_axis], ctx.dims(node)[out_axis])
+            ctx.same_form(ctx.slot(x, in_axis), ctx.slot(node, out_axis))
+
+
+def _movedim_perm(rank: int, src: list[int], dst: list[int]) -> list[int]:
+    src = [s % rank for s in src]
+    dst = [d % rank for d in dst]
+    order = [None] * rank
+    for s, d in zip(src, dst):
+        order[d] = s
+    rest = iter(a for a in range(rank) if a not in src)
+    return [o if o is not None else next(rest) for o in order]
+
+
+class ExpandRule(Rule):
+    """``x.expand(sizes)`` / ``expand_as``: broadcast size-1 axes; others keep their dim."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = node.args[0]
+        in_dims, out_dims = ctx.dims(x), ctx.dims(node)
+        offset = len(out_dims) - len(in_dims)
+        for axis, d in enumerate(in_dims):
+            if ctx.shape(x)[axis] == ctx.shape(node)[axis + offset]:
+                ctx.unify(d, out_dims[axis + offset])
+                ctx.same_form(ctx.slot(x, axis), ctx.slot(node, axis + offset))
+        if node.target == "expand_as":
+            other = node.args[1]
+            for a, b in zip(ctx.dims(other), out_dims):
+                ctx.unify(a, b)
+
+    def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
+        if node.target == "expand":
+            sizes, how = _size_args(node, 1, "size")
+            rewrite_sizes(node, ctx, ctx.dims(node), sizes, how, 1, "size")
+
+
+class RepeatRule(Rule):
+    """``x.repeat(r...)``: an axis repeated ``r > 1`` times is the product ``[r, axis]``."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = node.args[0]
+        reps = [ctx.value(r) for r in _size_args(node, 1, "repeats")[0]]
+        in_dims, out_dims = ctx.dims(x), ctx.dims(node)
+        offset = len(out_dims) - len(in_dims)
+        for axis, rep in enumerate(reps):
+            out = out_dims[axis]
+            if axis < offset:
+                ctx.fix(out, "a new axis made by repeat")
+                continue
+            src = in_dims[axis - offset]
+            ctx.same_form(ctx.slot(x, axis - offset), ctx.slot(node, axis))
+            if rep == 1:
+                ctx.unify(src, out)
+            else:
+                times = ctx.new_dim(rep)
+                ctx.fix(times, "a repeat count")
+                ctx.factor(out, [times, src])
+
+
+class CatRule(Rule):
+    """``torch.cat(xs, dim)``: the output axis is the inputs' axes laid end to end."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
+        rank = len(ctx.dims(node))
+        dim = ctx.value(ctx.arg(1, "dim", 0)) % rank
+        for t in tensors:
+            for axis in range(rank):
+                ctx.same_form(ctx.slot(t, axis), ctx.slot(node, axis))
+                if axis != dim:
+                    ctx.unify(ctx.dims(t)[axis], ctx.dims(node)[axis])
+        ctx.concatenate(ctx.dims(node)[dim], [ctx.dims(t)[dim] for t in tensors])
+
+
+class SplitRule(Rule):
+    """split / chunk / tensor_split: equal pieces factor the axis as ``[n, piece]``;
+    unequal pieces make it a concatenation. ``unbind`` removes an axis (fixed)."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = node.args[0]
+        outputs = ctx.outputs()
+        rank = len(ctx.dims(x))
+        if node.target in ("unbind", torch.unbind):
+            dim = ctx.value(ctx.arg(1, "dim", 0)) % rank
+            ctx.fix(ctx.dims(x)[dim], "an axis taken apart by unbind")
+            for out in outputs:
+                kept = [a for a in range(rank) if a != dim]
+                for o_axis, i_axis in enumerate(kept):
+                    ctx.unify(ctx.dims(x)[i_axis], ctx.dims(out)[o_axis])
+                    ctx.same_form(ctx.slot(x, i_axis), ctx.slot(out, o_axis))
+            return
+        default_dim = 0
+        name = "dim"
+        dim = ctx.value(ctx.arg(2, name, default_dim)) % rank
+        for out in outputs:
+            for axis in range(rank):
+                ctx.same_form(ctx.slot(x, axis), ctx.slot(out, axis))
+                if axis != dim:
+                    ctx.unify(ctx.dims(x)[axis], ctx.dims(out)[axis])
+        pieces = [ctx.dims(out)[dim] for out in outputs]
+        sizes = [ctx.shape(out)[dim] for out in outputs]
+        if len(set(sizes)) == 1:
+            count = ctx.new_dim(len(sizes))
+            ctx.fix(count, "the number of pieces of a split")
+            piece = pieces[0]
+            for p in pieces[1:]:
+                ctx.unify(piece, p)
+            ctx.factor(ctx.dims(x)[dim], [count, piece])
+        else:
+            ctx.concatenate(ctx.dims(x)[dim], pieces)
+
+    def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
+        if node.target not in ("split", torch.split, torch.functional.split):
+            return
+        outputs = [k for k in ctx.res.analysis.value_dims if isinstance(k, tuple)
+                   and k[0] is node]
+        rank = len(ctx.dims(node.args[0]))
+        dim = ctx.value(ctx.arg(2, "dim", 0)) % rank
+        grown = [ctx.grown(ctx.dims(out)[dim]) for out in outputs]
+        size_arg = ctx.arg(1, "split_size_or_sections")
+        value = ctx.value(size_arg)
+        if isinstance(value, int):
+            if len(set(grown)) == 1 and grown[0] != value:
+                ctx.set_arg(1, "split_size_or_sections", grown[0])
+        elif list(value) != grown:
+            ctx.set_arg(1, "split_size_or_sections", grown)
+
+
+class TupleItemRule(Rule):
+    """``operator.getitem``: an element of a tuple result, or tensor indexing.
+
+    Indexing keeps full slices (``:``), adds ``None`` axes, and fixes axes that are
+    sliced or indexed by an int (their entries are picked by position).
+    """
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        src, index = node.args
+        if not ctx.is_tensor(src):
+            key = (src, index)
+            if ctx.is_tensor(node) and key in ctx._a.value_dims:
+                ctx.pass_through(key, node)
+            return
+        self._index(node, ctx, src, index)
+
+    def _index(self, node, ctx: NodeAnalysis, src, index) -> None:
+        items = list(index) if isinstance(index, tuple) else [index]
+        in_dims, out_dims = ctx.dims(src), ctx.dims(node)
+        if any(isinstance(i, torch.fx.Node) and ctx.is_tensor(i) for i in items):
+            ctx.forbid_growth(in_dims + out_dims, "advanced (tensor) indexing",
+                              "index with ints and slices, or keep these widths fixed")
+            return
+        n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items[at:at + 1] = [slice(None)] * (len(in_dims) - n_real)
+        items += [slice(None)] * (len(in_dims) - sum(1 for i in items if i is not None))
+        a = b = 0
+        for item in items:
+            if item is None:
+                b += 1
+                continue
+            if isinstance(item, slice):
+                full = item == slice(None) or (
+                    ctx.value(item.start) in (None, 0) and ctx.value(item.step) in (None, 1)
+                    and ctx.value(item.stop) in (None,)
+                )
+                if full:
+                    ctx.unify(in_dims[a], out_dims[b])
+                    ctx.same_form(ctx.slot(src, a), ctx.slot(node, b))
+                else:
+                    ctx.fix(in_dims[a], f"an axis sliced by '{node.name}'")
+                    ctx.fix(out_dims[b], f"an axis sliced by '{node.name}'")
+                a, b = a + 1, b + 1
+            else:
+                ctx.fix(in_dims[a], f"an axis indexed by '{node.name}'")
+                a += 1
+
+
+class ShapeQueryRule(Rule):
+    """``x.shape``, ``x.size()``, ``x.dim()``, dtype/device: no axes are coupled."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        if node.op == "call_function" and node.target is getattr:
+            if node.args[1] not in ("shape", "dtype", "device", "ndim", "is_cuda"):
+                ctx.forbid_growth(ctx.dims(node.args[0]), f"attribute {node.args[1]!r} of a "
+                                  "tensor", "keep this width fixed")
+
+
+class CreationRule(Rule):
+    """Tensors made from sizes (arange, zeros, ones, full, tril of a buffer): axes fixed."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        for out in ctx.outputs():
+            for axis, d in enumerate(ctx.dims(out)):
+                ctx.fix(d, f"axis {axis} of a tensor created by '{node.name}'")
+        for arg in node.args:
+            if ctx.is_tensor(arg):
+                for d in ctx.dims(arg):
+                    ctx.fix(d, f"an axis read by '{node.name}'")
+
+
+def register_rules(registry: Registry) -> None:
+    registry.add(ReshapeRule(sizes_from=1), ["view", "reshape", torch.reshape])
+    registry.add(ReshapeRule(sizes_from=None), [
+        "flatten", torch.flatten, "unflatten", torch.unflatten, "squeeze", torch.squeeze,
+        "unsqueeze", torch.unsqueeze, nn.Flatten, nn.Unflatten, "view_as", "reshape_as",
+    ])
+    registry.add(PermuteRule(), ["permute", torch.permute, "transpose", torch.transpose, "t",
+                                 torch.t, "swapaxes", torch.swapaxes, "movedim", torch.movedim])
+    registry.add(ExpandRule(), ["expand", "expand_as"])
+    registry.add(RepeatRule(), ["repeat"])
+    registry.add(CatRule(), [torch.cat, torch.concat, torch.concatenate])
+    registry.add(SplitRule(), ["split", torch.split, torch.functional.split, "chunk",
+                               torch.chunk, "unbind", torch.unbind])
+    registry.add(TupleItemRule(), [operator.getitem])
+    registry.add(ShapeQueryRule(), [getattr, "size", "dim"])
+    registry.add(CreationRule(), [torch.arange, torch.zeros, torch.ones, torch.full,
+                                  torch.empty, torch.tril, torch.triu, "tril", "triu",
+                                  "new_zeros", "new_ones", "new_full", "new_empty"])
+
