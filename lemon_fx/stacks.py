@@ -40,21 +40,38 @@ def _owner(node: torch.fx.Node) -> str | None:
     return None
 
 
+def _numbered_children(gm: torch.fx.GraphModule) -> dict[str, dict[int, type]]:
+    """``{container: {index: class}}`` from the module paths the tracer recorded.
+
+    The GraphModule keeps only the submodules the graph calls, so ModuleLists are gone;
+    ``nn_module_stack`` still names every enclosing module with its original class.
+    """
+    found: dict[str, dict[int, type]] = {}
+    paths: dict[str, type] = {}
+    for node in gm.graph.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            paths[path] = cls
+        if node.op == "call_module":
+            paths.setdefault(str(node.target), type(gm.get_submodule(node.target)))
+    for path, cls in paths.items():
+        prefix, _, last = path.rpartition(".")
+        if last.isdigit():
+            found.setdefault(prefix, {})[int(last)] = cls
+    return found
+
+
 def find_stacks(gm: torch.fx.GraphModule) -> list[BlockStack]:
-    containers: dict[str, list[int]] = {}
-    for name, module in gm.named_modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0:
-            children = list(module)
-            if all(type(c) is type(children[0]) for c in children) and not isinstance(
-                children[0], (nn.Linear, nn.ReLU, nn.GELU, nn.Dropout)
-            ):
-                containers[name] = list(range(len(children)))
     stacks = []
-    for name, indices in containers.items():
-        block_nodes = _nodes_of_block(gm, name, 0)
-        if not block_nodes:
+    for name, children in _numbered_children(gm).items():
+        classes = set(children.values())
+        if sorted(children) != list(range(len(children))) or len(classes) != 1:
             continue
-        stacks.append(BlockStack(name, len(indices), _kind(gm, block_nodes)))
+        if issubclass(next(iter(classes)), (nn.Linear, nn.ReLU, nn.GELU, nn.Dropout,
+                                             nn.LayerNorm, nn.Identity)):
+            continue  # a Sequential of single layers is an MLP, not a block stack
+        block_nodes = _nodes_of_block(gm, name, 0)
+        if block_nodes:
+            stacks.append(BlockStack(name, len(children), _kind(gm, block_nodes)))
     return stacks
 
 

@@ -104,6 +104,8 @@ def widen(gm: torch.fx.GraphModule, res: Resolution, edits: Edits | None = None)
     nodes = {n.name: n for n in gm.graph.nodes}
     for node_name, key, value in edits.args:
         node = nodes[node_name]
+        # rules speak of the source graph; its nodes match the copy's by name
+        value = torch.fx.node.map_arg(value, lambda n: nodes[n.name])
         if isinstance(key, int):
             args = list(node.args)
             args[key] = value
