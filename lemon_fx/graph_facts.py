@@ -75,9 +75,12 @@ def plain_value(arg: Any) -> Any:
 def op_name(node: torch.fx.Node, root: torch.nn.Module | None = None) -> str:
     """A readable spelling of a node's op: ``nn.Linear``, ``F.gelu``, ``Tensor.view``."""
     if node.op == "call_module":
-        mod = root.get_submodule(node.target) if root is not None else None
-        return f"{type(mod).__module__.replace('torch.nn.modules', 'nn')}.{type(mod).__name__}" \
-            if mod is not None else f"module {node.target}"
+        if root is None:
+            return f"module {node.target}"
+        cls = type(root.get_submodule(node.target))
+        if cls.__module__.startswith("torch.nn.modules"):
+            return f"nn.{cls.__name__}"
+        return f"{cls.__module__}.{cls.__qualname__}"
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     if node.op == "call_function":

@@ -114,7 +114,9 @@ def onnx_input_names(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
     return [name for name, _ in _named_input_tensors(args, kwargs)]
 
 
-def onnx_input_feed(example_inputs: Any, example_kwargs: dict[str, Any] | None = None) -> dict:
+def onnx_input_feed(
+    example_inputs: Any, example_kwargs: dict[str, Any] | None = None
+) -> dict[str, np.ndarray]:
     """The onnxruntime feed for ``export_onnx``'s graph: name -> numpy array.
 
     Floating tensors become float32 (the exported dtype); integer and bool tensors keep

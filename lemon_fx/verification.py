@@ -31,7 +31,14 @@ from torch.utils import _pytree as pytree
 
 from lemon_fx.errors import Problem, VerificationError
 
-__all__ = ["OutputComparison", "VerificationReport", "flatten_outputs", "verify"]
+__all__ = [
+    "OutputComparison",
+    "VerificationReport",
+    "compare_outputs",
+    "compare_tensors",
+    "flatten_outputs",
+    "verify",
+]
 
 # (rtol, atol) per check dtype. float64 is where lossless growth is exact up to rounding;
 # the others leave room for the different summation order of wider matmuls.
