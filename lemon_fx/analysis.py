@@ -411,17 +411,33 @@ def _claim_unclaimed_module_params(analysis: WidthAnalysis) -> None:
 
 
 class _UnknownOp(Rule):
-    """No rule: the op is fine only while none of the axes it touches grows."""
+    """No rule: the op is fine only while none of the axes it touches grows.
+
+    Nothing is assumed about what the op computes. To keep axes tied to the model's
+    inputs and outputs tied across it, a same-shape op (one tensor in, one out) has its
+    axes matched by position, which can only stop growth, never allow it; any other op's
+    outputs are fixed.
+    """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        inputs = _tensor_args(node, ctx._a.value_dims)
+        outputs = ctx.outputs()
         touched: list[int] = []
-        for value in ctx.outputs():
+        for value in outputs:
             touched += ctx.dims(value)
-        for arg in _tensor_args(node, ctx._a.value_dims):
+        for arg in inputs:
             touched += ctx.dims(arg)
         if ctx.module is not None:
             for name, _ in ctx.module.named_parameters(recurse=True):
                 touched += ctx.param_dims(ctx.param(name))
+        if len(inputs) == 1 and len(outputs) == 1 and \
+                ctx.shape(inputs[0]) == ctx.shape(outputs[0]):
+            for a, b in zip(ctx.dims(inputs[0]), ctx.dims(outputs[0])):
+                ctx.unify(a, b)
+        else:
+            for value in outputs:
+                for d in ctx.dims(value):
+                    ctx.fix(d, f"made by '{node.name}', an op with no rule")
         ctx.forbid_growth(
             touched,
             "no rule for this op, and an axis it reads or writes would grow",

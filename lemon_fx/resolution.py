@@ -140,9 +140,15 @@ def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
         raise PlanError("the plan does not fit this model", problems)
     resolution = Resolution(analysis, plan, {k: v for k, v in targets.items()})
     _check_ties(resolution)
-    _check_blockers(resolution)
-    _solve_forms(resolution)
-    _check_claims(resolution)
+    # one error lists every problem: unsupported ops first decide the type
+    unsupported, inexact = _check_blockers(resolution)
+    inexact += _solve_forms(resolution)
+    inexact += _check_claims(resolution)
+    if unsupported:
+        raise UnsupportedOpError("growing this model needs ops lemon_fx has no rule for",
+                                 unsupported + inexact)
+    if inexact:
+        raise NotLosslessError("this growth has no exact answer", inexact)
     return resolution
 
 
@@ -158,7 +164,7 @@ def _check_ties(res: Resolution) -> None:
         raise PlanError("the plan breaks a size constraint of the model", problems)
 
 
-def _check_blockers(res: Resolution) -> None:
+def _check_blockers(res: Resolution) -> tuple[list[Problem], list[Problem]]:
     unsupported, inexact = [], []
     dims = res.analysis.dims
     seen = set()
@@ -174,14 +180,10 @@ def _check_blockers(res: Resolution) -> None:
             continue
         seen.add(key)
         (unsupported if b.kind == "unsupported" else inexact).append(b.problem)
-    if unsupported:
-        raise UnsupportedOpError("growing this model needs ops lemon_fx has no rule for",
-                                 unsupported + inexact)
-    if inexact:
-        raise NotLosslessError("this growth has no exact answer", inexact)
+    return unsupported, inexact
 
 
-def _solve_forms(res: Resolution) -> None:
+def _solve_forms(res: Resolution) -> list[Problem]:
     """Pick each form class' form: circ, else avg, else zero, among what its ops allow.
 
     A class only needs a choice when one of its axes grows by a non-multiple (``r != 0``):
@@ -206,13 +208,12 @@ def _solve_forms(res: Resolution) -> None:
                 problems.extend(dict.fromkeys(reasons))
             chosen = "circ"
         res.forms[root] = chosen
-    if problems:
-        raise NotLosslessError(
-            "these ops need different LEMON forms on one axis, which has no exact answer "
-            "at a non-multiple width", problems)
+    return [Problem(reason=f"{p.reason}, and another op on this axis needs a different "
+                    "form: no exact answer at a non-multiple width", fix=p.fix, node=p.node,
+                    op=p.op, source=p.source) for p in problems]
 
 
-def _check_claims(res: Resolution) -> None:
+def _check_claims(res: Resolution) -> list[Problem]:
     """Every growing parameter axis is claimed, and all claims on it agree."""
     a = res.analysis
     problems = []
@@ -242,5 +243,4 @@ def _check_claims(res: Resolution) -> None:
                     f"differently ({sorted(kinds)})",
                     node=", ".join(sorted({c.node.name for c in claims})),
                     fix="untie the parameter, or keep this width fixed"))
-    if problems:
-        raise NotLosslessError("some parameters cannot be grown exactly", problems)
+    return problems

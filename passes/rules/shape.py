@@ -358,6 +358,13 @@ class ShapeQueryRule(Rule):
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         if node.op == "call_function" and node.target is getattr:
+            src = node.args[0]
+            if not ctx.is_tensor(src):  # a field of a named tuple: torch.sort(x).values
+                fields = {"values": 0, "indices": 1}
+                key = (src, fields.get(node.args[1], -1))
+                if ctx.is_tensor(node) and key in ctx._a.value_dims:
+                    ctx.pass_through(key, node)
+                return
             if node.args[1] not in ("shape", "dtype", "device", "ndim", "is_cuda"):
                 ctx.forbid_growth(ctx.dims(node.args[0]), f"attribute {node.args[1]!r} of a "
                                   "tensor", "keep this width fixed")
