@@ -101,6 +101,26 @@ def _positional_inputs(
     return tuple(values)
 
 
+def _unused_defaults(model: nn.Module, given: int) -> dict[str, Any]:
+    """Arguments not given as examples are pinned to their defaults while tracing.
+
+    Otherwise ``if mask is not None:`` would trace the branch for a tensor the graph will
+    never receive.
+    """
+    pinned: dict[str, Any] = {}
+    params = list(pyinspect.signature(model.forward).parameters.values())
+    for p in params[given:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            raise TraceError(
+                f"{type(model).__name__}.forward needs argument {p.name!r}",
+                [Problem(reason=f"no example was given for {p.name!r}",
+                         fix="add it to example_inputs or example_kwargs")])
+        pinned[p.name] = p.default
+    return pinned
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any,
@@ -122,6 +142,7 @@ def trace(
             [Problem(reason=f"got {type(model).__name__}", fix="pass the model instance")],
         )
     inputs = _positional_inputs(model, example_inputs, example_kwargs)
+    concrete_args = {**_unused_defaults(model, len(inputs)), **(concrete_args or {})}
     private = copy.deepcopy(model)
     leaves = tuple(leaf_modules)
 
