@@ -73,6 +73,8 @@ class Claim:
     transform: Callable[..., torch.Tensor] | None = None
     # bound of the uniform noise LEMON draws for split columns (the wide layer's init)
     noise_bound: Callable[[tuple[int, ...]], float] | None = None
+    # made for a free parameter nobody else claimed (a position table, a class token)
+    default: bool = False
 
 
 @dataclass
@@ -408,6 +410,7 @@ def _claim_unclaimed_module_params(analysis: WidthAnalysis) -> None:
         ctx = NodeAnalysis(analysis, node, _UnknownOp())
         rank = len(analysis.value_dims[node])
         ctx.claim(node.target, [AxisUse("expand", ctx.slot(node, i)) for i in range(rank)])
+        analysis.claims[node.target][-1].default = True
 
 
 class _UnknownOp(Rule):

@@ -1,7 +1,9 @@
 """Width groups: the growable leaves of the analysis, named, with a role and a form.
 
 A group is one class of coupled leaves that is not tied to a model input or output and
-that owns at least one parameter axis (an axis no parameter touches has nothing to grow).
+that a *layer* grows: some rule (Linear, Embedding, a norm, attention...) claims a
+parameter axis on it. Axes that only free parameters carry (the length of a position
+table, the number of learned queries) are not widths.
 Its name is the longest common module prefix of the parameters on it plus its role,
 e.g. ``blocks.3.mlp.ffn``; the model-wide residual stream is just ``residual``.
 """
@@ -47,6 +49,14 @@ def _role(hints: set[str]) -> str:
 def build_groups(analysis: WidthAnalysis) -> list[WidthGroup]:
     table = analysis.dims
     fixed = table.fixed_leaves()
+    owned: set[int] = set()
+    for name, claims in analysis.claims.items():
+        for claim in claims:
+            if claim.default:
+                continue
+            for axis, use in enumerate(claim.axes):
+                if use is not None:
+                    owned.update(table.leaves(analysis.param_dims[name][axis]))
     members: dict[int, list[str]] = {}
     for name, dims in analysis.param_dims.items():
         for axis, d in enumerate(dims):
@@ -66,6 +76,8 @@ def build_groups(analysis: WidthAnalysis) -> list[WidthGroup]:
             slot_forms.setdefault(leaf, Counter())[form] += 1
     groups = []
     for leaf, params in members.items():
+        if leaf not in owned:
+            continue
         role = _role(hints.get(leaf, set()))
         prefix = group_name_candidates([p.split("[")[0] for p in params])
         name = f"{prefix}.{role}" if prefix else role

@@ -114,6 +114,12 @@ class _FeatureNormRule(Rule):
             return
         growth = ctx.leaf_growth(dim)
         width = ctx.grown(dim)
+        if growth.r and not self._has_gamma(ctx):
+            ctx.refuse("without an affine weight there is nowhere to put the factor "
+                       "eta = sqrt(alpha) that a non-multiple width needs",
+                       "give the norm an affine weight (elementwise_affine=True), or grow "
+                       "this width by a whole multiple")
+            return
         if ctx.module is not None:
             ctx.set_attr("normalized_shape", (width,))
             eps = getattr(ctx.module, "eps", None)
@@ -131,6 +137,16 @@ class _FeatureNormRule(Rule):
                            "pass eps explicitly, or grow by a whole multiple")
             return
         ctx.set_arg(self.eps_index, "eps", eps * growth.alpha)
+
+
+def _has_gamma_of(rule: _FeatureNormRule, ctx: NodeRewrite) -> bool:
+    if ctx.module is not None:
+        return getattr(ctx.module, rule.module_weight, None) is not None
+    index, name, _ = rule.functional_params[0]
+    return ctx.is_tensor(ctx.arg(index, name))
+
+
+_FeatureNormRule._has_gamma = _has_gamma_of
 
 
 class LayerNormRule(_FeatureNormRule):

@@ -345,12 +345,24 @@ class TupleItemRule(Rule):
                     ctx.unify(in_dims[a], out_dims[b])
                     ctx.same_form(ctx.slot(src, a), ctx.slot(node, b))
                 else:
-                    ctx.fix(in_dims[a], f"an axis sliced by '{node.name}'")
+                    self._positional(ctx, node, in_dims[a], (item.start, item.stop, item.step))
                     ctx.fix(out_dims[b], f"an axis sliced by '{node.name}'")
                 a, b = a + 1, b + 1
             else:
-                ctx.fix(in_dims[a], f"an axis indexed by '{node.name}'")
+                self._positional(ctx, node, in_dims[a], (item,))
                 a += 1
+
+    def _positional(self, ctx: NodeAnalysis, node, dim: int, bounds: tuple) -> None:
+        """An axis whose entries are picked by position cannot grow.
+
+        Bounds computed from tensor shapes (``pos[:, :T]``) tie the axis to an input;
+        literal bounds on a width (``h[..., :4]``) refuse its growth.
+        """
+        if any(isinstance(b, torch.fx.Node) for b in bounds):
+            ctx.fix(dim, f"an axis sliced by '{node.name}' to a size read from a tensor")
+        else:
+            ctx.forbid_growth(dim, "entries of this axis are picked by position, which "
+                              "growth moves", "keep this width fixed", kind="not_lossless")
 
 
 class ShapeQueryRule(Rule):

@@ -1,0 +1,261 @@
+"""One small case per rule: each op grown at 2x and 1.5x, lossless or refused as documented.
+
+``test_every_registered_rule_has_a_case`` enforces that a new rule comes with a case here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lemon_fx
+from lemon_fx.registry import default_registry
+
+D = 8  # the growable width in every case
+
+
+class Case(nn.Module):
+    """``out(op(inp(x)))``: ``inp`` makes a growable axis of width D, ``out`` reads it."""
+
+    def __init__(self, op: Callable, d_out: int = D, **modules: nn.Module):
+        super().__init__()
+        self.inp = nn.Linear(4, D)
+        self.mods = nn.ModuleDict(modules)
+        self.op = op
+        self.out = nn.Linear(d_out, 3)
+
+    def forward(self, x):
+        return self.out(self.op(self, self.inp(x)))
+
+
+@dataclass
+class Spec:
+    name: str
+    build: Callable[[], nn.Module]
+    shape: tuple = (2, 5, 4)
+    # expected outcome per width: "exact" or an error class
+    at_2x: object = "exact"
+    at_1_5x: object = "exact"
+    ints: bool = False
+
+
+def case(op, **kw):
+    d_out = kw.pop("d_out", D)
+    return lambda: Case(op, d_out, **kw)
+
+
+class _Heads(nn.Module):
+    """Separate q/k/v projections with a head split; ``attend`` is the op under test."""
+
+    def __init__(self, attend, heads=2):
+        super().__init__()
+        self.h = heads
+        self.inp = nn.Linear(4, D)
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.attend = attend
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, T, C = x.shape
+
+        def split(t):
+            return t.view(B, T, self.h, C // self.h).transpose(1, 2)
+
+        y = self.attend(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _add_pieces(pieces):
+    a, b = pieces
+    return a + b
+
+
+def _swap_pieces(pieces):
+    a, b = pieces
+    return torch.cat([b, a], dim=-1)
+
+
+def _manual(q, k, v):
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    return torch.matmul(att.softmax(dim=-1), v)
+
+
+class _Embed(nn.Module):
+    def __init__(self, functional=False):
+        super().__init__()
+        self.emb = nn.Embedding(11, D)
+        self.functional = functional
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        if self.functional:
+            return self.out(F.embedding(ids, self.emb.weight))
+        return self.out(self.emb(ids))
+
+
+class _MHA(nn.Module):
+    def __init__(self, weights=False):
+        super().__init__()
+        self.inp = nn.Linear(4, D)
+        self.mha = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.weights = weights
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        y, w = self.mha(h, h, h, need_weights=self.weights)
+        y = self.out(y)
+        return (y, w) if self.weights else y
+
+
+class _FunctionalLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, D)
+        self.w = nn.Parameter(torch.randn(D, D) / 3)
+        self.b = nn.Parameter(torch.randn(D))
+        self.p = nn.Parameter(torch.randn(D, D) / 3)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = torch.relu(F.linear(self.inp(x), self.w, self.b))
+        return self.out(h @ self.p)
+
+
+class _Params(nn.Module):
+    """Free parameters on a grown axis: added (position-like) and multiplied (layer scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, D)
+        self.pos = nn.Parameter(torch.randn(1, 5, D))
+        self.scale = nn.Parameter(torch.randn(D))
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.out((self.inp(x) + self.pos) * self.scale)
+
+
+class _FunctionalLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, D)
+        self.g = nn.Parameter(torch.rand(D) + 0.5)
+        self.b = nn.Parameter(torch.randn(D))
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.out(F.layer_norm(self.inp(x), (D,), self.g, self.b, 1e-6))
+
+
+NL = lemon_fx.NotLosslessError
+UN = lemon_fx.UnsupportedOpError
+
+SPECS = [
+    Spec("nn.Linear+relu", case(lambda s, h: torch.relu(h))),
+    Spec("F.linear+matmul param", _FunctionalLinear),
+    Spec("nn.LayerNorm", case(lambda s, h: s.mods["ln"](h), ln=nn.LayerNorm(D))),
+    Spec("F.layer_norm no affine", case(lambda s, h: F.layer_norm(h, (D,), eps=1e-6)),
+         at_1_5x=NL),
+    Spec("F.layer_norm", _FunctionalLN),
+    Spec("nn.RMSNorm", case(lambda s, h: s.mods["n"](h), n=nn.RMSNorm(D, eps=1e-6))),
+    Spec("F.rms_norm default eps", case(lambda s, h: F.rms_norm(h, (D,))), at_1_5x=NL),
+    Spec("gelu/silu/tanh", case(lambda s, h: torch.tanh(F.silu(F.gelu(h))))),
+    Spec("sigmoid", case(lambda s, h: torch.sigmoid(h) * h)),
+    Spec("dropout/identity", case(lambda s, h: s.mods["d"](s.mods["i"](h).contiguous()),
+                                  d=nn.Dropout(0.1), i=nn.Identity())),
+    Spec("add/sub/neg scalar", case(lambda s, h: -(h + 1.0) - h * 2)),
+    Spec("mul of two (gated)", case(lambda s, h: F.silu(h) * h)),
+    Spec("div by scalar", case(lambda s, h: h / 3.0)),
+    Spec("div by tensor", case(lambda s, h: h / (h.abs() + 1.0))),
+    Spec("masked_fill", case(lambda s, h: h.masked_fill(h > 0, 0.0))),
+    Spec("where", case(lambda s, h: torch.where(h > 0, h, torch.zeros_like(h)))),
+    Spec("ones_like", case(lambda s, h: h + torch.ones_like(h))),
+    Spec("free params", _Params),
+    Spec("view/reshape", case(lambda s, h: h.view(2, 5, 2, 4).reshape(2, 5, D))),
+    Spec("flatten/unflatten", case(lambda s, h: h.unflatten(-1, (2, 4)).flatten(2))),
+    Spec("unsqueeze/squeeze", case(lambda s, h: h.unsqueeze(2).squeeze(2))),
+    Spec("permute/transpose", case(lambda s, h: h.permute(2, 0, 1).transpose(0, 2)
+                                   .transpose(0, 1))),
+    Spec("expand", case(lambda s, h: h[:, :1, :].expand(-1, 5, -1) + h)),
+    Spec("repeat", case(lambda s, h: h.repeat(1, 1, 2), d_out=2 * D)),
+    Spec("cat", case(lambda s, h: torch.cat([h, torch.relu(h)], dim=-1), d_out=2 * D)),
+    Spec("cat tokens", case(lambda s, h: torch.cat([h[:, :1], h], dim=1)[:, 1:])),
+    Spec("chunk", case(lambda s, h: _add_pieces(h.chunk(2, dim=-1)), d_out=D // 2)),
+    Spec("split unequal", case(lambda s, h: _swap_pieces(h.split([2, 6], dim=-1)))),
+    Spec("unbind", case(lambda s, h: h.unbind(1)[0])),
+    Spec("getitem slice on grown axis", case(lambda s, h: h[..., :4], d_out=4), at_2x=NL,
+         at_1_5x=NL),
+    Spec("shape query", case(lambda s, h: h.view(h.size(0), h.shape[1], -1))),
+    Spec("arange creation", case(lambda s, h: h + torch.arange(5, dtype=h.dtype)[:, None])),
+    Spec("tril mask", case(lambda s, h: h + torch.tril(torch.ones(5, 5, dtype=h.dtype))
+                           .sum(-1, keepdim=True))),
+    Spec("matmul manual attention", lambda: _Heads(_manual)),
+    Spec("sdpa causal", lambda: _Heads(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True))),
+    Spec("bmm", lambda: _Heads(lambda q, k, v: torch.bmm(q.flatten(0, 1), k.flatten(0, 1)
+                                                       .transpose(1, 2)).softmax(-1).view(
+        q.shape[0], q.shape[1], 5, 5) @ v)),
+    Spec("nn.MultiheadAttention", _MHA),
+    Spec("MHA averaged weights", lambda: _MHA(weights=True), at_1_5x=NL),
+    Spec("nn.Embedding", _Embed, shape=(2, 5), ints=True),
+    Spec("F.embedding", lambda: _Embed(functional=True), shape=(2, 5), ints=True),
+    Spec("mean over grown axis", case(lambda s, h: h - h.mean(-1, keepdim=True))),
+    Spec("mean over tokens", case(lambda s, h: h.mean(1))),
+    Spec("sum over grown axis", case(lambda s, h: h.sum(-1, keepdim=True) + h), at_2x=NL,
+         at_1_5x=NL),
+    Spec("amax over grown axis", case(lambda s, h: h - h.amax(-1, keepdim=True))),
+    Spec("softmax over tokens", case(lambda s, h: h.softmax(dim=1))),
+    Spec("softmax over grown axis", case(lambda s, h: s.mods["sm"](h), sm=nn.Softmax(-1)),
+         at_2x=NL, at_1_5x=NL),
+    Spec("unknown op", case(lambda s, h: torch.cumsum(h, -1)), at_2x=UN, at_1_5x=UN),
+]
+
+RULES_SEEN: set[int] = set()
+
+
+def _inputs(spec: Spec, seed: int, batch: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch or spec.shape[0], *spec.shape[1:])
+    if spec.ints:
+        return (torch.randint(0, 11, shape, generator=g),)
+    return (torch.randn(shape, generator=g, dtype=torch.float64),)
+
+
+@pytest.mark.parametrize("width", [2.0, 1.5])
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_rule_case(spec: Spec, width: float):
+    torch.manual_seed(0)
+    model = spec.build().double().eval()
+    gm = lemon_fx.trace(model, _inputs(spec, 0))
+    RULES_SEEN.update(id(r) for r in lemon_fx.inspect(gm).analysis.rules.values())
+    expected = spec.at_2x if width == 2.0 else spec.at_1_5x
+    if expected != "exact":
+        with pytest.raises(expected):
+            lemon_fx.grow(gm, lemon_fx.Plan(width=width))
+        return
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=width))
+    assert sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in gm.parameters())
+    fresh = _inputs(spec, 1)  # the shapes of tracing: a few cases slice fixed sizes
+    got, want = big(*fresh), model(*fresh)
+    for g, w in zip(got if isinstance(got, tuple) else (got,),
+                    want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-10 * (1 + w.abs().max().item()))
+
+
+def test_every_registered_rule_has_a_case():
+    for spec in SPECS:
+        model = spec.build().double().eval()
+        gm = lemon_fx.trace(model, _inputs(spec, 0))
+        RULES_SEEN.update(id(r) for r in lemon_fx.inspect(gm).analysis.rules.values())
+    missing = sorted({type(rule).__name__ + repr(getattr(rule, "__dict__", ""))
+                      for _, _, rule in default_registry().entries()
+                      if id(rule) not in RULES_SEEN})
+    assert not missing, f"rules without a case in tests/test_rules.py: {missing}"
