@@ -16,8 +16,8 @@ from lemon_fx.errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from lemon_fx.grow import grow
 from lemon_fx.groups import WidthGroup
+from lemon_fx.grow import grow
 from lemon_fx.plan import Plan
 from lemon_fx.registry import register
 from lemon_fx.report import InspectReport, inspect

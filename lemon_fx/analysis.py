@@ -18,8 +18,9 @@ result, a ``WidthAnalysis``, holds:
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 import torch.fx
@@ -44,7 +45,7 @@ __all__ = [
 
 FORMS = ("circ", "avg", "zero")
 # A value is a node's single tensor, or element i of a node that returns a tuple.
-Value = Union[torch.fx.Node, tuple[torch.fx.Node, int]]
+Value = torch.fx.Node | tuple[torch.fx.Node, int]
 Slot = tuple[Value, int]
 
 ROLE_ORDER = ("heads", "kv_heads", "head_dim", "channels", "residual", "ffn", "hidden")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -66,7 +65,7 @@ class LeafGrowth:
 
 
 # An axis layout: a leaf, or ("prod" | "sum", [children]).
-AxisGrowth = Union[LeafGrowth, tuple]
+AxisGrowth = LeafGrowth | tuple
 
 
 def _sizes(g: AxisGrowth, attr: str) -> int:

@@ -7,7 +7,8 @@ trace -> analysis -> resolution -> passes (widen, cleanup) -> the caller verifie
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.fx

@@ -17,9 +17,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 from lemon_fx.errors import PlanError, Problem
 
@@ -27,7 +28,7 @@ __all__ = ["Plan", "METHODS", "PLACEMENTS"]
 
 METHODS = ("lemon", "net2net")
 PLACEMENTS = ("interleave", "stack")
-Target = Union[int, float]
+Target = int | float
 
 
 def _check_target(where: str, value: Any) -> list[Problem]:

@@ -13,7 +13,8 @@ Users register rules for their own modules and functions with ``lemon_fx.registe
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch.fx
 

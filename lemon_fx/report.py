@@ -8,7 +8,7 @@ from typing import Any
 import torch.fx
 
 from lemon_fx.analysis import WidthAnalysis, analyze_width
-from lemon_fx.errors import TraceError, Problem
+from lemon_fx.errors import Problem, TraceError
 from lemon_fx.graph_facts import tensor_shape
 from lemon_fx.groups import WidthGroup, build_groups
 from lemon_fx.stacks import BlockStack, find_stacks

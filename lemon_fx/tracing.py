@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import inspect as pyinspect
 import traceback
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.fx

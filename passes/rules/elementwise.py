@@ -16,7 +16,6 @@ which every form accepts.
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
@@ -179,7 +178,7 @@ def _zero_at_zero(fn) -> bool:
 def register_rules(registry: Registry) -> None:
     passthrough = PassThroughRule()
     registry.add(passthrough, [
-        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, F.dropout, torch.nn.functional.alpha_dropout,
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, F.dropout, F.alpha_dropout,
         "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
         "type", torch.clone, torch.zeros_like,
     ])

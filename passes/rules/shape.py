@@ -20,6 +20,7 @@ along a growing axis when the repeats differ from tiling.
 from __future__ import annotations
 
 import operator
+
 import torch
 import torch.fx
 from torch import nn
