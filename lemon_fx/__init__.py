@@ -7,6 +7,7 @@ function (LEMON, Wang et al. 2024), as a torch.fx graph rewrite verified with on
     lemon_fx.verify(gm, big, fresh_inputs, onnx=True)
 """
 
+from lemon_fx.analysis import AxisUse
 from lemon_fx.errors import (
     LemonError,
     NotLosslessError,
@@ -26,6 +27,7 @@ from lemon_fx.stacks import BlockStack
 from lemon_fx.tracing import trace
 
 __all__ = [
+    "AxisUse",
     "BlockStack",
     "InspectReport",
     "LemonError",

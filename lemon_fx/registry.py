@@ -48,6 +48,9 @@ class Registry:
             return self._modules
         return self._functions
 
+    def has_module_rule(self, cls: type) -> bool:
+        return any(c in self._modules for c in cls.__mro__)
+
     def lookup(self, node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
         if node.op == "call_module":
             for cls in type(root.get_submodule(node.target)).__mro__:

@@ -146,13 +146,18 @@ def trace(
     concrete_args = {**_unused_defaults(model, len(inputs)), **(concrete_args or {})}
     private = copy.deepcopy(model)
     leaves = tuple(leaf_modules)
+    from lemon_fx.registry import default_registry
+
+    registry = default_registry()
 
     class _Tracer(torch.fx.Tracer):
         # stack traces let every error name the user's source line
         record_stack_traces = True
 
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+            # a module with a registered rule is grown by that rule, so it stays one node
+            return (isinstance(m, leaves) or registry.has_module_rule(type(m))
+                    or super().is_leaf_module(m, qualname))
 
     try:
         graph = _Tracer().trace(private, concrete_args=concrete_args)
