@@ -419,8 +419,7 @@ class _UnknownOp(Rule):
 
     Nothing is assumed about what the op computes. To keep axes tied to the model's
     inputs and outputs tied across it, a same-shape op (one tensor in, one out) has its
-    axes matched by position, which can only stop growth, never allow it; any other op's
-    outputs are fixed.
+    axes matched by position, which can only stop growth, never allow it.
     """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
@@ -438,10 +437,6 @@ class _UnknownOp(Rule):
                 ctx.shape(inputs[0]) == ctx.shape(outputs[0]):
             for a, b in zip(ctx.dims(inputs[0]), ctx.dims(outputs[0])):
                 ctx.unify(a, b)
-        else:
-            for value in outputs:
-                for d in ctx.dims(value):
-                    ctx.fix(d, f"made by '{node.name}', an op with no rule")
         ctx.forbid_growth(
             touched,
             "no rule for this op, and an axis it reads or writes would grow",

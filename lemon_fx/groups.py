@@ -35,10 +35,10 @@ def _role(hints: set[str]) -> str:
         return "kv_heads" if "kv" in hints else "heads"
     if "head_dim" in hints:
         return "head_dim"
+    if "norm" in hints:  # a stream normalized over its features (LayerNorm, RMSNorm)
+        return "residual"
     if "channels" in hints:
         return "channels"
-    if "norm" in hints:
-        return "residual"
     if "nonlinear" in hints:
         return "ffn"
     if "residual_add" in hints:

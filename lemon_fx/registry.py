@@ -83,6 +83,7 @@ _BUILTIN_RULE_MODULES = (
     "passes.rules.attention",
     "passes.rules.embedding",
     "passes.rules.reduction",
+    "passes.rules.conv",
 )
 
 

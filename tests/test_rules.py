@@ -155,6 +155,17 @@ class _FunctionalLN(nn.Module):
         return self.out(F.layer_norm(self.inp(x), (D,), self.g, self.b, 1e-6))
 
 
+class _Conv(nn.Module):
+    def __init__(self, groups=1):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, D, 3, padding=1)
+        self.c2 = nn.Conv2d(D, D, 3, groups=groups)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.out(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
+
+
 NL = lemon_fx.NotLosslessError
 UN = lemon_fx.UnsupportedOpError
 
@@ -185,6 +196,10 @@ SPECS = [
     Spec("permute/transpose", case(lambda s, h: h.permute(2, 0, 1).transpose(0, 2)
                                    .transpose(0, 1))),
     Spec("expand", case(lambda s, h: h[:, :1, :].expand(-1, 5, -1) + h)),
+    Spec("repeat_interleave", case(lambda s, h: h.view(2, 5, 2, 4).repeat_interleave(2, dim=2)
+                                   .flatten(2), d_out=2 * D)),
+    Spec("nn.Conv2d", _Conv, shape=(2, 3, 6, 6)),
+    Spec("depthwise conv", lambda: _Conv(groups=D), shape=(2, 3, 6, 6), at_2x=UN, at_1_5x=UN),
     Spec("repeat", case(lambda s, h: h.repeat(1, 1, 2), d_out=2 * D)),
     Spec("cat", case(lambda s, h: torch.cat([h, torch.relu(h)], dim=-1), d_out=2 * D)),
     Spec("cat tokens", case(lambda s, h: torch.cat([h[:, :1], h], dim=1)[:, 1:])),

@@ -235,6 +235,32 @@ class RepeatRule(Rule):
                 ctx.factor(out, [times, src])
 
 
+class RepeatInterleaveRule(Rule):
+    """``x.repeat_interleave(g, dim)``: each entry ``g`` times in a row, so the output axis
+    is the product ``[axis, g]`` (g inner, fixed). Grouped-query attention uses it to give
+    every query head its kv head; the kv heads then grow whole, in step with the queries.
+    """
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = node.args[0]
+        repeats = ctx.value(ctx.arg(1, "repeats"))
+        dim = ctx.value(ctx.arg(2, "dim"))
+        if not isinstance(repeats, int) or dim is None:
+            ctx.forbid_growth(ctx.dims(x) + ctx.dims(node), "repeat_interleave with tensor "
+                              "repeats or without dim", "pass an int and a dim")
+            return
+        rank = len(ctx.dims(x))
+        dim %= rank
+        for axis in range(rank):
+            ctx.same_form(ctx.slot(x, axis), ctx.slot(node, axis))
+            if axis != dim:
+                ctx.unify(ctx.dims(x)[axis], ctx.dims(node)[axis])
+        times = ctx.new_dim(repeats)
+        ctx.fix(times, "a repeat_interleave count")
+        ctx.factor(ctx.dims(node)[dim], [ctx.dims(x)[dim], times])
+        ctx.hint(ctx.dims(x)[dim], "kv")
+
+
 class CatRule(Rule):
     """``torch.cat(xs, dim)``: the output axis is the inputs' axes laid end to end."""
 
@@ -350,7 +376,8 @@ class TupleItemRule(Rule):
                     ctx.fix(out_dims[b], f"an axis sliced by '{node.name}'")
                 a, b = a + 1, b + 1
             else:
-                self._positional(ctx, node, in_dims[a], (item,))
+                # an axis indexed by an int is a list of things (q/k/v, tokens), not a width
+                ctx.fix(in_dims[a], f"an axis indexed by an int at '{node.name}'")
                 a += 1
 
     def _positional(self, ctx: NodeAnalysis, node, dim: int, bounds: tuple) -> None:
@@ -406,6 +433,7 @@ def register_rules(registry: Registry) -> None:
                                  torch.t, "swapaxes", torch.swapaxes, "movedim", torch.movedim])
     registry.add(ExpandRule(), ["expand", "expand_as"])
     registry.add(RepeatRule(), ["repeat"])
+    registry.add(RepeatInterleaveRule(), ["repeat_interleave", torch.repeat_interleave])
     registry.add(CatRule(), [torch.cat, torch.concat, torch.concatenate])
     registry.add(SplitRule(), ["split", torch.split, torch.functional.split, "chunk",
                                torch.chunk, "unbind", torch.unbind])
