@@ -109,6 +109,12 @@ class WidthAnalysis:
     rules: dict[torch.fx.Node, Rule]
     groups: list[Any] = field(default_factory=list)  # list[WidthGroup], set by build_groups
     input_leaves: set[int] = field(default_factory=set)
+    # a tensor registered under several names (tied weights) is analyzed once, under the
+    # first name; the others map to it
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
 
     # -- slots and forms -------------------------------------------------------------
     def form_root(self, slot: Slot) -> Slot:
@@ -193,10 +199,10 @@ class NodeAnalysis:
         return f"{self.node.target}.{attr}" if self.node.target else attr
 
     def param_dims(self, qualname: str) -> list[int]:
-        return self._a.param_dims[qualname]
+        return self._a.param_dims[self._a.canonical(qualname)]
 
     def has_param(self, qualname: str) -> bool:
-        return qualname in self._a.param_dims
+        return self._a.canonical(qualname) in self._a.param_dims
 
     # -- coupling ----------------------------------------------------------------------
     def unify(self, a: int, b: int) -> None:
@@ -292,6 +298,7 @@ class NodeAnalysis:
         transform: Callable[..., torch.Tensor] | None = None,
         noise_bound: Callable[[tuple[int, ...]], float] | None = None,
     ) -> None:
+        qualname = self._a.canonical(qualname)
         self._a.claims.setdefault(qualname, []).append(
             Claim(qualname, tuple(axes), self.node, transform, noise_bound)
         )
@@ -335,7 +342,13 @@ def analyze_width(gm: torch.fx.GraphModule, registry: Registry | None = None) ->
         gm=gm, dims=table, value_dims={}, param_dims={}, claims={}, blockers=[], hints={},
         form_parent={}, form_needs={}, ties=[], rules={},
     )
-    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+    first_name: dict[int, str] = {}
+    for name, tensor in list(gm.named_parameters(remove_duplicate=False)) + list(
+            gm.named_buffers(remove_duplicate=False)):
+        if id(tensor) in first_name:
+            analysis.aliases[name] = first_name[id(tensor)]
+            continue
+        first_name[id(tensor)] = name
         analysis.param_dims[name] = _new_value_dims(table, tuple(tensor.shape))
     for node in gm.graph.nodes:
         shape = tensor_shape(node)
@@ -394,10 +407,11 @@ def _fix_outputs(node: torch.fx.Node, analysis: WidthAnalysis) -> None:
 
 def _analyze_get_attr(node: torch.fx.Node, analysis: WidthAnalysis) -> None:
     """A parameter or buffer read directly: its value's axes are the tensor's axes."""
-    if node not in analysis.value_dims or node.target not in analysis.param_dims:
+    name = analysis.canonical(node.target)
+    if node not in analysis.value_dims or name not in analysis.param_dims:
         return
     ctx = NodeAnalysis(analysis, node, _UnknownOp())
-    for a, b in zip(analysis.value_dims[node], analysis.param_dims[node.target]):
+    for a, b in zip(analysis.value_dims[node], analysis.param_dims[name]):
         ctx.unify(a, b)
     analysis.get_attr_nodes = getattr(analysis, "get_attr_nodes", [])
     analysis.get_attr_nodes.append(node)
@@ -406,12 +420,12 @@ def _analyze_get_attr(node: torch.fx.Node, analysis: WidthAnalysis) -> None:
 def _claim_unclaimed_module_params(analysis: WidthAnalysis) -> None:
     """A get_attr parameter nobody claimed is data on its axes: expand every axis."""
     for node in getattr(analysis, "get_attr_nodes", []):
-        if node.target in analysis.claims:
+        if analysis.canonical(node.target) in analysis.claims:
             continue
         ctx = NodeAnalysis(analysis, node, _UnknownOp())
         rank = len(analysis.value_dims[node])
         ctx.claim(node.target, [AxisUse("expand", ctx.slot(node, i)) for i in range(rank)])
-        analysis.claims[node.target][-1].default = True
+        analysis.claims[analysis.canonical(node.target)][-1].default = True
 
 
 class _UnknownOp(Rule):

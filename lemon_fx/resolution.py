@@ -242,5 +242,6 @@ def _check_claims(res: Resolution) -> list[Problem]:
                     reason=f"parameter {name!r} is shared by ops that need it grown "
                     f"differently ({sorted(kinds)})",
                     node=", ".join(sorted({c.node.name for c in claims})),
-                    fix="untie the parameter, or keep this width fixed"))
+                    fix="untie the parameter (a tied LM head is not supported yet), or "
+                    "keep this width fixed"))
     return problems

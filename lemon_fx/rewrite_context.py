@@ -95,7 +95,8 @@ class NodeRewrite:
         return f"{self.node.target}.{attr}" if self.node.target else attr
 
     def param_dims(self, qualname: str) -> list[int]:
-        return self.res.analysis.param_dims[qualname]
+        analysis = self.res.analysis
+        return analysis.param_dims[analysis.canonical(qualname)]
 
     def grown_value(self, arg: Any) -> Any:
         """What a shape expression evaluates to in the grown graph."""

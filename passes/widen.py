@@ -119,6 +119,16 @@ def widen(gm: torch.fx.GraphModule, res: Resolution, edits: Edits | None = None)
         setattr(gm.get_submodule(path), attr, value)
     for name, value in new_tensors.items():
         _set_tensor(gm, name, value)
+    for alias, name in res.analysis.aliases.items():  # keep tied weights tied
+        if name in new_tensors:
+            owner_name, _, attr = alias.rpartition(".")
+            owner = gm.get_submodule(owner_name) if owner_name else gm
+            tensor_owner, _, tensor_attr = name.rpartition(".")
+            shared = getattr(gm.get_submodule(tensor_owner) if tensor_owner else gm, tensor_attr)
+            if isinstance(shared, nn.Parameter):
+                setattr(owner, attr, shared)
+            else:
+                owner._buffers[attr] = shared
     gm.graph.lint()
     gm.recompile()
     rewrites = [f"grew {n}: {tuple(source.get_parameter(n).shape) if _is_param(source, n) else ''}"

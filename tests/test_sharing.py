@@ -1,0 +1,78 @@
+"""Parameters reached twice: a module called at two sites, and tied weights."""
+
+import pytest
+import torch
+from torch import nn
+
+import lemon_fx
+
+
+class _TwiceCalled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.shared = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + torch.relu(self.shared(h))
+        h = h + torch.relu(self.shared(h))
+        return self.out(h)
+
+
+class _TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc(self.ln(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("width", [2.0, 1.5])
+def test_a_module_called_twice_grows_once_and_stays_lossless(width):
+    torch.manual_seed(0)
+    net = _TwiceCalled().double()
+    gm = lemon_fx.trace(net, (torch.randn(3, 4, dtype=torch.float64),))
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=width))
+    assert big.shared.weight.shape == (int(8 * width), int(8 * width))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(big(x), net(x), rtol=0, atol=1e-12)
+
+
+def test_a_tied_lm_head_is_refused_with_both_users_named():
+    gm = lemon_fx.trace(_TiedHead().double(), (torch.randint(0, 20, (2, 5)),))
+    with pytest.raises(lemon_fx.NotLosslessError) as info:
+        lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))
+    problem = info.value.problems[0]
+    assert problem.node == "emb, head"
+    assert "'emb.weight' is shared" in problem.reason
+    assert "untie" in problem.fix
+
+
+def test_tied_weights_that_grow_the_same_way_stay_tied():
+    class TiedScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(4, 8)
+            self.b.weight = self.a.weight
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.a(x)) * self.b(x))
+
+    torch.manual_seed(0)
+    net = TiedScale().double()
+    gm = lemon_fx.trace(net, (torch.randn(3, 4, dtype=torch.float64),))
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=1.5))
+    assert big.a.weight is big.b.weight
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(big(x), net(x), rtol=0, atol=1e-12)
