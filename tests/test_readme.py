@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from zoo import ViT
 
 import lemon_fx
-from zoo import ViT
 
 README = Path(__file__).parent.parent / "README.md"
 
