@@ -112,6 +112,8 @@ class WidthAnalysis:
     # a tensor registered under several names (tied weights) is analyzed once, under the
     # first name; the others map to it
     aliases: dict[str, str] = field(default_factory=dict)
+    get_attr_nodes: list[torch.fx.Node] = field(default_factory=list)
+    _form_index: dict | None = field(default=None, repr=False)
 
     def canonical(self, name: str) -> str:
         return self.aliases.get(name, name)
@@ -141,11 +143,10 @@ class WidthAnalysis:
         return allowed, reasons
 
     def form_classes_index(self) -> dict[Slot, list[Slot]]:
-        cached = getattr(self, "_form_index", None)
-        if cached is None:
-            cached = self.form_classes()
-            self._form_index = cached
-        return cached
+        """The form classes, computed once the analysis is complete."""
+        if self._form_index is None:
+            self._form_index = self.form_classes()
+        return self._form_index
 
     def slot_leaves(self, slot: Slot) -> list[int]:
         value, axis = slot
@@ -413,13 +414,12 @@ def _analyze_get_attr(node: torch.fx.Node, analysis: WidthAnalysis) -> None:
     ctx = NodeAnalysis(analysis, node, _UnknownOp())
     for a, b in zip(analysis.value_dims[node], analysis.param_dims[name]):
         ctx.unify(a, b)
-    analysis.get_attr_nodes = getattr(analysis, "get_attr_nodes", [])
     analysis.get_attr_nodes.append(node)
 
 
 def _claim_unclaimed_module_params(analysis: WidthAnalysis) -> None:
     """A get_attr parameter nobody claimed is data on its axes: expand every axis."""
-    for node in getattr(analysis, "get_attr_nodes", []):
+    for node in analysis.get_attr_nodes:
         if analysis.canonical(node.target) in analysis.claims:
             continue
         ctx = NodeAnalysis(analysis, node, _UnknownOp())

@@ -107,6 +107,12 @@ class _FeatureNormRule(Rule):
             transform = _scaled_gamma(dim) if kind == "gamma" else _zero_padded(dim)
             ctx.claim(name, [AxisUse("expand", ctx.slot(node, -1))], transform=transform)
 
+    def _has_gamma(self, ctx: NodeRewrite) -> bool:
+        if ctx.module is not None:
+            return getattr(ctx.module, self.module_weight, None) is not None
+        index, name, _ = self.functional_params[0]
+        return ctx.is_tensor(ctx.arg(index, name))
+
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
         x = ctx.arg(0, "input")
         dim = ctx.dims(x)[-1]
@@ -137,16 +143,6 @@ class _FeatureNormRule(Rule):
                            "pass eps explicitly, or grow by a whole multiple")
             return
         ctx.set_arg(self.eps_index, "eps", eps * growth.alpha)
-
-
-def _has_gamma_of(rule: _FeatureNormRule, ctx: NodeRewrite) -> bool:
-    if ctx.module is not None:
-        return getattr(ctx.module, rule.module_weight, None) is not None
-    index, name, _ = rule.functional_params[0]
-    return ctx.is_tensor(ctx.arg(index, name))
-
-
-_FeatureNormRule._has_gamma = _has_gamma_of
 
 
 class LayerNormRule(_FeatureNormRule):
