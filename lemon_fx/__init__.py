@@ -18,7 +18,7 @@ from lemon_fx.errors import (
     VerificationError,
 )
 from lemon_fx.groups import WidthGroup
-from lemon_fx.grow import grow
+from lemon_fx.grow import GrowthReport, grow, growth_report
 from lemon_fx.plan import Plan
 from lemon_fx.registry import register
 from lemon_fx.report import InspectReport, inspect
@@ -40,8 +40,10 @@ __all__ = [
     "UnsupportedOpError",
     "VerificationError",
     "WidthGroup",
+    "GrowthReport",
     "export_onnx",
     "grow",
+    "growth_report",
     "inspect",
     "register",
     "trace",

@@ -1,26 +1,59 @@
 """``lemon_fx.grow``: compose analysis, plan resolution and the rewrite passes.
 
 This is the one place in ``lemon_fx`` that imports ``passes``: the pipeline is
-trace -> analysis -> resolution -> passes (widen, cleanup) -> the caller verifies.
+trace -> analysis -> resolution -> passes (widen, deepen, cleanup) -> the caller verifies.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
 
+from lemon_fx.depth_plan import resolve_depth
 from lemon_fx.errors import PlanError, Problem, TraceError
 from lemon_fx.graph_facts import tensor_shape
 from lemon_fx.plan import Plan
 from lemon_fx.report import analyze
 from lemon_fx.resolution import resolve_width
+from lemon_fx.stacks import find_stacks
 from lemon_fx.tracing import EXAMPLE_INPUTS_KEY, record_facts
 
-__all__ = ["grow"]
+__all__ = ["GrowthReport", "grow", "growth_report"]
+
+REPORT_KEY = "lemon_fx.report"
+
+
+@dataclass
+class GrowthReport:
+    """What ``grow`` did: the plan, each new block's source, notes, measured error."""
+
+    plan: Plan
+    new_blocks: list[Any] = field(default_factory=list)  # passes.deepen.NewBlock
+    notes: list[str] = field(default_factory=list)
+    # max |grown - source| on the example inputs in float64, measured when the growth is
+    # exact only up to eps (Post-LN depth with allow_inexact=True)
+    measured_error: float | None = None
+
+    def __str__(self) -> str:
+        lines = [f"plan: {self.plan.to_dict()}"]
+        for b in self.new_blocks:
+            lines.append(f"new block {b.name} <- copy of {b.stack}.{b.source} (cancelling "
+                         "branches)")
+        lines += [f"note: {n}" for n in self.notes]
+        if self.measured_error is not None:
+            lines.append(f"measured error on the example inputs (float64): "
+                         f"{self.measured_error:.3g}")
+        return "\n".join(lines)
+
+
+def growth_report(grown: torch.fx.GraphModule) -> GrowthReport:
+    """The ``GrowthReport`` of a module returned by ``grow``."""
+    return grown.meta[REPORT_KEY]
 
 
 def _as_plan(plan: Plan | Mapping[str, Any] | float | int) -> Plan:
@@ -70,6 +103,7 @@ def grow(
     is never modified, also when this raises.
     """
     from passes.cleanup import cleanup
+    from passes.deepen import deepen
     from passes.widen import plan_edits, widen
 
     if not isinstance(gm, torch.fx.GraphModule):
@@ -78,20 +112,33 @@ def grow(
                                   fix="trace the model first: gm = lemon_fx.trace(model, "
                                   "example_inputs)")])
     plan = _as_plan(plan)
-    if plan.depth is not None:
-        raise PlanError("depth growth is not available yet",
-                        [Problem(reason="this version of lemon_fx grows width only",
-                                 node="depth", fix="leave depth=None")])
     source = _with_facts(gm, example_inputs)
+    # every check first: width, then depth, then the rewrites' own refusals
     analysis = analyze(source)
     resolution = resolve_width(analysis, plan)
+    growths = resolve_depth(find_stacks(source), plan)
     edits = plan_edits(resolution)
+    # widen first, so that new blocks copy widened sources (the order that is lossless)
     private = copy.deepcopy(source)
-    result = widen(private, resolution, edits)
-    result = cleanup(result.graph_module)
-    grown = result.graph_module
+    grown = widen(private, resolution, edits).graph_module
+    _, new_blocks, notes = deepen(grown, growths, resolution)
+    grown = cleanup(grown).graph_module
+    report = GrowthReport(plan, new_blocks, notes)
     inputs = source.meta.get(EXAMPLE_INPUTS_KEY)
     if inputs is not None:
         record_facts(grown, inputs)
+        if notes and plan.allow_inexact:
+            report.measured_error = _measured_error(source, grown, inputs)
+    grown.meta[REPORT_KEY] = report
     grown.meta["lemon_fx.plan"] = plan
     return grown
+
+
+def _measured_error(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,
+                    inputs: tuple) -> float:
+    cast = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for x in inputs]
+    with torch.no_grad():
+        want = copy.deepcopy(source).double().eval()(*cast)
+        got = copy.deepcopy(grown).double().eval()(*cast)
+    return float((got - want).abs().max())

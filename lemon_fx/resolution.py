@@ -126,10 +126,10 @@ def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
                     fix=f"use a group name or glob; the groups are: {names}"))
             for g in chosen:
                 targets[g.leaf] = _target_for(g, value)
-    else:
+    else:  # a bare number scales, int or float
         for g in groups:
             if g.role != "head_dim":
-                targets[g.leaf] = _target_for(g, width)
+                targets[g.leaf] = _target_for(g, float(width))
     for g in groups:
         t = targets.get(g.leaf, g.size)
         if t < g.size:

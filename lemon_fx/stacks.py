@@ -1,26 +1,63 @@
-"""Block stacks: ModuleList / Sequential children that run one after another on one stream.
+"""Block stacks: numbered children of a container that run one after another on one stream.
 
-Found from the graph: the ``call_module`` and ``get_attr`` targets of each numbered child of
-a container, in execution order. A stack's kind is decided from the first block's
-subgraph: ``pre_ln`` (the block output is ``x + F(norm(x))``), ``post_ln`` (it ends in a
-norm applied to a residual sum), ``residual`` (a residual add without norms) or ``plain``.
+A stack is a family of submodules ``<container>.<prefix><N>`` (``blocks.3``,
+``model.layers.3``, ``encoder.layers.encoder_layer_3``) of one class, found from the module
+paths the tracer recorded (``nn_module_stack``). For each block the graph gives:
+
+- its nodes, its *stream input* (the previous block's output) and its *stream output*;
+- its *spine*: from the output back to the input through residual adds and norms. Every
+  add on the spine has a *branch* (the other operand); the spine's norms are the Post-LN
+  norms;
+- each branch's *end*: the last layer with weights before the branch joins the stream
+  (through dropout, layer scale, reshapes). Depth growth sets those layers to write zero.
+
+Kinds: ``pre_ln`` (norms only inside branches: ``x + F(norm(x))``), ``post_ln`` (the block
+ends in a norm on the stream: ``norm(x + F(x))``), ``residual`` (residual adds, no norms),
+``plain`` (no residual add: a new block cannot be the identity, so no depth growth).
 """
 
 from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BlockStack", "find_stacks"]
+__all__ = ["Block", "BlockStack", "BranchEnd", "find_stacks"]
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
-if hasattr(nn, "RMSNorm"):
-    _NORMS = _NORMS + (nn.RMSNorm,)
+_NORM_MODULES: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
+                                                     else ())
+_NORM_FUNCTIONS = {F.layer_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
+_ADDS = {operator.add, torch.add, operator.iadd, "add"}
+_PASS_THROUGH_MODULES = (nn.Dropout, nn.Identity)
+_PASS_THROUGH_METHODS = {"contiguous", "view", "reshape", "transpose", "permute", "flatten"}
+_NOT_BLOCKS = (nn.Linear, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Dropout, nn.LayerNorm,
+               nn.Identity, nn.Embedding, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class BranchEnd:
+    """The last weighted layer of a residual branch: set to write exactly zero."""
+
+    node: torch.fx.Node
+    weight: str
+    bias: str | None
+
+
+@dataclass
+class Block:
+    index: int
+    path: str
+    nodes: list[torch.fx.Node] = field(repr=False)
+    stream_in: torch.fx.Node = field(repr=False)
+    stream_out: torch.fx.Node = field(repr=False)
+    branch_ends: list[BranchEnd] = field(default_factory=list, repr=False)
+    spine_norms: list[torch.fx.Node] = field(default_factory=list, repr=False)
+    problem: str | None = None
 
 
 @dataclass
@@ -28,83 +65,224 @@ class BlockStack:
     name: str
     count: int
     kind: str
+    blocks: list[Block] = field(default_factory=list, repr=False, compare=False)
+    child_prefix: str = field(default="", repr=False, compare=False)
+    problem: str | None = field(default=None, repr=False, compare=False)
+
+    def child(self, index: int) -> str:
+        """The qualified module name of block ``index``."""
+        return f"{self.name}.{self.child_prefix}{index}"
 
 
-def _owner(node: torch.fx.Node) -> str | None:
-    if node.op in ("call_module", "get_attr"):
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1]
-        return path[0] if isinstance(path, tuple) else str(path)
-    return None
+_CHILD = re.compile(r"^(?P<container>.+)\.(?P<prefix>[A-Za-z_]*?)(?P<index>\d+)$")
 
 
-def _numbered_children(gm: torch.fx.GraphModule) -> dict[str, dict[int, type]]:
-    """``{container: {index: class}}`` from the module paths the tracer recorded.
-
-    The GraphModule keeps only the submodules the graph calls, so ModuleLists are gone;
-    ``nn_module_stack`` still names every enclosing module with its original class.
-    """
-    found: dict[str, dict[int, type]] = {}
+def _module_paths(gm: torch.fx.GraphModule) -> dict[str, type]:
     paths: dict[str, type] = {}
     for node in gm.graph.nodes:
         for path, cls in (node.meta.get("nn_module_stack") or {}).values():
             paths[path] = cls
         if node.op == "call_module":
             paths.setdefault(str(node.target), type(gm.get_submodule(node.target)))
-    for path, cls in paths.items():
-        prefix, _, last = path.rpartition(".")
-        if last.isdigit():
-            found.setdefault(prefix, {})[int(last)] = cls
+    return paths
+
+
+def _families(gm: torch.fx.GraphModule) -> dict[tuple[str, str], dict[int, type]]:
+    found: dict[tuple[str, str], dict[int, type]] = {}
+    for path, cls in _module_paths(gm).items():
+        match = _CHILD.match(path)
+        if match:
+            key = (match["container"], match["prefix"])
+            found.setdefault(key, {})[int(match["index"])] = cls
     return found
 
 
 def find_stacks(gm: torch.fx.GraphModule) -> list[BlockStack]:
     stacks = []
-    for name, children in _numbered_children(gm).items():
+    for (container, prefix), children in _families(gm).items():
         classes = set(children.values())
         if sorted(children) != list(range(len(children))) or len(classes) != 1:
             continue
-        if issubclass(next(iter(classes)), (nn.Linear, nn.ReLU, nn.GELU, nn.Dropout,
-                                             nn.LayerNorm, nn.Identity)):
+        if issubclass(next(iter(classes)), _NOT_BLOCKS):
             continue  # a Sequential of single layers is an MLP, not a block stack
-        block_nodes = _nodes_of_block(gm, name, 0)
-        if block_nodes:
-            stacks.append(BlockStack(name, len(children), _kind(gm, block_nodes)))
+        stack = BlockStack(container, len(children), "plain", child_prefix=prefix)
+        _analyze_stack(gm, stack)
+        stacks.append(stack)
     return stacks
 
 
-def _nodes_of_block(gm: torch.fx.GraphModule, container: str, index: int) -> list[torch.fx.Node]:
-    prefix = re.escape(f"{container}.{index}") + r"(\.|$)"
-    return [n for n in gm.graph.nodes if (o := _owner(n)) is not None and re.match(prefix, o)]
+def _in_block(node: torch.fx.Node, path: str) -> bool:
+    if node.op in ("call_module", "get_attr") and (
+            str(node.target) == path or str(node.target).startswith(path + ".")):
+        return True
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(p == path for p, _ in stack.values())
 
 
-def _kind(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> str:
+def _analyze_stack(gm: torch.fx.GraphModule, stack: BlockStack) -> None:
+    previous_out = None
+    kinds = set()
+    for i in range(stack.count):
+        path = stack.child(i)
+        nodes = [n for n in gm.graph.nodes if _in_block(n, path)]
+        block = _analyze_block(gm, i, path, nodes, previous_out)
+        stack.blocks.append(block)
+        if block.problem:
+            stack.problem = stack.problem or f"block {path}: {block.problem}"
+            stack.kind = "plain" if "residual add" in block.problem else stack.kind
+            return
+        previous_out = block.stream_out
+        kinds.add(_kind(gm, block))
+    stack.kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    if stack.kind == "plain":
+        stack.problem = ("its blocks have no residual add, so a new block cannot compute "
+                         "the identity")
+    elif stack.kind == "mixed":
+        stack.problem = "its blocks are of different kinds"
+
+
+def _analyze_block(gm, index, path, nodes, previous_out) -> Block:
     members = set(nodes)
-    adds = [n for n in _block_span(gm, nodes) if n.op == "call_function"
-            and n.target in (operator.add, torch.add)]
-    last = _block_span(gm, nodes)[-1] if nodes else None
-    if last is not None and last.op == "call_module" and isinstance(
-            gm.get_submodule(last.target), _NORMS) and last in members:
-        src = last.args[0]
-        if isinstance(src, torch.fx.Node) and src in adds:
-            return "post_ln"
-    if adds:
-        norms = [n for n in nodes if n.op == "call_module"
-                 and isinstance(gm.get_submodule(n.target), _NORMS)]
-        return "pre_ln" if norms else "residual"
-    return "plain"
+    outside_users = [n for n in nodes if any(u not in members for u in n.users)]
+    tensor_outs = [n for n in outside_users if "tensor_meta" in n.meta or "val" in n.meta]
+    block = Block(index, path, nodes, stream_in=None, stream_out=None)
+    if len(tensor_outs) != 1:
+        block.problem = f"it has {len(tensor_outs)} outputs used outside it, not one stream"
+        return block
+    block.stream_out = tensor_outs[0]
+    external = []
+    for n in nodes:
+        for arg in n.all_input_nodes:
+            if arg not in members and arg not in external:
+                external.append(arg)
+    if previous_out is not None:
+        if previous_out not in external:
+            block.problem = "it does not read the previous block's output"
+            return block
+        block.stream_in = previous_out
+    else:
+        shape = _shape(block.stream_out)
+        candidates = [a for a in external if _shape(a) == shape and _shape(a) is not None]
+        if not candidates:
+            block.problem = "no input of the same shape as its output"
+            return block
+        block.stream_in = candidates[0]
+    _walk_spine(gm, block)
+    return block
 
 
-def _block_span(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> list[torch.fx.Node]:
-    """All graph nodes from the block's first to its last module call (functional adds too)."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    if not nodes:
-        return []
-    lo, hi = min(order[n] for n in nodes), max(order[n] for n in nodes)
-    span = [n for n in gm.graph.nodes if lo <= order[n] <= hi]
-    # a residual add right after the last module call belongs to the block
-    after = [n for n in gm.graph.nodes if order[n] == hi + 1]
-    return span + [n for n in after if n.op == "call_function"
-                   and n.target in (operator.add, torch.add)]
+def _shape(node: torch.fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in _ADDS
+
+
+def _is_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _NORM_MODULES)
+    return node.op == "call_function" and node.target in _NORM_FUNCTIONS
+
+
+def _passes_through(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _PASS_THROUGH_MODULES)
+    if node.op == "call_method":
+        return node.target in _PASS_THROUGH_METHODS
+    return node.op == "call_function" and node.target in (F.dropout, torch.reshape,
+                                                         torch.transpose, torch.flatten)
+
+
+def _walk_spine(gm: torch.fx.GraphModule, block: Block) -> None:
+    def on_spine(v) -> bool:
+        if v is block.stream_in:
+            return True
+        if not isinstance(v, torch.fx.Node) or v not in set(block.nodes):
+            return False
+        if _is_add(v):
+            return any(on_spine(a) for a in v.args[:2])
+        if _is_norm(gm, v) or _passes_through(gm, v):
+            return on_spine(v.args[0])
+        return False
+
+    node = block.stream_out
+    seen_add = False
+    while node is not block.stream_in:
+        if _is_add(node):
+            a, b = node.args[:2]
+            spine = [x for x in (a, b) if on_spine(x)]
+            if len(spine) != 1:
+                block.problem = f"'{node.name}' is not a residual add of the stream and a branch"
+                return
+            branch = b if spine[0] is a else a
+            if not _branch_ends(gm, block, branch):
+                return
+            seen_add = True
+            node = spine[0]
+        elif _is_norm(gm, node):
+            block.spine_norms.insert(0, node)
+            node = node.args[0]
+        elif _passes_through(gm, node):
+            node = node.args[0]
+        else:
+            block.problem = (f"'{node.name}' on the path from the block's output to its input "
+                             "is neither a residual add nor a norm")
+            return
+    if not seen_add:
+        block.problem = "it has no residual add"
+
+
+def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
+    """Find the weighted layers that end a branch; False (with a problem) if there are none."""
+    node = value
+    while isinstance(node, torch.fx.Node):
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                bias = f"{node.target}.bias" if module.bias is not None else None
+                block.branch_ends.append(BranchEnd(node, f"{node.target}.weight", bias))
+                return True
+            if isinstance(module, _PASS_THROUGH_MODULES):
+                node = node.args[0]
+                continue
+        if node.op == "call_function" and node.target is operator.getitem and \
+                node.args[1] == 0 and node.args[0].op == "call_module" and isinstance(
+                    gm.get_submodule(node.args[0].target), nn.MultiheadAttention):
+            mha = node.args[0].target
+            bias = f"{mha}.out_proj.bias" if gm.get_submodule(mha).out_proj.bias is not None \
+                else None
+            block.branch_ends.append(BranchEnd(node.args[0], f"{mha}.out_proj.weight", bias))
+            return True
+        if node.op == "call_function" and node.target is F.linear and \
+                node.args[1].op == "get_attr":
+            bias = node.args[2].target if len(node.args) > 2 and isinstance(
+                node.args[2], torch.fx.Node) else None
+            block.branch_ends.append(BranchEnd(node, node.args[1].target, bias))
+            return True
+        if _is_add(node):
+            return all(_branch_ends(gm, block, a) for a in node.args[:2])
+        if node.op in ("call_function", "call_method") and node.target in (
+                operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+            tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)
+                       and a.op != "get_attr"]
+            if len(tensors) == 1:  # layer scale or a constant factor: zero stays zero
+                node = tensors[0]
+                continue
+        if _passes_through(gm, node):
+            node = node.args[0]
+            continue
+        break
+    name = value.name if isinstance(value, torch.fx.Node) else repr(value)
+    block.problem = (f"the residual branch ending at '{name}' does not end in a layer "
+                     "with weights (Linear, Conv, MultiheadAttention) that can write zero")
+    return False
+
+
+def _kind(gm: torch.fx.GraphModule, block: Block) -> str:
+    if block.spine_norms and block.spine_norms[-1] is block.stream_out:
+        return "post_ln"
+    if any(_is_norm(gm, n) for n in block.nodes):
+        return "pre_ln"
+    return "residual"

@@ -100,6 +100,10 @@ def test_from_file_rejects_unknown_fields(tmp_path):
         Plan.from_file(path)
 
 
-def test_depth_is_refused_until_depth_growth_exists(gm):
-    with pytest.raises(PlanError, match="depth growth is not available yet"):
+def test_depth_on_a_model_without_stacks_is_a_plan_error(gm):
+    with pytest.raises(PlanError, match="the model has no block stack"):
         lemon_fx.grow(gm, Plan(depth=2.0))
+
+
+def test_a_bare_int_width_is_a_multiplier(gm):
+    assert _sizes(lemon_fx.grow(gm, Plan(width=2))) == {"residual": 16, "ffn": 32}

@@ -1,0 +1,144 @@
+"""Depth resolution: from ``Plan.depth`` and ``placement`` to a block order per stack.
+
+The order of a grown stack lists, for each position, the index of the source block it
+comes from. The first occurrence of a source is the source block itself (its weights kept);
+every later occurrence is a new block, built from the (widened) source with its residual
+branches set to write zero. ``placement``:
+
+- ``"interleave"`` (LEMON): each copy right after its source. With ``N`` new blocks over
+  ``L`` sources, every source gets ``N // L`` copies and the last ``N % L`` sources one
+  more (for targets under ``2L`` the first ``2L - T`` sources get none, as in LEMON);
+- ``"stack"``: the copies on top, sources taken in order (StackBERT);
+- a list of source indices, one per position: any order in which the sources themselves
+  keep their order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lemon_fx.errors import NotLosslessError, PlanError, Problem, UnsupportedOpError
+from lemon_fx.plan import Plan
+from lemon_fx.stacks import BlockStack
+
+__all__ = ["StackGrowth", "interleave_order", "resolve_depth", "stack_order"]
+
+
+@dataclass
+class StackGrowth:
+    stack: BlockStack
+    order: list[int]
+
+    @property
+    def new_positions(self) -> list[int]:
+        seen: set[int] = set()
+        new = []
+        for position, source in enumerate(self.order):
+            if source in seen:
+                new.append(position)
+            seen.add(source)
+        return new
+
+
+def interleave_order(count: int, target: int) -> list[int]:
+    extra = target - count
+    order = []
+    for i in range(count):
+        copies = extra // count + (1 if i >= count - extra % count else 0)
+        order += [i] * (1 + copies)
+    return order
+
+
+def stack_order(count: int, target: int) -> list[int]:
+    return list(range(count)) + [j % count for j in range(target - count)]
+
+
+def _target(stack: BlockStack, value: float | int, bare: bool) -> int:
+    if bare or isinstance(value, float):
+        return int(round(stack.count * float(value)))
+    return int(value)
+
+
+def _explicit(stack: BlockStack, order: tuple[int, ...]) -> list[Problem]:
+    firsts = [s for i, s in enumerate(order) if s not in order[:i]]
+    where = f"placement for '{stack.name}'"
+    if any(not isinstance(s, int) or not 0 <= s < stack.count for s in order):
+        return [Problem(reason=f"{where} names a block outside 0..{stack.count - 1}",
+                        node="placement", fix="use source block indices")]
+    if firsts != list(range(stack.count)):
+        return [Problem(reason=f"{where} does not keep every source block once, in order "
+                        f"(first occurrences: {firsts})", node="placement",
+                        fix="list each source index at least once, the first occurrences "
+                        "in increasing order, e.g. [0, 0, 1, 1]")]
+    return []
+
+
+def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
+    if plan.depth is None:
+        return []
+    by_name = {s.name: s for s in stacks}
+    names = ", ".join(by_name) or "(none)"
+    problems: list[Problem] = []
+    wanted: dict[str, int] = {}
+    if isinstance(plan.depth, dict):
+        for name, value in plan.depth.items():
+            if name not in by_name:
+                problems.append(Problem(reason=f"no block stack named {name!r}",
+                                        node=f"depth[{name!r}]",
+                                        fix=f"use a stack name; the stacks are: {names}"))
+                continue
+            wanted[name] = _target(by_name[name], value, bare=False)
+    else:
+        if not stacks:
+            problems.append(Problem(reason="the model has no block stack", node="depth",
+                                    fix="leave depth out, or put the blocks in an "
+                                    "nn.ModuleList / nn.Sequential"))
+        wanted = {s.name: _target(s, plan.depth, bare=True) for s in stacks}
+    growths = []
+    blocked: list[Problem] = []
+    inexact: list[Problem] = []
+    for name, target in wanted.items():
+        stack = by_name[name]
+        if target < stack.count:
+            problems.append(Problem(reason=f"stack {name!r} would shrink from {stack.count} to "
+                                    f"{target} blocks", node=f"depth[{name!r}]",
+                                    fix="lemon_fx only grows: use a target >= the current "
+                                    "count"))
+            continue
+        if target == stack.count:
+            continue
+        if isinstance(plan.placement, tuple):
+            if len(plan.placement) != target:
+                problems.append(Problem(
+                    reason=f"placement lists {len(plan.placement)} blocks but stack {name!r} "
+                    f"grows to {target}", node="placement", fix="give one source index per "
+                    "position of the grown stack"))
+                continue
+            problems += _explicit(stack, plan.placement)
+            order = list(plan.placement)
+        elif plan.placement == "stack":
+            order = stack_order(stack.count, target)
+        else:
+            order = interleave_order(stack.count, target)
+        if stack.problem:
+            blocked.append(Problem(reason=f"stack {name!r} cannot grow in depth: "
+                                   f"{stack.problem}", node=name, op=stack.kind,
+                                   fix="keep its depth, or restructure the block so every "
+                                   "residual branch ends in a Linear/Conv layer"))
+            continue
+        if stack.kind == "post_ln" and not plan.allow_inexact:
+            inexact.append(Problem(
+                reason=f"stack {name!r} is Post-LN: LEMON's new blocks (identity norm on "
+                "the source, zero branches) are exact only up to the norms' eps",
+                node=name, op="post_ln",
+                fix="pass Plan(allow_inexact=True) to accept an error of order eps (the "
+                "report states the measured error)"))
+            continue
+        growths.append(StackGrowth(stack, order))
+    if problems:
+        raise PlanError("the depth plan does not fit this model", problems)
+    if blocked:
+        raise UnsupportedOpError("some stacks cannot grow in depth", blocked + inexact)
+    if inexact:
+        raise NotLosslessError("this depth growth has no exact answer", inexact)
+    return growths

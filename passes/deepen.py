@@ -1,0 +1,246 @@
+"""The depth pass: insert new blocks into block stacks, each computing the identity.
+
+Maths (LEMON, "Depth"). A Pre-LN block ``x + F(x)`` is the identity when every residual
+branch writes exactly 0. A new block is a copy of its (already widened) source whose
+branch-ending layers (the last Linear of the MLP, the attention output projection) get
+LEMON's *cancelling* weights ``W_c = R - (R E) P``: random ``R`` at the layer's init scale,
+projected so that for the input expansion ``E`` of that layer ``W_c E = 0`` (the copies of
+each duplicated input unit sum to zero), and bias 0. The branch's input in the grown model
+is always ``E h``, so the branch writes ``W_c E h = 0`` exactly, yet every weight of the new
+block gets a gradient. With no duplication (``E = I``) ``W_c = 0``. ``net2net`` uses 0.
+
+Post-LN blocks ``norm(x + F(x))`` (LEMON's construction, exact up to the norms' eps): the
+block before each new block gets an identity last norm (``gamma = 1, beta = 0``); the new
+block takes that norm's ``gamma, beta`` on its own last norm, identity norms elsewhere on its
+stream, and zero branches.
+
+Blocks are renumbered ``0..L_T-1`` in execution order under the container's own naming.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from lemon_fx.analysis import AxisUse
+from lemon_fx.depth_plan import StackGrowth
+from lemon_fx.expansion import LeafGrowth, split_lemon
+from lemon_fx.resolution import Resolution
+from lemon_fx.stacks import Block, BlockStack
+from passes.result import PassResult
+
+__all__ = ["NewBlock", "deepen"]
+
+
+@dataclass
+class NewBlock:
+    stack: str
+    position: int
+    source: int
+    name: str
+
+
+@dataclass
+class _Slot:
+    """One position of the grown stack while it is being built."""
+
+    source: int
+    module: nn.Module
+    nodes: list[torch.fx.Node] = field(default_factory=list)
+    out: torch.fx.Node | None = None
+    new: bool = False
+
+
+def _fan_in_growth(res: Resolution, weight: str):
+    """The expansion of a layer's input axis (the one its claim splits)."""
+    analysis = res.analysis
+    name = analysis.canonical(weight)
+    dims = analysis.param_dims[name]
+    for claim in analysis.claims.get(name, []):
+        for axis, use in enumerate(claim.axes):
+            if isinstance(use, AxisUse) and use.kind == "split":
+                return axis, res.axis_growth(dims[axis], res.form(use.slot))
+    return 1, LeafGrowth(analysis.dims.size(dims[1]), analysis.dims.size(dims[1]))
+
+
+def _cancelling(res: Resolution, weight: str, grown: torch.Tensor, name: str) -> torch.Tensor:
+    """``W_c = R - (R E) P`` with the grown layer's init scale, or 0 for net2net."""
+    if res.plan.method == "net2net":
+        return torch.zeros_like(grown)
+    axis, growth = _fan_in_growth(res, weight)
+    source_shape = list(grown.shape)
+    source_shape[axis] = res.analysis.param_dims[res.analysis.canonical(weight)][axis]
+    source_shape[axis] = res.analysis.dims.size(source_shape[axis])
+    fan_in = 1
+    for s in grown.shape[1:]:
+        fan_in *= s
+    bound = 1.0 / fan_in**0.5
+    seed = (res.plan.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+    noise = torch.rand(grown.shape, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64) * (2 * bound) - bound
+    zeros = torch.zeros(source_shape, dtype=torch.float64)
+    return split_lemon(zeros, axis, growth, noise).to(grown.dtype)
+
+
+def _relative(path: str, name: str) -> str:
+    return name[len(path) + 1:]
+
+
+def _set(module: nn.Module, relative: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = relative.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    old = getattr(owner, attr)
+    setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad)
+            if isinstance(old, nn.Parameter) else value)
+
+
+def _norm_params(module: nn.Module, block_path: str, node: torch.fx.Node):
+    norm = module.get_submodule(_relative(block_path, str(node.target)))
+    return norm
+
+
+def _make_identity(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Set a norm's gamma to 1 and beta to 0; return the old values."""
+    old = (None if norm.weight is None else norm.weight.detach().clone(),
+           None if getattr(norm, "bias", None) is None else norm.bias.detach().clone())
+    with torch.no_grad():
+        if norm.weight is not None:
+            norm.weight.fill_(1.0)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.zero_()
+    return old
+
+
+def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
+                notes: list[str]) -> list[NewBlock]:
+    stack: BlockStack = growth.stack
+    by_name = {n.name: n for n in gm.graph.nodes}
+
+    def local(node):  # the source graph's node -> this graph's node
+        return by_name[node.name]
+
+    blocks: list[Block] = stack.blocks
+    originals = [gm.get_submodule(stack.child(i)) for i in range(stack.count)]
+    block_nodes = [[local(n) for n in b.nodes] for b in blocks]
+    slots: list[_Slot] = []
+    seen: set[int] = set()
+    current_in: dict[int, torch.fx.Node] = {}  # what each source block reads now
+    prev_out = local(blocks[0].stream_in)
+    last_node = block_nodes[0][0].prev
+    graph = gm.graph
+    for position, source in enumerate(growth.order):
+        block = blocks[source]
+        if source not in seen:
+            seen.add(source)
+            nodes = block_nodes[source]
+            old_in = local(block.stream_in)
+            if old_in is not prev_out:
+                members = set(nodes)
+                old_in.replace_all_uses_with(prev_out, delete_user_cb=lambda u: u in members)
+            current_in[source] = prev_out
+            slot = _Slot(source, originals[source], nodes, local(block.stream_out))
+            last_node = nodes[-1]
+        else:
+            env = {current_in[source]: prev_out}
+            copies = []
+            cursor = last_node
+            for node in block_nodes[source]:
+                with graph.inserting_after(cursor):
+                    new = graph.node_copy(node, lambda a: env.get(a, a))
+                env[node] = new
+                copies.append(new)
+                cursor = new
+            module = copy.deepcopy(originals[source])
+            slot = _Slot(source, module, copies, env[local(block.stream_out)], new=True)
+            last_node = cursor
+        slots.append(slot)
+        prev_out = slot.out
+    final_out = local(blocks[-1].stream_out)
+    if final_out is not prev_out:
+        inside = {n for s in slots for n in s.nodes}
+        final_out.replace_all_uses_with(prev_out, delete_user_cb=lambda u: u not in inside)
+
+    made = []
+    for position, slot in enumerate(slots):
+        if not slot.new:
+            continue
+        block = blocks[slot.source]
+        name = stack.child(position)
+        for end in block.branch_ends:
+            weight = slot.module.get_parameter(_relative(block.path, end.weight))
+            _set(slot.module, _relative(block.path, end.weight),
+                 _cancelling(res, end.weight, weight.detach(), f"{name}:{end.weight}"))
+            if end.bias:
+                bias = slot.module.get_parameter(_relative(block.path, end.bias))
+                _set(slot.module, _relative(block.path, end.bias), torch.zeros_like(bias))
+        if stack.kind == "post_ln":
+            _post_ln(slots, position, blocks)
+        made.append(NewBlock(stack.name, position, slot.source, name))
+    if stack.kind == "post_ln" and made:
+        notes.append(f"{stack.name}: Post-LN new blocks are exact only up to the norms' eps")
+    _rename(gm, stack, slots, blocks)
+    return made
+
+
+def _post_ln(slots: list[_Slot], position: int, blocks: list[Block]) -> None:
+    """Identity last norm on the block before; its gamma/beta move to the new block."""
+    before = slots[position - 1]
+    before_block = blocks[before.source]
+    last = _norm_params(before.module, before_block.path, before_block.spine_norms[-1])
+    gamma, beta = _make_identity(last)
+    new = slots[position]
+    block = blocks[new.source]
+    norms = [_norm_params(new.module, block.path, n) for n in block.spine_norms]
+    for norm in norms:
+        _make_identity(norm)
+    with torch.no_grad():
+        if gamma is not None:
+            norms[-1].weight.copy_(gamma)
+        if beta is not None:
+            norms[-1].bias.copy_(beta)
+
+
+def _rename(gm: torch.fx.GraphModule, stack: BlockStack, slots: list[_Slot],
+            blocks: list[Block]) -> None:
+    """Number blocks 0..L_T-1 in execution order under the container's naming."""
+    container = nn.Module()
+    for position, slot in enumerate(slots):
+        container.add_module(f"{stack.child_prefix}{position}", slot.module)
+        old, new = blocks[slot.source].path, stack.child(position)
+        for node in slot.nodes:
+            if node.op in ("call_module", "get_attr"):
+                target = str(node.target)
+                if target == old or target.startswith(old + "."):
+                    node.target = new + target[len(old):]
+            stack_meta = node.meta.get("nn_module_stack")
+            if stack_meta:
+                node.meta["nn_module_stack"] = type(stack_meta)(
+                    (_renamed(k, old, new), (_renamed(p, old, new), c))
+                    for k, (p, c) in stack_meta.items())
+    parent_name, _, attr = stack.name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, container)
+
+
+def _renamed(path: str, old: str, new: str) -> str:
+    if path == old or path.startswith(old + "."):
+        return new + path[len(old):]
+    return path
+
+
+def deepen(gm: torch.fx.GraphModule, growths: list[StackGrowth], res: Resolution
+           ) -> tuple[PassResult, list[NewBlock], list[str]]:
+    """Grow every stack of ``growths`` in ``gm`` (a private, already widened copy)."""
+    made: list[NewBlock] = []
+    notes: list[str] = []
+    for growth in growths:
+        made += _grow_stack(gm, growth, res, notes)
+    gm.graph.lint()
+    gm.recompile()
+    rewrites = [f"new block {b.name} from {b.stack}.{b.source}" for b in made]
+    return PassResult(gm, bool(made), rewrites), made, notes
