@@ -29,7 +29,7 @@ from torch import nn
 
 from lemon_fx.analysis import AxisUse
 from lemon_fx.depth_plan import StackGrowth
-from lemon_fx.expansion import LeafGrowth, split_lemon
+from lemon_fx.expansion import LeafGrowth, source_size, split_lemon
 from lemon_fx.resolution import Resolution
 from lemon_fx.stacks import Block, BlockStack
 from passes.result import PassResult
@@ -74,8 +74,7 @@ def _cancelling(res: Resolution, weight: str, grown: torch.Tensor, name: str) ->
         return torch.zeros_like(grown)
     axis, growth = _fan_in_growth(res, weight)
     source_shape = list(grown.shape)
-    source_shape[axis] = res.analysis.param_dims[res.analysis.canonical(weight)][axis]
-    source_shape[axis] = res.analysis.dims.size(source_shape[axis])
+    source_shape[axis] = source_size(growth)
     fan_in = 1
     for s in grown.shape[1:]:
         fan_in *= s
@@ -133,7 +132,7 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
     prev_out = local(blocks[0].stream_in)
     last_node = block_nodes[0][0].prev
     graph = gm.graph
-    for position, source in enumerate(growth.order):
+    for source in growth.order:
         block = blocks[source]
         if source not in seen:
             seen.add(source)
@@ -141,7 +140,8 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
             old_in = local(block.stream_in)
             if old_in is not prev_out:
                 members = set(nodes)
-                old_in.replace_all_uses_with(prev_out, delete_user_cb=lambda u: u in members)
+                old_in.replace_all_uses_with(
+                    prev_out, delete_user_cb=lambda u, members=members: u in members)
             current_in[source] = prev_out
             slot = _Slot(source, originals[source], nodes, local(block.stream_out))
             last_node = nodes[-1]
@@ -151,7 +151,7 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
             cursor = last_node
             for node in block_nodes[source]:
                 with graph.inserting_after(cursor):
-                    new = graph.node_copy(node, lambda a: env.get(a, a))
+                    new = graph.node_copy(node, lambda a, env=env: env.get(a, a))
                 env[node] = new
                 copies.append(new)
                 cursor = new
