@@ -1,0 +1,268 @@
+"""Depth growth: new blocks compute the identity, learn, and land where the plan says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from zoo import ZOO
+
+import lemon_fx
+from lemon_fx import NotLosslessError, Plan, PlanError, UnsupportedOpError
+
+WHOLE_MULTIPLE_STREAM = {"post_ln_encoder", "mlp_mixer", "layer_scale_vit"}
+
+
+def _traced(name: str):
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    model = entry.build().double().eval()
+    gm = lemon_fx.trace(model, entry.example_inputs(torch.Generator().manual_seed(0)))
+    return entry, model, gm
+
+
+def _assert_lossless(model, big, entry, atol: float = 1e-10) -> None:
+    fresh = entry.example_inputs(torch.Generator().manual_seed(11))
+    want = model(*fresh)
+    torch.testing.assert_close(big(*fresh), want, rtol=0,
+                               atol=atol * (1 + want.abs().max().item()))
+
+
+def _stack(gm) -> lemon_fx.BlockStack:
+    (stack,) = lemon_fx.inspect(gm).stacks
+    return stack
+
+
+@pytest.mark.parametrize("target", ["L+1", "2L", "3L", "2L+1"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_depth_alone_is_lossless(name, target):
+    entry, model, gm = _traced(name)
+    stack = _stack(gm)
+    count = {"L+1": stack.count + 1, "2L": 2 * stack.count, "3L": 3 * stack.count,
+             "2L+1": 2 * stack.count + 1}[target]
+    plan = Plan(depth={stack.name: count}, allow_inexact=stack.kind == "post_ln")
+    big = lemon_fx.grow(gm, plan)
+    assert _stack(big).count == count
+    atol = 1e-10 if stack.kind != "post_ln" else 1e-9  # eps = 1e-12 in that zoo model
+    _assert_lossless(model, big, entry, atol=atol)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_width_and_depth_together(name):
+    entry, model, gm = _traced(name)
+    stack = _stack(gm)
+    width = 2.0 if name in WHOLE_MULTIPLE_STREAM else 1.5
+    plan = Plan(width=width, depth=2.0, seed=7, allow_inexact=stack.kind == "post_ln")
+    big = lemon_fx.grow(gm, plan)
+    assert _stack(big).count == 2 * stack.count
+    residual = [g for g in lemon_fx.inspect(big).groups if g.role == "residual"]
+    assert residual and all(g.size == int(32 * width) for g in residual)
+    _assert_lossless(model, big, entry, atol=1e-10 if stack.kind != "post_ln" else 1e-9)
+
+
+def test_width_and_depth_through_onnxruntime(tmp_path):
+    entry, model, gm = _traced("gpt")
+    big = lemon_fx.grow(gm, Plan(width=1.5, depth={"blocks": 5}))
+    fresh = entry.example_inputs(torch.Generator().manual_seed(3))
+    report = lemon_fx.verify(gm, big, fresh, onnx=str(tmp_path / "big.onnx"), rtol=1e-10,
+                             atol=1e-10)
+    assert report.ok and report.onnx_max_rel_error <= 1e-5
+
+
+def test_new_blocks_cancel_exactly_but_are_not_zero():
+    entry, model, gm = _traced("gpt")
+    big = lemon_fx.grow(gm, Plan(width=2.0, depth=2.0, seed=1))
+    new = lemon_fx.growth_report(big).new_blocks
+    assert [(b.position, b.source) for b in new] == [(1, 0), (3, 1)]
+    for b in new:
+        fc2 = big.get_submodule(f"{b.name}.mlp.fc2")
+        assert fc2.weight.abs().max() > 0.01
+        assert torch.equal(fc2.bias, torch.zeros_like(fc2.bias))
+        # copies of each duplicated hidden unit cancel: W[:, j] + W[:, j + S] = 0
+        hidden = fc2.weight.shape[1] // 2
+        torch.testing.assert_close(fc2.weight[:, :hidden] + fc2.weight[:, hidden:],
+                                   torch.zeros_like(fc2.weight[:, :hidden]), rtol=0,
+                                   atol=1e-15)
+
+
+def test_depth_alone_sets_the_branch_ends_to_zero():
+    """With no duplicated unit there is nothing to cancel: LEMON's projection is 0."""
+    entry, model, gm = _traced("gpt")
+    big = lemon_fx.grow(gm, Plan(depth=2.0))
+    fc2 = big.get_submodule("blocks.1.mlp.fc2")
+    assert torch.equal(fc2.weight, torch.zeros_like(fc2.weight))
+
+
+def _one_step_moved(big, entry) -> dict[str, bool]:
+    big = big.train()
+    for m in big.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    before = {k: v.detach().clone() for k, v in big.named_parameters()}
+    optimizer = torch.optim.SGD(big.parameters(), lr=0.1)
+    inputs = entry.example_inputs(torch.Generator().manual_seed(5))
+    logits = big(*inputs)
+    target = torch.randint(0, logits.shape[-1], logits.shape[:-1],
+                           generator=torch.Generator().manual_seed(6))
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+    loss.backward()
+    optimizer.step()
+    return {k: not torch.equal(v, before[k]) for k, v in big.named_parameters()}
+
+
+def _new_block_params(big) -> list[str]:
+    names = [b.name + "." for b in lemon_fx.growth_report(big).new_blocks]
+    return [k for k, _ in big.named_parameters() if any(k.startswith(n) for n in names)]
+
+
+@pytest.mark.parametrize("name", ["gpt", "vit", "mha", "fused_qkv_reshape"])
+def test_every_parameter_of_every_new_block_learns_with_lemon(name):
+    entry, model, gm = _traced(name)
+    big = lemon_fx.grow(gm, Plan(width=2.0, depth=2.0, seed=2))
+    moved = _one_step_moved(big, entry)
+    params = _new_block_params(big)
+    assert params
+    # a parameter whose gradient is zero in every block by construction (attention's key
+    # bias: softmax ignores a shift shared by a whole row) cannot move in a new block either
+    report = lemon_fx.growth_report(big)
+    new = {b.position for b in report.new_blocks}
+    total = len(new) + len([p for p in range(64) if f"blocks.{p}." in " ".join(moved)
+                            and p not in new])
+    originals = [p for p in range(total) if p not in new]
+    source_of = {b.name: f"blocks.{originals[b.source]}" for b in report.new_blocks}
+    stuck = []
+    for k in params:
+        block = ".".join(k.split(".")[:2])
+        twin = source_of[block] + k[len(block):]
+        if not moved[k] and moved[twin]:
+            stuck.append(k)
+    assert not stuck, stuck
+
+
+def test_net2net_new_blocks_only_train_their_last_layers_at_first():
+    """Zero-initialised branch ends give every earlier weight of the block a zero gradient."""
+    entry, model, gm = _traced("gpt")
+    big = lemon_fx.grow(gm, Plan(width=2.0, depth=2.0, method="net2net"))
+    moved = _one_step_moved(big, entry)
+    frozen = sorted(k for k in _new_block_params(big) if not moved[k])
+    learning = sorted(k for k in _new_block_params(big) if moved[k])
+    assert all(k.endswith(("mlp.fc2.weight", "mlp.fc2.bias", "attn.proj.weight",
+                           "attn.proj.bias")) for k in learning), learning
+    assert any(k.endswith("mlp.fc1.weight") for k in frozen)
+    assert any(k.endswith("ln_1.weight") for k in frozen)
+
+
+class _PostLN(nn.Module):
+    def __init__(self, eps: float, depth: int = 2, dim: int = 16):
+        super().__init__()
+        self.inp = nn.Linear(4, dim)
+        self.layers = nn.ModuleList(_PostLNBlock(dim, eps) for _ in range(depth))
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(x)
+
+
+class _PostLNBlock(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        return self.norm(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def _post_ln_error(eps: float) -> float:
+    torch.manual_seed(0)
+    model = _PostLN(eps).double().eval()
+    gm = lemon_fx.trace(model, (torch.randn(8, 4, dtype=torch.float64),))
+    big = lemon_fx.grow(gm, Plan(depth=2.0, width=2.0, allow_inexact=True))
+    report = lemon_fx.growth_report(big)
+    assert any("eps" in note for note in report.notes)
+    return report.measured_error
+
+
+def test_post_ln_error_is_of_the_order_of_eps():
+    errors = {eps: _post_ln_error(eps) for eps in (1e-3, 1e-5, 1e-7)}
+    for eps, error in errors.items():
+        # bound: each identity norm rescales a unit-variance input by 1/sqrt(1 + eps)
+        assert error <= 10 * eps, (eps, error)
+    assert errors[1e-3] > 1e-6  # the construction really is inexact...
+    assert 30 < errors[1e-3] / errors[1e-5] < 300  # ...and the error follows eps
+
+
+def test_post_ln_needs_allow_inexact():
+    model = _PostLN(1e-5).double()
+    gm = lemon_fx.trace(model, (torch.randn(8, 4, dtype=torch.float64),))
+    with pytest.raises(NotLosslessError) as info:
+        lemon_fx.grow(gm, Plan(depth=2.0))
+    assert "allow_inexact=True" in info.value.problems[0].fix
+
+
+def test_post_ln_at_a_non_multiple_width_is_refused_with_the_fix():
+    model = _PostLN(1e-5).double()
+    gm = lemon_fx.trace(model, (torch.randn(8, 4, dtype=torch.float64),))
+    with pytest.raises(NotLosslessError) as info:
+        lemon_fx.grow(gm, Plan(width=1.5, depth=2.0, allow_inexact=True))
+    assert "whole multiple" in str(info.value)
+
+
+def test_placements():
+    entry, model, gm = _traced("gpt")
+    for placement, count, expected in [
+        ("interleave", 3, [(2, 1)]),
+        ("interleave", 7, [(1, 0), (2, 0), (4, 1), (5, 1), (6, 1)]),
+        ("stack", 5, [(2, 0), (3, 1), (4, 0)]),
+        ((1, 0, 0, 1), 4, None),
+        ((0, 1, 1, 0), 4, [(2, 1), (3, 0)]),
+        ((0, 0, 1, 1, 1), 5, [(1, 0), (3, 1), (4, 1)]),
+    ]:
+        if expected is None:
+            with pytest.raises(PlanError, match="first occurrences"):
+                lemon_fx.grow(gm, Plan(depth={"blocks": count}, placement=placement))
+            continue
+        big = lemon_fx.grow(gm, Plan(depth={"blocks": count}, placement=placement))
+        new = [(b.position, b.source) for b in lemon_fx.growth_report(big).new_blocks]
+        assert new == expected, placement
+        _assert_lossless(model, big, entry)
+
+
+def test_depth_plan_errors_name_the_stacks():
+    entry, model, gm = _traced("gpt")
+    with pytest.raises(PlanError, match="(?s)no block stack named .layers.*the stacks are: blocks"):
+        lemon_fx.grow(gm, Plan(depth={"layers": 4}))
+    with pytest.raises(PlanError, match="would shrink from 2 to 1 blocks"):
+        lemon_fx.grow(gm, Plan(depth={"blocks": 1}))
+    with pytest.raises(PlanError, match="placement lists 3 blocks"):
+        lemon_fx.grow(gm, Plan(depth={"blocks": 4}, placement=(0, 1, 1)))
+
+
+class _Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_plain_stack_is_listed_and_refused():
+    gm = lemon_fx.trace(_Plain(), (torch.randn(2, 8),))
+    (stack,) = lemon_fx.inspect(gm).stacks
+    assert (stack.name, stack.count, stack.kind) == ("layers", 2, "plain")
+    with pytest.raises(UnsupportedOpError, match="cannot grow in depth"):
+        lemon_fx.grow(gm, Plan(depth=2.0))
+
+
+def test_inspect_lists_stacks_in_its_table():
+    entry, model, gm = _traced("post_ln_encoder")
+    assert "layers: 2 x post_ln" in str(lemon_fx.inspect(gm))
