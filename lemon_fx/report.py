@@ -41,6 +41,8 @@ class InspectReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         out = [f"width groups ({len(self.groups)}), {self.parameters:,} parameters", *lines]
         for g in self.groups:
+            if g.role == "head_dim":
+                continue  # LEMON keeps head_dim; the reason is always the attention scale
             for why in g.blocked_by[:3]:
                 out.append(f"  {g.name} blocked by {why}")
         if self.stacks:

@@ -41,3 +41,15 @@ def test_inspect_table_in_readme_is_what_inspect_prints():
     table = str(lemon_fx.inspect(gm)).split("\n\n")[0]
     table = "\n".join(line for line in table.splitlines() if " blocked by " not in line)
     assert table in README.read_text()
+
+
+def test_width_and_depth_example_in_readme_is_what_it_prints():
+    from zoo import GPT
+
+    torch.manual_seed(0)
+    gm = lemon_fx.trace(GPT(), (torch.randint(0, 50, (2, 8)),))
+    namespace = {"gm": gm, "lemon_fx": lemon_fx}
+    example = next(b for b in _python_blocks() if "depth=" in b)
+    big = eval(example.splitlines()[0].split("=", 1)[1].strip(), namespace)
+    printed = f"{lemon_fx.inspect(big)}\n{lemon_fx.growth_report(big)}"
+    assert printed in README.read_text()
