@@ -381,6 +381,8 @@ def analyze_width(gm: torch.fx.GraphModule, registry: Registry | None = None) ->
             rule = registry.lookup(node, gm) or unknown
             analysis.rules[node] = rule
             rule.analyze(node, NodeAnalysis(analysis, node, rule))
+    for rule in {id(r): r for r in analysis.rules.values()}.values():
+        rule.finalize(analysis)
     _claim_unclaimed_module_params(analysis)
     for node in gm.graph.nodes:
         if node.op == "placeholder":

@@ -42,7 +42,7 @@ class GrowthReport:
     def __str__(self) -> str:
         lines = [f"plan: {self.plan.to_dict()}"]
         for b in self.new_blocks:
-            lines.append(f"new block {b.name} <- copy of {b.stack}.{b.source} (cancelling "
+            lines.append(f"new block {b.name} <- copy of {b.source_name} (cancelling "
                          "branches)")
         lines += [f"note: {n}" for n in self.notes]
         if self.measured_error is not None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch.fx
 
 if TYPE_CHECKING:
-    from lemon_fx.analysis import NodeAnalysis
+    from lemon_fx.analysis import NodeAnalysis, WidthAnalysis
     from lemon_fx.rewrite_context import NodeRewrite
 
 __all__ = ["Rule"]
@@ -33,6 +33,10 @@ class Rule:
 
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
         """Rewrite literals and module attributes; most elementwise rules need nothing."""
+
+    def finalize(self, analysis: WidthAnalysis) -> None:
+        """Called once after every node was analyzed: for facts that span several nodes
+        (a weight tied between an embedding and the LM head)."""
 
     @property
     def name(self) -> str:

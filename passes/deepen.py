@@ -43,6 +43,7 @@ class NewBlock:
     position: int
     source: int
     name: str
+    source_name: str  # the source block's name in the source model
 
 
 @dataclass
@@ -180,7 +181,7 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
                 _set(slot.module, _relative(block.path, end.bias), torch.zeros_like(bias))
         if stack.kind == "post_ln":
             _post_ln(slots, position, blocks)
-        made.append(NewBlock(stack.name, position, slot.source, name))
+        made.append(NewBlock(stack.name, position, slot.source, name, block.path))
     if stack.kind == "post_ln" and made:
         notes.append(f"{stack.name}: Post-LN new blocks are exact only up to the norms' eps")
     _rename(gm, stack, slots, blocks)
@@ -242,5 +243,5 @@ def deepen(gm: torch.fx.GraphModule, growths: list[StackGrowth], res: Resolution
         made += _grow_stack(gm, growth, res, notes)
     gm.graph.lint()
     gm.recompile()
-    rewrites = [f"new block {b.name} from {b.stack}.{b.source}" for b in made]
+    rewrites = [f"new block {b.name} from {b.source_name}" for b in made]
     return PassResult(gm, bool(made), rewrites), made, notes

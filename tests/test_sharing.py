@@ -47,7 +47,37 @@ def test_a_module_called_twice_grows_once_and_stays_lossless(width):
     torch.testing.assert_close(big(x), net(x), rtol=0, atol=1e-12)
 
 
-def test_a_tied_lm_head_is_refused_with_both_users_named():
+class _TiedWithFinalNorm(_TiedHead):
+    def __init__(self):
+        super().__init__()
+        self.ln_f = nn.LayerNorm(8)
+        with torch.no_grad():
+            self.ln_f.weight.uniform_(0.5, 1.5)
+            self.ln_f.bias.normal_()
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc(self.ln(h))
+        return self.head(self.ln_f(h))
+
+
+@pytest.mark.parametrize("width", [2.0, 3.0, 1.5, 2.5])
+def test_a_tied_lm_head_grows_with_lemons_1_over_k_rule(width):
+    torch.manual_seed(0)
+    net = _TiedWithFinalNorm().double()
+    gm = lemon_fx.trace(net, (torch.randint(0, 20, (2, 5)),))
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=width))
+    assert big.head.weight is big.emb.weight
+    k = int(8 * width) // 8
+    eta = (k * 8 / int(8 * width)) ** 0.5
+    torch.testing.assert_close(big.ln_f.bias[:8], net.ln_f.bias / k, rtol=0, atol=1e-15)
+    torch.testing.assert_close(big.ln_f.weight[:8], eta * net.ln_f.weight / k, rtol=0,
+                               atol=1e-15)
+    ids = torch.randint(0, 20, (3, 7))
+    torch.testing.assert_close(big(ids), net(ids), rtol=0, atol=1e-12)
+
+
+def test_a_tied_lm_head_without_a_final_norm_is_refused_with_both_users_named():
     gm = lemon_fx.trace(_TiedHead().double(), (torch.randint(0, 20, (2, 5)),))
     with pytest.raises(lemon_fx.NotLosslessError) as info:
         lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))

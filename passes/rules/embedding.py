@@ -5,6 +5,13 @@ weight's column axis, so the columns are expanded in the output's form (``W' = W
 row by row: each looked-up row is ``E W[id]``). The vocabulary axis is indexed by the
 input's values and never grows.
 
+Tied LM head (LEMON, "Tied weights"). When the head ``logits = W h`` shares ``W`` with
+the embedding, its columns cannot be split: they are the embedding's expanded columns,
+``W' = W E^T``. The head's input is a norm's output, in the zero form ``E_z h``, and
+``E^T E_z = k I`` for every form (the tiles meet the tiles, the extras meet zeros), so the
+logits come out ``k`` times too large; dividing that final norm's ``gamma`` and ``beta``
+by ``k`` makes them exact. Refused when the head does not read a norm used by it alone.
+
 Refuses: ``max_norm`` when the width grows (renormalization depends on the row norm,
 which the expansion changes).
 """
@@ -16,7 +23,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lemon_fx.analysis import AxisUse, NodeAnalysis
+from lemon_fx.analysis import AxisUse, Claim, NodeAnalysis, WidthAnalysis
 from lemon_fx.registry import Registry
 from lemon_fx.rewrite_context import NodeRewrite
 from lemon_fx.rule import Rule
@@ -51,9 +58,47 @@ class EmbeddingRule(Rule):
             ctx.forbid_growth(out[-1], "max_norm renormalizes rows by their norm",
                               "drop max_norm, or keep this width fixed", kind="not_lossless")
 
+    def finalize(self, analysis: WidthAnalysis) -> None:
+        for name, claims in analysis.claims.items():
+            mine = [c for c in claims if analysis.rules.get(c.node) is self]
+            heads = [c for c in claims if c not in mine and len(c.axes) > 1
+                     and isinstance(c.axes[1], AxisUse) and c.axes[1].kind == "split"]
+            if not mine or not heads:
+                continue
+            for head in heads:
+                norm = _final_norm(analysis, head.node)
+                if norm is None:
+                    continue  # resolution reports the conflicting claims
+                head.axes = (head.axes[0], mine[0].axes[1])
+                dim = analysis.param_dims[name][1]
+                for claim in _norm_claims(analysis, norm):
+                    claim.transform = _divided_by_k(claim.transform, dim)
+
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
         if ctx.module is not None:
             ctx.set_attr("embedding_dim", ctx.grown(ctx.param_dims(ctx.param("weight"))[1]))
+
+
+def _final_norm(analysis: WidthAnalysis, head: torch.fx.Node) -> torch.fx.Node | None:
+    """The norm whose output only the tied head reads, if there is one."""
+    x = head.args[0]
+    if not isinstance(x, torch.fx.Node) or len(x.users) != 1:
+        return None
+    rule = analysis.rules.get(x)
+    return x if rule is not None and type(rule).__name__ in ("LayerNormRule",
+                                                             "RMSNormRule") else None
+
+
+def _norm_claims(analysis: WidthAnalysis, norm: torch.fx.Node) -> list[Claim]:
+    return [c for claims in analysis.claims.values() for c in claims if c.node is norm]
+
+
+def _divided_by_k(transform, dim: int):
+    def scaled(original: torch.Tensor, generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
+        grown = transform(original, generic, ctx) if transform is not None else generic
+        return grown / ctx.leaf_growth(dim).k
+
+    return scaled
 
 
 def register_rules(registry: Registry) -> None:
