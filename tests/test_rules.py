@@ -82,6 +82,25 @@ def _swap_pieces(pieces):
     return torch.cat([b, a], dim=-1)
 
 
+class _GQA(nn.Module):
+    """4 query heads over 2 kv heads of width 2: q is D wide, k and v D/2."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, D)
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D // 2), nn.Linear(D, D // 2)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, 4, 2).transpose(1, 2)
+        k = self.k(x).view(B, T, 2, 2).transpose(1, 2)
+        v = self.v(x).view(B, T, 2, 2).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
 def _manual(q, k, v):
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     return torch.matmul(att.softmax(dim=-1), v)
@@ -215,6 +234,7 @@ SPECS = [
     Spec("matmul manual attention", lambda: _Heads(_manual)),
     Spec("sdpa causal", lambda: _Heads(lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, is_causal=True))),
+    Spec("sdpa enable_gqa", _GQA),
     Spec("bmm", lambda: _Heads(lambda q, k, v: torch.bmm(q.flatten(0, 1), k.flatten(0, 1)
                                                        .transpose(1, 2)).softmax(-1).view(
         q.shape[0], q.shape[1], 5, 5) @ v)),

@@ -103,12 +103,17 @@ class SDPARule(Rule):
                           "1/sqrt(head_dim) depends on it", HEAD_DIM_FIX, kind="not_lossless")
         ctx.forbid_growth(kd[-2], "attention sums over the keys", "keep the sequence fixed",
                           kind="not_lossless")
-        if ctx.arg(7, "enable_gqa", False) and ctx.shape(q)[-3] != ctx.shape(k)[-3]:
-            ctx.forbid_growth(qd[:-2] + kd[:-2], "grouped-query attention through "
-                              "enable_gqa", "keep the heads fixed (GQA growth comes with "
-                              "the kv_heads rule)")
-            return
-        _batch_axes(ctx, [q, k, v], node, core=2)
+        if ctx.value(ctx.arg(7, "enable_gqa", False)) and ctx.shape(q)[-3] != ctx.shape(k)[-3]:
+            # query head h reads kv head h // g: the query heads are [kv_heads, g], g inner
+            group = ctx.new_dim(ctx.shape(q)[-3] // ctx.shape(k)[-3])
+            ctx.fix(group, "query heads per kv head (enable_gqa)")
+            ctx.factor(qd[-3], [kd[-3], group])
+            ctx.unify(kd[-3], vd[-3])
+            ctx.hint(kd[-3], "kv")
+            _batch_axes(ctx, [q], node, core=2)
+            _batch_axes(ctx, [k, v], k, core=2)
+        else:
+            _batch_axes(ctx, [q, k, v], node, core=2)
         mask = ctx.arg(3, "attn_mask")
         if ctx.is_tensor(mask):
             m_dims, m_shape = ctx.dims(mask), ctx.shape(mask)
