@@ -128,6 +128,10 @@ class NodeRewrite:
         key: int | str = index if len(self.node.args) > index else name
         self._edits.args.append((self.node.name, key, value))
 
+    def set_arg_of(self, node: torch.fx.Node, index: int, value: Any) -> None:
+        """Replace an argument of another node of the same pattern (a decomposed norm)."""
+        self._edits.args.append((node.name, index, value))
+
     def set_attr(self, attr: str, value: Any) -> None:
         self._edits.attrs.append((self.node.target, attr, value))
 

@@ -77,6 +77,19 @@ class ActivationRule(Rule):
                              + (" (or zero)" if self.zero_at_zero else ""))
 
 
+class PowRule(Rule):
+    """``x ** p`` for a number ``p``: circ, or zero too when ``p > 0`` (``0 ** p = 0``)."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        base, exponent = node.args[0], ctx.arg(1, "exponent")
+        if not ctx.is_tensor(base) or ctx.is_tensor(exponent):
+            ctx.forbid_growth([d for a in (base, exponent, node) if ctx.is_tensor(a)
+                               for d in ctx.dims(a)], "a power with a tensor exponent",
+                              "use a number as the exponent")
+            return
+        ActivationRule(zero_at_zero=ctx.value(exponent) > 0).analyze(node, ctx)
+
+
 class _BinaryRule(Rule):
     """Broadcasting binary op; subclasses say which forms shared grown axes allow."""
 
@@ -205,7 +218,8 @@ def register_rules(registry: Registry) -> None:
     for method in ("gelu", "silu"):
         zero_ops.append(method)
     registry.add(with_zero, zero_ops)
-    registry.add(without_zero, other_ops + ["reciprocal", "pow", operator.pow, torch.pow])
+    registry.add(without_zero, other_ops + ["reciprocal"])
+    registry.add(PowRule(), ["pow", operator.pow, torch.pow])
     registry.add(AdditiveRule(), [
         operator.add, operator.sub, operator.neg, operator.iadd, operator.isub, torch.add,
         torch.sub, torch.subtract, torch.neg, "add", "sub", "neg", "add_", "sub_", torch.rsub,

@@ -27,6 +27,7 @@ from lemon_fx.analysis import AxisUse, Claim, NodeAnalysis, WidthAnalysis
 from lemon_fx.registry import Registry
 from lemon_fx.rewrite_context import NodeRewrite
 from lemon_fx.rule import Rule
+from passes.rules.norm import DecomposedRMSNorm, _FeatureNormRule
 
 __all__ = ["EmbeddingRule", "register_rules"]
 
@@ -80,13 +81,19 @@ class EmbeddingRule(Rule):
 
 
 def _final_norm(analysis: WidthAnalysis, head: torch.fx.Node) -> torch.fx.Node | None:
-    """The norm whose output only the tied head reads, if there is one."""
+    """The node holding the claims of the norm that only the tied head reads, if any:
+    the norm itself, or the ``mean`` of a decomposed RMSNorm."""
     x = head.args[0]
     if not isinstance(x, torch.fx.Node) or len(x.users) != 1:
         return None
-    rule = analysis.rules.get(x)
-    return x if rule is not None and type(rule).__name__ in ("LayerNormRule",
-                                                             "RMSNormRule") else None
+    if isinstance(analysis.rules.get(x), _FeatureNormRule):
+        return x
+    for node in analysis.rules:
+        if node.target in ("mean", torch.mean):
+            rms = DecomposedRMSNorm.match(node)
+            if rms is not None and rms.output is x and rms.weight is not None:
+                return node
+    return None
 
 
 def _norm_claims(analysis: WidthAnalysis, norm: torch.fx.Node) -> list[Claim]:

@@ -13,12 +13,20 @@ RMSNorm over a **zero**-formed input: the mean square becomes ``alpha * ms``; wi
 ``eps' = alpha * eps`` and ``gamma' = eta * [gamma tiled, r free]`` the output is the zero
 form of ``RMSNorm(x)``. (The algebra of LEMON's LayerNorm rule; checked numerically.)
 
+The decomposed RMSNorm of Hugging Face LLaMA, ``w * (x * rsqrt(mean(x ** 2) + eps))``,
+is the same rule spread over six nodes; ``DecomposedRMSNorm`` recognizes it from its
+``mean`` node (the mean of a zero-form square is ``alpha`` times the source's), rewrites
+the ``eps`` literal to ``alpha * eps`` and scales ``w`` by ``eta``.
+
 For whole multiples (``r = 0``) every form is plain tiling and ``alpha = eta = 1``.
 Refuses: normalization over several axes when one of them grows; a normalized axis that
 is not a single width group at a non-multiple width (the forms conflict).
 """
 
 from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -31,7 +39,7 @@ from lemon_fx.registry import Registry
 from lemon_fx.rewrite_context import NodeRewrite
 from lemon_fx.rule import Rule
 
-__all__ = ["LayerNormRule", "RMSNormRule", "register_rules"]
+__all__ = ["DecomposedRMSNorm", "LayerNormRule", "RMSNormRule", "register_rules"]
 
 
 def _scaled_gamma(dim: int):
@@ -162,6 +170,81 @@ class RMSNormRule(_FeatureNormRule):
     functional_params = ((2, "weight", "gamma"),)
     eps_index = 3
     default_eps = None
+
+
+_SQUARES = {"pow", torch.pow, operator.pow}
+_MULS = {"mul", torch.mul, operator.mul}
+_ADDS = {"add", torch.add, operator.add}
+_RSQRTS = {"rsqrt", torch.rsqrt}
+_CASTS = {"to", "float", "type_as", "type"}
+
+
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
+    while node.op == "call_method" and node.target in _CASTS and len(node.users) == 1:
+        node = next(iter(node.users))
+    return node
+
+
+@dataclass
+class DecomposedRMSNorm:
+    """``w * (x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps))``, found from its mean."""
+
+    x: torch.fx.Node
+    mean: torch.fx.Node
+    eps_add: torch.fx.Node
+    weight: torch.fx.Node | None  # the get_attr of w, if the norm has one
+    output: torch.fx.Node
+
+    @classmethod
+    def match(cls, mean: torch.fx.Node) -> DecomposedRMSNorm | None:
+        square = mean.args[0]
+        if not (isinstance(square, torch.fx.Node) and square.target in _SQUARES
+                and len(square.args) > 1 and square.args[1] == 2):
+            return None
+        x = square.args[0]
+        add = _only_user(mean)
+        if add is None or add.target not in _ADDS or not isinstance(add.args[1], (int, float)):
+            return None
+        rsqrt = _only_user(add)
+        if rsqrt is None or rsqrt.target not in _RSQRTS:
+            return None
+        scale = _only_user(rsqrt)
+        if scale is None or scale.target not in _MULS or x not in scale.args:
+            return None
+        out = _through_casts(_only_user(scale) or scale) if len(scale.users) == 1 else scale
+        weight = None
+        if out.target in _MULS and out is not scale:
+            params = [a for a in out.args[:2] if isinstance(a, torch.fx.Node)
+                      and a.op == "get_attr"]
+            weight = params[0] if params else None
+        return cls(x, mean, add, weight, out if weight is not None else scale)
+
+    def analyze(self, ctx: NodeAnalysis) -> None:
+        """Called by the mean rule in place of "a mean needs the avg form"."""
+        square = self.mean.args[0]
+        dim = ctx.dims(square)[-1]
+        ctx.hint(dim, "norm")
+        ctx.require_form(ctx.slot(square, -1), {"zero"},
+                         "a decomposed RMSNorm needs its input in the zero form")
+        if self.weight is not None:
+            ctx.claim(self.weight.target, [AxisUse("expand", ctx.slot(self.output, -1))],
+                      transform=_scaled_gamma(dim))
+
+    def rewrite(self, ctx: NodeRewrite) -> None:
+        dim = ctx.dims(self.mean.args[0])[-1]
+        if not ctx.grows(dim):
+            return
+        growth = ctx.leaf_growth(dim)
+        if growth.r and self.weight is None:
+            ctx.refuse("without a weight there is nowhere to put the factor eta = "
+                       "sqrt(alpha) that a non-multiple width needs",
+                       "give the RMSNorm a weight, or grow this width by a whole multiple")
+            return
+        ctx.set_arg_of(self.eps_add, 1, self.eps_add.args[1] * growth.alpha)
 
 
 def register_rules(registry: Registry) -> None:

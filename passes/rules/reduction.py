@@ -4,6 +4,8 @@ Maths. Along a grown axis:
 
 - ``mean`` of the avg form is exact: ``(k S mean + r mean) / T = mean``; circ and zero
   forms change it (unless ``r = 0``, where all forms are tiling and the mean is kept);
+  the mean of a square inside a decomposed RMSNorm is that norm's business
+  (``passes.rules.norm.DecomposedRMSNorm``);
 - ``sum`` scales by ``k`` (plus extras): never exact, refused;
 - ``amax``/``max`` over copies is the max: exact for circ (and any form at ``r = 0``);
 - ``softmax`` / ``log_softmax`` over a grown axis changes the normalizer: refused.
@@ -21,7 +23,9 @@ from torch import nn
 
 from lemon_fx.analysis import NodeAnalysis
 from lemon_fx.registry import Registry
+from lemon_fx.rewrite_context import NodeRewrite
 from lemon_fx.rule import Rule
+from passes.rules.norm import DecomposedRMSNorm
 
 __all__ = ["ReduceRule", "SoftmaxRule", "register_rules"]
 
@@ -45,12 +49,17 @@ class ReduceRule(Rule):
         x = node.args[0]
         rank = len(ctx.dims(x))
         axes = _reduced_axes(ctx, ctx.arg(1, "dim"), rank)
+        rms = DecomposedRMSNorm.match(node) if self.kind == "mean" and axes == [rank - 1] \
+            else None
         keep = ctx.value(ctx.arg(2, "keepdim", False))
         out = ctx.dims(node) if ctx.is_tensor(node) else []
         b = 0
         for a in range(rank):
             if a in axes:
-                self._reduced(node, ctx, x, a)
+                if rms is not None:
+                    rms.analyze(ctx)
+                else:
+                    self._reduced(node, ctx, x, a)
                 if keep:
                     b += 1
                 continue
@@ -58,6 +67,13 @@ class ReduceRule(Rule):
                 ctx.unify(ctx.dims(x)[a], out[b])
                 ctx.same_form(ctx.slot(x, a), ctx.slot(node, b))
             b += 1
+
+    def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
+        rank = len(ctx.dims(node.args[0]))
+        if self.kind == "mean" and _reduced_axes(ctx, ctx.arg(1, "dim"), rank) == [rank - 1]:
+            rms = DecomposedRMSNorm.match(node)
+            if rms is not None:
+                rms.rewrite(ctx)
 
     def _reduced(self, node, ctx: NodeAnalysis, x, axis: int) -> None:
         d = ctx.dims(x)[axis]

@@ -201,6 +201,9 @@ class ExpandRule(Rule):
             if ctx.shape(x)[axis] == ctx.shape(node)[axis + offset]:
                 ctx.unify(d, out_dims[axis + offset])
                 ctx.same_form(ctx.slot(x, axis), ctx.slot(node, axis + offset))
+            elif node.target == "expand":
+                # n broadcast copies (repeat_kv's n_rep): a count, not a width
+                ctx.fix(out_dims[axis + offset], f"an axis broadcast by '{node.name}'")
         if node.target == "expand_as":
             other = node.args[1]
             for a, b in zip(ctx.dims(other), out_dims):
