@@ -40,17 +40,19 @@ class StackGrowth:
         return new
 
 
-def interleave_order(count: int, target: int) -> list[int]:
-    extra = target - count
+def interleave_order(count: int, target: int, copyable: list[int] | None = None) -> list[int]:
+    copyable = list(range(count)) if copyable is None else copyable
+    extra, n = target - count, len(copyable)
+    copies = {c: extra // n + (1 if j >= n - extra % n else 0) for j, c in enumerate(copyable)}
     order = []
     for i in range(count):
-        copies = extra // count + (1 if i >= count - extra % count else 0)
-        order += [i] * (1 + copies)
+        order += [i] * (1 + copies.get(i, 0))
     return order
 
 
-def stack_order(count: int, target: int) -> list[int]:
-    return list(range(count)) + [j % count for j in range(target - count)]
+def stack_order(count: int, target: int, copyable: list[int] | None = None) -> list[int]:
+    copyable = list(range(count)) if copyable is None else copyable
+    return list(range(count)) + [copyable[j % len(copyable)] for j in range(target - count)]
 
 
 def _target(stack: BlockStack, value: float | int, bare: bool) -> int:
@@ -117,9 +119,17 @@ def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
             problems += _explicit(stack, plan.placement)
             order = list(plan.placement)
         elif plan.placement == "stack":
-            order = stack_order(stack.count, target)
+            order = stack_order(stack.count, target, stack.copyable)
         else:
-            order = interleave_order(stack.count, target)
+            order = interleave_order(stack.count, target, stack.copyable)
+        not_copyable = sorted({s for p, s in enumerate(order) if s in order[:p]}
+                              - set(stack.copyable))
+        if not stack.problem and not_copyable:
+            problems.append(Problem(
+                reason=f"block(s) {not_copyable} of {name!r} change the shape of the "
+                "stream (downsampling) and cannot be copied", node="placement",
+                fix=f"copy only blocks {stack.copyable}"))
+            continue
         if stack.problem:
             blocked.append(Problem(reason=f"stack {name!r} cannot grow in depth: "
                                    f"{stack.problem}", node=name, op=stack.kind,

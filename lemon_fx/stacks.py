@@ -11,6 +11,11 @@ paths the tracer recorded (``nn_module_stack``). For each block the graph gives:
 - each branch's *end*: the last layer with weights before the branch joins the stream
   (through dropout, layer scale, reshapes). Depth growth sets those layers to write zero.
 
+A ResNet block ends in ``relu(x + F(x))``: with ``F = 0`` that is ``relu(x) = x`` because
+``x``, the previous block's output, is itself a ReLU's output. So a ReLU may close the
+spine when every block ends in one. A first block that changes the shape (a stage's
+downsampling block) is kept but never copied.
+
 Kinds: ``pre_ln`` (norms only inside branches: ``x + F(norm(x))``), ``post_ln`` (the block
 ends in a norm on the stream: ``norm(x + F(x))``), ``residual`` (residual adds, no norms),
 ``plain`` (no residual add: a new block cannot be the identity, so no depth growth).
@@ -41,11 +46,16 @@ _NOT_BLOCKS = (nn.Linear, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Dropout, nn.Lay
 
 @dataclass
 class BranchEnd:
-    """The last weighted layer of a residual branch: set to write exactly zero."""
+    """The last weighted layer of a residual branch: set to write exactly zero.
+
+    ``kind`` is "linear" (a Linear/Conv/attention output: LEMON's cancelling weights) or
+    "norm" (a BatchNorm ending a ResNet branch: ``gamma = beta = 0``).
+    """
 
     node: torch.fx.Node
     weight: str
     bias: str | None
+    kind: str = "linear"
 
 
 @dataclass
@@ -57,6 +67,8 @@ class Block:
     stream_out: torch.fx.Node = field(repr=False)
     branch_ends: list[BranchEnd] = field(default_factory=list, repr=False)
     spine_norms: list[torch.fx.Node] = field(default_factory=list, repr=False)
+    spine_relu: bool = False
+    changes_shape: bool = False
     problem: str | None = None
 
 
@@ -68,6 +80,8 @@ class BlockStack:
     blocks: list[Block] = field(default_factory=list, repr=False, compare=False)
     child_prefix: str = field(default="", repr=False, compare=False)
     problem: str | None = field(default=None, repr=False, compare=False)
+    # blocks that may be copied (a downsampling first block may not)
+    copyable: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def child(self, index: int) -> str:
         """The qualified module name of block ``index``."""
@@ -127,12 +141,19 @@ def _analyze_stack(gm: torch.fx.GraphModule, stack: BlockStack) -> None:
         nodes = [n for n in gm.graph.nodes if _in_block(n, path)]
         block = _analyze_block(gm, i, path, nodes, previous_out)
         stack.blocks.append(block)
+        if i == 0 and block.changes_shape and stack.count > 1:
+            previous_out = block.stream_out  # a downsampling first block: kept, not copied
+            continue
         if block.problem:
             stack.problem = stack.problem or f"block {path}: {block.problem}"
             stack.kind = "plain" if "residual add" in block.problem else stack.kind
             return
         previous_out = block.stream_out
+        stack.copyable.append(i)
         kinds.add(_kind(gm, block))
+    if any(b.spine_relu for b in stack.blocks) and not all(
+            b.spine_relu for b in stack.blocks[1:]):
+        stack.problem = "some blocks end in a ReLU and some do not"
     stack.kind = kinds.pop() if len(kinds) == 1 else "mixed"
     if stack.kind == "plain":
         stack.problem = ("its blocks have no residual add, so a new block cannot compute "
@@ -163,8 +184,12 @@ def _analyze_block(gm, index, path, nodes, previous_out) -> Block:
     else:
         shape = _shape(block.stream_out)
         candidates = [a for a in external if _shape(a) == shape and _shape(a) is not None]
+        tensors = [a for a in external if _shape(a) is not None]
         if not candidates:
-            block.problem = "no input of the same shape as its output"
+            if len(tensors) == 1:  # a downsampling block: it starts the stack
+                block.stream_in = tensors[0]
+                block.changes_shape = True
+            block.problem = "it changes the shape of the stream"
             return block
         block.stream_in = candidates[0]
     _walk_spine(gm, block)
@@ -184,6 +209,13 @@ def _is_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _NORM_MODULES)
     return node.op == "call_function" and node.target in _NORM_FUNCTIONS
+
+
+
+def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    return node.target in (F.relu, torch.relu, "relu")
 
 
 def _passes_through(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -224,6 +256,9 @@ def _walk_spine(gm: torch.fx.GraphModule, block: Block) -> None:
         elif _is_norm(gm, node):
             block.spine_norms.insert(0, node)
             node = node.args[0]
+        elif node is block.stream_out and _is_relu(gm, node):
+            block.spine_relu = True
+            node = node.args[0]
         elif _passes_through(gm, node):
             node = node.args[0]
         else:
@@ -243,6 +278,10 @@ def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 bias = f"{node.target}.bias" if module.bias is not None else None
                 block.branch_ends.append(BranchEnd(node, f"{node.target}.weight", bias))
+                return True
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                block.branch_ends.append(BranchEnd(node, f"{node.target}.weight",
+                                                   f"{node.target}.bias", kind="norm"))
                 return True
             if isinstance(module, _PASS_THROUGH_MODULES):
                 node = node.args[0]
@@ -283,6 +322,7 @@ def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
 def _kind(gm: torch.fx.GraphModule, block: Block) -> str:
     if block.spine_norms and block.spine_norms[-1] is block.stream_out:
         return "post_ln"
-    if any(_is_norm(gm, n) for n in block.nodes):
+    if any(_is_norm(gm, n) for n in block.nodes) and not any(
+            e.kind == "norm" for e in block.branch_ends):
         return "pre_ln"
     return "residual"

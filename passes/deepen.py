@@ -14,6 +14,10 @@ block before each new block gets an identity last norm (``gamma = 1, beta = 0``)
 block takes that norm's ``gamma, beta`` on its own last norm, identity norms elsewhere on its
 stream, and zero branches.
 
+ResNet blocks ``relu(x + F(x))`` whose branch ends in a BatchNorm get that norm's
+``gamma = beta = 0`` (LEMON's choice for residual CNNs); ``relu(x) = x`` because ``x`` is
+the previous block's ReLU output.
+
 Blocks are renumbered ``0..L_T-1`` in execution order under the container's own naming.
 """
 
@@ -174,6 +178,11 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
         name = stack.child(position)
         for end in block.branch_ends:
             weight = slot.module.get_parameter(_relative(block.path, end.weight))
+            if end.kind == "norm":  # LEMON for ResNets: the branch's last BN gets 0, 0
+                _set(slot.module, _relative(block.path, end.weight), torch.zeros_like(weight))
+                bias = slot.module.get_parameter(_relative(block.path, end.bias))
+                _set(slot.module, _relative(block.path, end.bias), torch.zeros_like(bias))
+                continue
             _set(slot.module, _relative(block.path, end.weight),
                  _cancelling(res, end.weight, weight.detach(), f"{name}:{end.weight}"))
             if end.bias:

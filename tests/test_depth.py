@@ -266,3 +266,82 @@ def test_a_plain_stack_is_listed_and_refused():
 def test_inspect_lists_stacks_in_its_table():
     entry, model, gm = _traced("post_ln_encoder")
     assert "layers: 2 x post_ln" in str(lemon_fx.inspect(gm))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class _ResNet(nn.Module):
+    """torchvision's layout: stages layer1, layer2 of BasicBlocks, downsampling first."""
+
+    def __init__(self, layers=(2, 2)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.layer1 = nn.Sequential(*[_BasicBlock(8, 8) for _ in range(layers[0])])
+        self.layer2 = nn.Sequential(_BasicBlock(8, 16, 2),
+                                    *[_BasicBlock(16, 16) for _ in range(layers[1] - 1)])
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _resnet():
+    torch.manual_seed(0)
+    model = _ResNet().double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model, lemon_fx.trace(model, (torch.randn(2, 3, 8, 8, dtype=torch.float64),))
+
+
+def test_resnet_stages_are_residual_stacks_and_the_downsampling_block_is_not_copied():
+    model, gm = _resnet()
+    stacks = {s.name: s for s in lemon_fx.inspect(gm).stacks}
+    assert {n: (s.count, s.kind) for n, s in stacks.items()} == {
+        "layer1": (2, "residual"), "layer2": (2, "residual")}
+    assert stacks["layer2"].copyable == [1]
+    with pytest.raises(PlanError, match="change the shape of the stream"):
+        lemon_fx.grow(gm, Plan(depth={"layer2": 4}, placement=(0, 0, 1, 1)))
+
+
+@pytest.mark.parametrize("placement", ["interleave", "stack"])
+def test_resnet_grows_in_depth_with_zeroed_last_batchnorm(placement):
+    model, gm = _resnet()
+    big = lemon_fx.grow(gm, Plan(depth={"layer1": 4, "layer2": 3}, placement=placement))
+    assert [(s.name, s.count) for s in lemon_fx.inspect(big).stacks] == [("layer1", 4),
+                                                                         ("layer2", 3)]
+    for b in lemon_fx.growth_report(big).new_blocks:
+        bn2 = big.get_submodule(f"{b.name}.bn2")
+        assert torch.equal(bn2.weight, torch.zeros_like(bn2.weight))
+        assert torch.equal(bn2.bias, torch.zeros_like(bn2.bias))
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(big(x), model(x), rtol=0, atol=1e-12)
+    bigger = _ResNet(layers=(4, 3)).double()
+    bigger.load_state_dict(big.state_dict(), strict=True)
