@@ -48,15 +48,25 @@ class Registry:
             return self._modules
         return self._functions
 
+    def module_rule(self, cls: type) -> Rule | None:
+        """The rule of ``cls`` or of the nearest base class whose forward it still uses.
+
+        A subclass that replaces ``forward`` (timm's StdConv2d, a LayerNorm2d that permutes)
+        computes something else than its base: it gets no rule from the base.
+        """
+        for base in cls.__mro__:
+            if base in self._modules:
+                if base is cls or getattr(cls, "forward", None) is getattr(base, "forward", None):
+                    return self._modules[base]
+                return None
+        return None
+
     def has_module_rule(self, cls: type) -> bool:
-        return any(c in self._modules for c in cls.__mro__)
+        return self.module_rule(cls) is not None
 
     def lookup(self, node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
         if node.op == "call_module":
-            for cls in type(root.get_submodule(node.target)).__mro__:
-                if cls in self._modules:
-                    return self._modules[cls]
-            return None
+            return self.module_rule(type(root.get_submodule(node.target)))
         if node.op == "call_method":
             return self._methods.get(node.target)
         if node.op == "call_function":
@@ -84,6 +94,8 @@ _BUILTIN_RULE_MODULES = (
     "passes.rules.embedding",
     "passes.rules.reduction",
     "passes.rules.conv",
+    "passes.rules.channel_norm",
+    "passes.rules.pooling",
 )
 
 
