@@ -72,8 +72,6 @@ class Claim:
     node: torch.fx.Node
     # (tensor, grown by the generic rule, NodeRewrite) -> tensor; for norms' gamma/beta
     transform: Callable[..., torch.Tensor] | None = None
-    # bound of the uniform noise LEMON draws for split columns (the wide layer's init)
-    noise_bound: Callable[[tuple[int, ...]], float] | None = None
     # made for a free parameter nobody else claimed (a position table, a class token)
     default: bool = False
 
@@ -297,11 +295,10 @@ class NodeAnalysis:
         axes: list[AxisUse | None],
         *,
         transform: Callable[..., torch.Tensor] | None = None,
-        noise_bound: Callable[[tuple[int, ...]], float] | None = None,
     ) -> None:
         qualname = self._a.canonical(qualname)
         self._a.claims.setdefault(qualname, []).append(
-            Claim(qualname, tuple(axes), self.node, transform, noise_bound)
+            Claim(qualname, tuple(axes), self.node, transform)
         )
 
     # -- refusals ----------------------------------------------------------------------

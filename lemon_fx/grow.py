@@ -138,7 +138,10 @@ def _measured_error(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,
                     inputs: tuple) -> float:
     cast = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
             for x in inputs]
+    from lemon_fx.verification import flatten_outputs
+
     with torch.no_grad():
-        want = copy.deepcopy(source).double().eval()(*cast)
-        got = copy.deepcopy(grown).double().eval()(*cast)
-    return float((got - want).abs().max())
+        want = flatten_outputs(copy.deepcopy(source).double().eval()(*cast))
+        got = flatten_outputs(copy.deepcopy(grown).double().eval()(*cast))
+    return max((float((g - w).abs().max()) for (_, g), (_, w) in zip(got, want)
+                if isinstance(g, torch.Tensor)), default=0.0)

@@ -112,6 +112,8 @@ class NodeRewrite:
             shape = self.res.grown_shape(arg.args[0])
             dim = arg.args[1] if len(arg.args) > 1 else arg.kwargs.get("dim")
             return torch.Size(shape) if dim is None else shape[self.grown_value(dim)]
+        if arg.op == "call_function" and arg.target is torch.ops.aten.sym_size.int:
+            return self.res.grown_shape(arg.args[0])[arg.args[1]]
         if arg.op == "call_method" and arg.target == "dim":
             return len(self.res.grown_shape(arg.args[0]))
         if arg.op == "call_function" and arg.target is operator.getitem:

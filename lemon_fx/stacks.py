@@ -34,12 +34,20 @@ from torch import nn
 
 __all__ = ["Block", "BlockStack", "BranchEnd", "find_stacks"]
 
+aten = torch.ops.aten
 _NORM_MODULES: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
                                                      else ())
-_NORM_FUNCTIONS = {F.layer_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
-_ADDS = {operator.add, torch.add, operator.iadd, "add"}
+_NORM_FUNCTIONS = {F.layer_norm, aten.layer_norm.default} | (
+    {F.rms_norm, aten.rms_norm.default} if hasattr(F, "rms_norm") else set())
+_ADDS = {operator.add, torch.add, operator.iadd, "add", aten.add.Tensor}
 _PASS_THROUGH_MODULES = (nn.Dropout, nn.Identity)
 _PASS_THROUGH_METHODS = {"contiguous", "view", "reshape", "transpose", "permute", "flatten"}
+_PASS_THROUGH_FUNCTIONS = {F.dropout, torch.reshape, torch.transpose, torch.flatten,
+                           aten.dropout.default, aten.clone.default, aten.view.default,
+                           aten.reshape.default, aten._unsafe_view.default,
+                           aten.transpose.int, aten.permute.default}
+_MULS = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", aten.mul.Tensor,
+         aten.div.Tensor}
 _NOT_BLOCKS = (nn.Linear, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Dropout, nn.LayerNorm,
                nn.Identity, nn.Embedding, nn.Conv1d, nn.Conv2d)
 
@@ -215,7 +223,7 @@ def _is_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.ReLU)
-    return node.target in (F.relu, torch.relu, "relu")
+    return node.target in (F.relu, torch.relu, "relu", aten.relu.default)
 
 
 def _passes_through(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -223,8 +231,7 @@ def _passes_through(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         return isinstance(gm.get_submodule(node.target), _PASS_THROUGH_MODULES)
     if node.op == "call_method":
         return node.target in _PASS_THROUGH_METHODS
-    return node.op == "call_function" and node.target in (F.dropout, torch.reshape,
-                                                         torch.transpose, torch.flatten)
+    return node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS
 
 
 def _walk_spine(gm: torch.fx.GraphModule, block: Block) -> None:
@@ -294,16 +301,20 @@ def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
                 else None
             block.branch_ends.append(BranchEnd(node.args[0], f"{mha}.out_proj.weight", bias))
             return True
-        if node.op == "call_function" and node.target is F.linear and \
-                node.args[1].op == "get_attr":
+        if node.op == "call_function" and node.target in (F.linear, aten.linear.default) \
+                and node.args[1].op == "get_attr":
             bias = node.args[2].target if len(node.args) > 2 and isinstance(
                 node.args[2], torch.fx.Node) else None
             block.branch_ends.append(BranchEnd(node, node.args[1].target, bias))
             return True
+        if node.op == "call_function" and node.target in (torch.addmm, aten.addmm.default) \
+                and node.args[2].op == "get_attr":  # GPT-2's Conv1D: b + x @ W
+            bias = node.args[0].target if isinstance(node.args[0], torch.fx.Node) else None
+            block.branch_ends.append(BranchEnd(node, node.args[2].target, bias))
+            return True
         if _is_add(node):
             return all(_branch_ends(gm, block, a) for a in node.args[:2])
-        if node.op in ("call_function", "call_method") and node.target in (
-                operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+        if node.op in ("call_function", "call_method") and node.target in _MULS:
             tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)
                        and a.op != "get_attr"]
             if len(tensors) == 1:  # layer scale or a constant factor: zero stays zero

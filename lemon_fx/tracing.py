@@ -129,14 +129,67 @@ def trace(
     *,
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
+    frontend: str = "auto",
 ) -> torch.fx.GraphModule:
     """Trace ``model`` into a GraphModule with shape facts on every node.
 
     The model is deep-copied first, so tracing and the shape run never touch the user's
     module (a BatchNorm in train mode would otherwise update its running stats).
     ``leaf_modules`` are kept as single ``call_module`` nodes; ``concrete_args`` pins
-    Python-level arguments, as in ``torch.fx.symbolic_trace``.
+    Python-level arguments, as in ``torch.fx.symbolic_trace``. ``frontend``: ``"fx"``
+    (symbolic_trace), ``"export"`` (torch.export, ATen ops) or ``"auto"`` (fx, and export
+    when fx fails, e.g. for Hugging Face models).
     """
+    if frontend not in ("auto", "fx", "export"):
+        raise TraceError("unknown frontend", [Problem(reason=f"frontend={frontend!r}",
+                                                      fix="use 'auto', 'fx' or 'export'")])
+    if frontend == "export":
+        return _trace_export(model, example_inputs, example_kwargs)
+    try:
+        return _trace_fx(model, example_inputs, example_kwargs, leaf_modules, concrete_args)
+    except TraceError as fx_error:
+        if frontend == "fx" or not isinstance(fx_error.__cause__, Exception) or \
+                "example inputs" in fx_error.message:
+            raise
+        try:
+            return _trace_export(model, example_inputs, example_kwargs)
+        except TraceError as export_error:
+            raise TraceError(
+                f"neither torch.fx.symbolic_trace nor torch.export could trace "
+                f"{type(model).__name__}", list(fx_error.problems) + list(export_error.problems)
+            ) from export_error
+
+
+def _trace_export(model: nn.Module, example_inputs: Any,
+                  example_kwargs: dict[str, Any] | None) -> torch.fx.GraphModule:
+    from lemon_fx.export_frontend import export_graph
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    try:
+        gm = export_graph(model, args, kwargs)
+    except Exception as exc:  # export raises many types; all mean "could not export"
+        raise TraceError(
+            f"torch.export could not export {type(model).__name__}",
+            [Problem(reason=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                     source=_user_frame(exc),
+                     fix="see torch.export's message; pass only tensors and named forward() "
+                     "arguments as example inputs")]) from exc
+    gm.meta["lemon_fx.source_class"] = type(model)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = list(args) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    record_facts(gm, tuple(flat[: len(placeholders)]))
+    return gm
+
+
+def _trace_fx(
+    model: nn.Module,
+    example_inputs: Any,
+    example_kwargs: dict[str, Any] | None,
+    leaf_modules: Iterable[type[nn.Module]],
+    concrete_args: dict[str, Any] | None,
+) -> torch.fx.GraphModule:
     if not isinstance(model, nn.Module):
         raise TraceError(
             "lemon_fx.trace needs an nn.Module",

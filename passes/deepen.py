@@ -37,6 +37,7 @@ from lemon_fx.expansion import LeafGrowth, source_size, split_lemon
 from lemon_fx.resolution import Resolution
 from lemon_fx.stacks import Block, BlockStack
 from passes.result import PassResult
+from passes.widen import noise_bound
 
 __all__ = ["NewBlock", "deepen"]
 
@@ -80,10 +81,8 @@ def _cancelling(res: Resolution, weight: str, grown: torch.Tensor, name: str) ->
     axis, growth = _fan_in_growth(res, weight)
     source_shape = list(grown.shape)
     source_shape[axis] = source_size(growth)
-    fan_in = 1
-    for s in grown.shape[1:]:
-        fan_in *= s
-    bound = 1.0 / fan_in**0.5
+    fan_in = grown.numel() // grown.shape[0] if axis == 1 else grown.shape[axis]
+    bound = noise_bound(grown, fan_in)
     seed = (res.plan.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
     noise = torch.rand(grown.shape, generator=torch.Generator().manual_seed(seed),
                        dtype=torch.float64) * (2 * bound) - bound
@@ -103,20 +102,32 @@ def _set(module: nn.Module, relative: str, value: torch.Tensor) -> None:
             if isinstance(old, nn.Parameter) else value)
 
 
-def _norm_params(module: nn.Module, block_path: str, node: torch.fx.Node):
-    norm = module.get_submodule(_relative(block_path, str(node.target)))
-    return norm
+def _norm_params(module: nn.Module, block_path: str, node: torch.fx.Node
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (gamma, beta) tensors of a norm node inside ``module`` (the block)."""
+    if node.op == "call_module":
+        norm = module.get_submodule(_relative(block_path, str(node.target)))
+        return norm.weight, getattr(norm, "bias", None)
+    params = []
+    for index in (2, 3):  # layer_norm(x, shape, weight, bias, eps) and rms_norm's weight
+        arg = node.args[index] if len(node.args) > index else None
+        is_param = isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+        params.append(module.get_parameter(_relative(block_path, arg.target))
+                      if is_param else None)
+    return params[0], params[1]
 
 
-def _make_identity(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _make_identity(params: tuple[torch.Tensor | None, torch.Tensor | None]
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Set a norm's gamma to 1 and beta to 0; return the old values."""
-    old = (None if norm.weight is None else norm.weight.detach().clone(),
-           None if getattr(norm, "bias", None) is None else norm.bias.detach().clone())
+    gamma, beta = params
+    old = (None if gamma is None else gamma.detach().clone(),
+           None if beta is None else beta.detach().clone())
     with torch.no_grad():
-        if norm.weight is not None:
-            norm.weight.fill_(1.0)
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.zero_()
+        if gamma is not None:
+            gamma.fill_(1.0)
+        if beta is not None:
+            beta.zero_()
     return old
 
 
@@ -210,9 +221,9 @@ def _post_ln(slots: list[_Slot], position: int, blocks: list[Block]) -> None:
         _make_identity(norm)
     with torch.no_grad():
         if gamma is not None:
-            norms[-1].weight.copy_(gamma)
+            norms[-1][0].copy_(gamma)
         if beta is not None:
-            norms[-1].bias.copy_(beta)
+            norms[-1][1].copy_(beta)
 
 
 def _rename(gm: torch.fx.GraphModule, stack: BlockStack, slots: list[_Slot],

@@ -12,6 +12,7 @@ Parameters are transformed in float64 and cast back, so the maths is exact to ro
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -43,11 +44,20 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
-def _default_noise_bound(shape: tuple[int, ...]) -> float:
-    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    fan_in = 1
-    for s in shape[1:]:
-        fan_in *= s
+def noise_bound(source: torch.Tensor, fan_in: int) -> float:
+    """The bound of LEMON's uniform split noise: the layer's own weight scale.
+
+    LEMON draws the noise from the layer's initialization. What a trained layer was
+    initialized with is not recorded, so its weights' spread stands in for it: a uniform
+    draw with the same standard deviation (``sqrt(3) * std``). PyTorch's default
+    ``U(+-1/sqrt(fan_in))`` is used for a constant weight. Matching the weights' own scale
+    matters: noise far above it (a Hugging Face model initialized at std 0.02, split with
+    PyTorch's default bound) amplifies float32 rounding differences between copies from
+    layer to layer.
+    """
+    std = float(source.double().std()) if source.numel() > 1 else 0.0
+    if std > 0:
+        return 3.0**0.5 * std
     return 1.0 / max(fan_in, 1) ** 0.5
 
 
@@ -68,7 +78,8 @@ def grow_parameter(name: str, tensor: torch.Tensor, claim: Claim, res: Resolutio
             if res.plan.method == "net2net":
                 t = split_equal(t, axis, growth)
                 continue
-            bound = (claim.noise_bound or _default_noise_bound)(tuple(shape))
+            fan_in = shape[axis] if axis != 1 else math.prod(shape[1:])
+            bound = noise_bound(tensor, fan_in)
             noise = torch.rand(shape, generator=_generator(res.plan.seed, name),
                                dtype=torch.float64) * (2 * bound) - bound
             t = split_lemon(t, axis, growth, noise)

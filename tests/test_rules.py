@@ -43,6 +43,7 @@ class Spec:
     at_2x: object = "exact"
     at_1_5x: object = "exact"
     ints: bool = False
+    frontend: str = "fx"  # "export": the ATen spellings of torch.export graphs
 
 
 def case(op, **kw):
@@ -185,6 +186,119 @@ class _Conv(nn.Module):
         return self.out(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
 
 
+class _ConvCase(nn.Module):
+    """``out(mean_hw(op(relu(c1(x)))))``: ``c1`` makes D growable channels on 6x6 images."""
+
+    def __init__(self, op: Callable, d_out: int = D, **modules: nn.Module):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, D, 3, padding=1)
+        self.mods = nn.ModuleDict(modules)
+        self.op = op
+        self.out = nn.Linear(d_out, 3)
+
+    def forward(self, x):
+        return self.out(self.op(self, torch.relu(self.c1(x))).mean((2, 3)))
+
+
+def conv_case(op, **kw):
+    d_out = kw.pop("d_out", D)
+    return lambda: _ConvCase(op, d_out, **kw)
+
+
+class _FunctionalChannelNorms(nn.Module):
+    """``F.conv2d`` (grouped), ``F.batch_norm`` with buffers, ``F.group_norm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, D, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(D, 2, 3, 3) / 4)
+        self.b = nn.Parameter(torch.randn(D) / 4)
+        self.g = nn.Parameter(torch.rand(D) + 0.5)
+        self.register_buffer("mean", torch.randn(D) / 3)
+        self.register_buffer("var", torch.rand(D) + 0.5)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = F.conv2d(torch.relu(self.c1(x)), self.w, self.b, 1, 1, 1, D // 2)
+        h = F.batch_norm(h, self.mean, self.var, self.g, self.b, False, 0.1, 1e-5)
+        h = F.group_norm(h, 2, self.g, self.b, 1e-5)
+        return self.out(h.mean((2, 3)))
+
+
+def _randomized(build):
+    """Norms with non-trivial affine parameters and running statistics."""
+
+    def make():
+        model = build()
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+                    for t in list(m.parameters()) + [b for b in m.buffers()
+                                                     if b.is_floating_point()]:
+                        t.copy_(torch.rand(t.shape) + 0.5)
+        return model
+
+    return make
+
+
+class _Conv3d(nn.Module):
+    """Grouped Conv3d, BatchNorm3d, MaxPool3d, AdaptiveAvgPool3d on ``[B, 3, 4, 4, 4]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(3, D, 3, padding=1)
+        self.c2 = nn.Conv3d(D, D, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm3d(D)
+        self.pool = nn.MaxPool3d(2)
+        self.gap = nn.AdaptiveAvgPool3d(1)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.bn(self.c2(torch.relu(self.c1(x))))))
+        return self.out(self.gap(h).flatten(1))
+
+
+def _centered(h):
+    """``h`` minus its mean over the grown axis: that axis is in the avg form."""
+    return h - h.mean(-1, keepdim=True)
+
+
+def _pooled(x, indices):
+    values, where = indices
+    return x + values.amax((2, 3), keepdim=True) + where.to(x.dtype).mean((2, 3),
+                                                                         keepdim=True) / 100
+
+
+class _Conv1D(nn.Module):
+    """GPT-2's Conv1D: ``addmm(b, x, W)`` with ``W`` stored ``[in, out]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, D)
+        self.w = nn.Parameter(torch.randn(D, D) / 3)
+        self.b = nn.Parameter(torch.randn(D))
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        flat = torch.addmm(self.b, h.view(-1, h.size(-1)), self.w)
+        return self.out(torch.relu(flat.view(h.shape[0], h.shape[1], D)))
+
+
+class _Tokens(nn.Module):
+    """Embedding lookups and token slicing as torch.export writes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, D)
+        self.pos = nn.Parameter(torch.randn(1, 16, D))
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        h = torch.nn.functional.embedding(ids, self.emb.weight) + self.pos[:, : ids.shape[1]]
+        return self.out(h[:, 1:] + h[:, :1]) + self.out(h[:, 0])[:, None]
+
+
 NL = lemon_fx.NotLosslessError
 UN = lemon_fx.UnsupportedOpError
 
@@ -203,6 +317,7 @@ SPECS = [
                                   d=nn.Dropout(0.1), i=nn.Identity())),
     Spec("add/sub/neg scalar", case(lambda s, h: -(h + 1.0) - h * 2)),
     Spec("mul of two (gated)", case(lambda s, h: F.silu(h) * h)),
+    Spec("pow", case(lambda s, h: h.pow(2) + torch.pow(h, 3) + h**2)),
     Spec("div by scalar", case(lambda s, h: h / 3.0)),
     Spec("div by tensor", case(lambda s, h: h / (h.abs() + 1.0))),
     Spec("masked_fill", case(lambda s, h: h.masked_fill(h > 0, 0.0))),
@@ -218,7 +333,43 @@ SPECS = [
     Spec("repeat_interleave", case(lambda s, h: h.view(2, 5, 2, 4).repeat_interleave(2, dim=2)
                                    .flatten(2), d_out=2 * D)),
     Spec("nn.Conv2d", _Conv, shape=(2, 3, 6, 6)),
-    Spec("depthwise conv", lambda: _Conv(groups=D), shape=(2, 3, 6, 6), at_2x=UN, at_1_5x=UN),
+    Spec("depthwise conv", lambda: _Conv(groups=D), shape=(2, 3, 6, 6)),
+    Spec("grouped conv", lambda: _Conv(groups=2), shape=(2, 3, 6, 6)),
+    Spec("grouped Conv3d + BatchNorm3d + pooling 3d", _randomized(_Conv3d),
+         shape=(2, 3, 4, 4, 4)),
+    Spec("F.conv2d grouped + F.batch_norm + F.group_norm", _FunctionalChannelNorms,
+         shape=(2, 3, 6, 6)),
+    Spec("nn.BatchNorm2d", _randomized(conv_case(lambda s, h: s.mods["bn"](h),
+                                                 bn=nn.BatchNorm2d(D))), shape=(2, 3, 6, 6)),
+    Spec("nn.InstanceNorm2d", _randomized(conv_case(lambda s, h: s.mods["n"](h),
+                                                    n=nn.InstanceNorm2d(D, affine=True))),
+         shape=(2, 3, 6, 6)),
+    Spec("nn.GroupNorm", _randomized(conv_case(lambda s, h: s.mods["gn"](h),
+                                               gn=nn.GroupNorm(4, D))), shape=(2, 3, 6, 6)),
+    Spec("GroupNorm one group", conv_case(lambda s, h: s.mods["gn"](h), gn=nn.GroupNorm(1, D)),
+         shape=(2, 3, 6, 6), at_1_5x=NL),
+    Spec("max/avg pooling", conv_case(lambda s, h: s.mods["mp"](h) + F.avg_pool2d(h, 3, 1, 1)
+                                      + F.adaptive_max_pool2d(h, 1)
+                                      + s.mods["ap"](F.max_pool2d(h, 3, 1, 1)),
+                                      mp=nn.MaxPool2d(3, 1, 1), ap=nn.AdaptiveAvgPool2d(6)),
+         shape=(2, 3, 6, 6)),
+    Spec("max pool on a zero stream (RMSNorm)", case(lambda s, h: F.max_pool1d(
+        s.mods["n"](h).transpose(1, 2), 2, 1).transpose(1, 2), n=nn.RMSNorm(D, eps=1e-6))),
+    Spec("max pool on an avg stream", case(lambda s, h: F.max_pool1d(
+        _centered(h).transpose(1, 2), 2, 1).transpose(1, 2)), at_1_5x=NL),
+    Spec("avg pool on an avg stream", case(lambda s, h: F.avg_pool1d(
+        _centered(h).transpose(1, 2), 2, 1).transpose(1, 2))),
+    Spec("BatchNorm1d on an avg stream", _randomized(case(lambda s, h: s.mods["bn"](
+        _centered(h).transpose(1, 2)).transpose(1, 2), bn=nn.BatchNorm1d(D))), at_1_5x=NL),
+    Spec("depthwise Conv1d on an avg stream", case(lambda s, h: s.mods["c"](
+        _centered(h).transpose(1, 2)).transpose(1, 2), c=nn.Conv1d(D, D, 3, padding=1,
+                                                                    groups=D)), at_1_5x=NL),
+    Spec("upsample/interpolate", conv_case(lambda s, h: h + s.mods["up"](F.avg_pool2d(h, 2))
+                                           + F.interpolate(F.max_pool2d(h, 2), scale_factor=2.0,
+                                                           mode="bilinear"),
+                                           up=nn.Upsample(scale_factor=2)), shape=(2, 3, 6, 6)),
+    Spec("max pool with indices", conv_case(lambda s, h: _pooled(h, F.max_pool2d(
+        h, 2, return_indices=True))), shape=(2, 3, 6, 6)),
     Spec("repeat", case(lambda s, h: h.repeat(1, 1, 2), d_out=2 * D)),
     Spec("cat", case(lambda s, h: torch.cat([h, torch.relu(h)], dim=-1), d_out=2 * D)),
     Spec("cat tokens", case(lambda s, h: torch.cat([h[:, :1], h], dim=1)[:, 1:])),
@@ -250,6 +401,14 @@ SPECS = [
     Spec("softmax over tokens", case(lambda s, h: h.softmax(dim=1))),
     Spec("softmax over grown axis", case(lambda s, h: s.mods["sm"](h), sm=nn.Softmax(-1)),
          at_2x=NL, at_1_5x=NL),
+    Spec("export: GPT-2 Conv1D (addmm)", _Conv1D, frontend="export"),
+    Spec("export: embedding, slice, select", _Tokens, shape=(2, 5), ints=True,
+         frontend="export"),
+    Spec("export: attention", lambda: _Heads(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True)), frontend="export"),
+    Spec("export: LLaMA-style RMSNorm and gate", case(lambda s, h: s.mods["n"](h) * F.silu(h),
+                                                      n=nn.RMSNorm(D, eps=1e-6)),
+         frontend="export"),
     Spec("unknown op", case(lambda s, h: torch.cumsum(h, -1)), at_2x=UN, at_1_5x=UN),
 ]
 
@@ -269,7 +428,7 @@ def _inputs(spec: Spec, seed: int, batch: int | None = None):
 def test_rule_case(spec: Spec, width: float):
     torch.manual_seed(0)
     model = spec.build().double().eval()
-    gm = lemon_fx.trace(model, _inputs(spec, 0))
+    gm = lemon_fx.trace(model, _inputs(spec, 0), frontend=spec.frontend)
     RULES_SEEN.update(id(r) for r in lemon_fx.inspect(gm).analysis.rules.values())
     expected = spec.at_2x if width == 2.0 else spec.at_1_5x
     if expected != "exact":
@@ -288,7 +447,7 @@ def test_rule_case(spec: Spec, width: float):
 def test_every_registered_rule_has_a_case():
     for spec in SPECS:
         model = spec.build().double().eval()
-        gm = lemon_fx.trace(model, _inputs(spec, 0))
+        gm = lemon_fx.trace(model, _inputs(spec, 0), frontend=spec.frontend)
         RULES_SEEN.update(id(r) for r in lemon_fx.inspect(gm).analysis.rules.values())
     missing = sorted({type(rule).__name__ + repr(getattr(rule, "__dict__", ""))
                       for _, _, rule in default_registry().entries()

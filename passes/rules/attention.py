@@ -213,7 +213,9 @@ class MultiheadAttentionRule(Rule):
 
 
 def register_rules(registry: Registry) -> None:
+    aten = torch.ops.aten
     registry.add(MatmulRule(), [operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm",
-                                "__matmul__"])
-    registry.add(SDPARule(), [F.scaled_dot_product_attention])
+                                "__matmul__", aten.matmul.default, aten.bmm.default])
+    registry.add(SDPARule(), [F.scaled_dot_product_attention,
+                              aten.scaled_dot_product_attention.default])
     registry.add(MultiheadAttentionRule(), [nn.MultiheadAttention])

@@ -189,11 +189,14 @@ def _zero_at_zero(fn) -> bool:
 
 
 def register_rules(registry: Registry) -> None:
+    aten = torch.ops.aten
     passthrough = PassThroughRule()
     registry.add(passthrough, [
         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, F.dropout, F.alpha_dropout,
         "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
-        "type", torch.clone, torch.zeros_like,
+        "type", torch.clone, torch.zeros_like, aten.dropout.default, aten.clone.default,
+        aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+        aten.alias.default, aten.detach.default, aten.zeros_like.default,
     ])
     activations = {
         nn.ReLU: F.relu, nn.GELU: F.gelu, nn.SiLU: F.silu, nn.Tanh: torch.tanh,
@@ -217,20 +220,33 @@ def register_rules(registry: Registry) -> None:
         (zero_ops if zero else other_ops).extend([fn, method])
     for method in ("gelu", "silu"):
         zero_ops.append(method)
+    zero_ops += [aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
+                 aten.sin.default, aten.abs.default, aten.sqrt.default, aten.erf.default]
+    other_ops += [aten.sigmoid.default, aten.exp.default, aten.rsqrt.default, aten.cos.default,
+                  aten.log.default]
     registry.add(with_zero, zero_ops)
     registry.add(without_zero, other_ops + ["reciprocal"])
-    registry.add(PowRule(), ["pow", operator.pow, torch.pow])
+    registry.add(PowRule(), ["pow", operator.pow, torch.pow, aten.pow.Tensor_Scalar])
     registry.add(AdditiveRule(), [
         operator.add, operator.sub, operator.neg, operator.iadd, operator.isub, torch.add,
         torch.sub, torch.subtract, torch.neg, "add", "sub", "neg", "add_", "sub_", torch.rsub,
+        aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.neg.default,
+        aten.rsub.Scalar,
     ])
     registry.add(ProductRule(), [operator.mul, operator.imul, torch.mul, torch.multiply, "mul",
-                                 "mul_"])
+                                 "mul_", aten.mul.Tensor, aten.mul.Scalar])
     registry.add(QuotientRule(), [operator.truediv, operator.itruediv, torch.div, torch.divide,
-                                  torch.true_divide, "div", "div_", "true_divide"])
-    registry.add(MaskedFillRule(), ["masked_fill", "masked_fill_", torch.masked_fill])
-    registry.add(WhereRule(), [torch.where, torch.ones_like, torch.full_like])
+                                  torch.true_divide, "div", "div_", "true_divide",
+                                  aten.div.Tensor, aten.div.Scalar])
+    registry.add(MaskedFillRule(), ["masked_fill", "masked_fill_", torch.masked_fill,
+                                    aten.masked_fill.Scalar, aten.masked_fill.Tensor])
+    registry.add(WhereRule(), [torch.where, torch.ones_like, torch.full_like, aten.where.self,
+                               aten.ones_like.default, aten.full_like.default])
     comparison = WhereRule()
     registry.add(comparison, [operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
                               operator.ge, torch.eq, torch.ne, "eq", "ne", "logical_not",
-                              torch.logical_not, operator.invert])
+                              torch.logical_not, operator.invert, aten.eq.Tensor,
+                              aten.eq.Scalar, aten.ne.Scalar, aten.ne.Tensor, aten.le.Tensor,
+                              aten.ge.Scalar, aten.lt.Tensor, aten.gt.Tensor,
+                              aten.logical_not.default, aten.__and__.Tensor,
+                              aten.bitwise_and.Tensor])

@@ -27,7 +27,7 @@ from lemon_fx.analysis import AxisUse, Claim, NodeAnalysis, WidthAnalysis
 from lemon_fx.registry import Registry
 from lemon_fx.rewrite_context import NodeRewrite
 from lemon_fx.rule import Rule
-from passes.rules.norm import DecomposedRMSNorm, _FeatureNormRule
+from passes.rules.norm import MEANS, DecomposedRMSNorm, _FeatureNormRule
 
 __all__ = ["EmbeddingRule", "register_rules"]
 
@@ -35,20 +35,23 @@ __all__ = ["EmbeddingRule", "register_rules"]
 class EmbeddingRule(Rule):
     """Vocabulary axis fixed; feature axis expanded in the output's form."""
 
+    def __init__(self, weight_first: bool = False):
+        self.weight_first = weight_first  # aten.embedding(weight, indices)
+
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
-        ids = ctx.arg(0, "input")
+        ids = ctx.arg(1 if self.weight_first else 0, "input")
         if ctx.module is not None:
             name = ctx.param("weight")
             w = ctx.param_dims(name)
             max_norm = ctx.module.max_norm
         else:
-            weight = ctx.arg(1, "weight")
+            weight = ctx.arg(0 if self.weight_first else 1, "weight")
             if weight.op != "get_attr":
                 ctx.forbid_growth(ctx.dims(node), "the embedding table is computed at run "
                                   "time", "make it an nn.Parameter")
                 return
             name, w = weight.target, ctx.dims(weight)
-            max_norm = ctx.value(ctx.arg(3, "max_norm"))
+            max_norm = None if self.weight_first else ctx.value(ctx.arg(3, "max_norm"))
         ctx.fix(w[0], "the vocabulary (rows indexed by input values)")
         out = ctx.dims(node)
         for axis, d in enumerate(ctx.dims(ids)):
@@ -84,16 +87,23 @@ def _final_norm(analysis: WidthAnalysis, head: torch.fx.Node) -> torch.fx.Node |
     """The node holding the claims of the norm that only the tied head reads, if any:
     the norm itself, or the ``mean`` of a decomposed RMSNorm."""
     x = head.args[0]
+    while isinstance(x, torch.fx.Node) and len(x.users) == 1 and x.target in _RELAYOUTS:
+        x = x.args[0]  # GPT-2 views and slices the norm's output before its head
     if not isinstance(x, torch.fx.Node) or len(x.users) != 1:
         return None
     if isinstance(analysis.rules.get(x), _FeatureNormRule):
         return x
     for node in analysis.rules:
-        if node.target in ("mean", torch.mean):
+        if node.target in MEANS:
             rms = DecomposedRMSNorm.match(node)
             if rms is not None and rms.output is x and rms.weight is not None:
                 return node
     return None
+
+
+_RELAYOUTS = {"view", "reshape", "contiguous", torch.reshape, torch.ops.aten.view.default,
+              torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+              torch.ops.aten.clone.default, torch.ops.aten.slice.Tensor}
 
 
 def _norm_claims(analysis: WidthAnalysis, norm: torch.fx.Node) -> list[Claim]:
@@ -110,3 +120,4 @@ def _divided_by_k(transform, dim: int):
 
 def register_rules(registry: Registry) -> None:
     registry.add(EmbeddingRule(), [nn.Embedding, F.embedding])
+    registry.add(EmbeddingRule(weight_first=True), [torch.ops.aten.embedding.default])

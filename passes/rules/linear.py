@@ -77,6 +77,27 @@ class FunctionalLinearRule(Rule):
                                   "make the weight an nn.Parameter, or keep this width fixed")
 
 
+class AddmmRule(Rule):
+    """``torch.addmm(b, x, W)`` = ``b + x @ W`` with ``W`` ``[in, out]`` (GPT-2's Conv1D):
+    the same affine maths with the weight transposed."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        bias, x, weight = node.args[:3]
+        if not (ctx.is_tensor(weight) and weight.op == "get_attr"):
+            ctx.forbid_growth([d for a in (bias, x, weight) if ctx.is_tensor(a)
+                               for d in ctx.dims(a)], "addmm with a weight computed at run "
+                              "time", "make the weight an nn.Parameter")
+            return
+        w = ctx.dims(weight)
+        bias_dims = ctx.dims(bias) if ctx.is_tensor(bias) else None
+        in_slot, out_slot = couple_affine(ctx, x, node, [w[1], w[0]], bias_dims)
+        ctx.claim(weight.target, [AxisUse("split", in_slot), AxisUse("expand", out_slot)])
+        if ctx.is_tensor(bias) and bias.op == "get_attr":
+            ctx.claim(bias.target, [AxisUse("expand", out_slot)])
+
+
 def register_rules(registry: Registry) -> None:
+    aten = torch.ops.aten
     registry.add(LinearRule(), [nn.Linear])
-    registry.add(FunctionalLinearRule(), [F.linear, torch._C._nn.linear])
+    registry.add(FunctionalLinearRule(), [F.linear, torch._C._nn.linear, aten.linear.default])
+    registry.add(AddmmRule(), [torch.addmm, aten.addmm.default])

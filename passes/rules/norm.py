@@ -172,11 +172,13 @@ class RMSNormRule(_FeatureNormRule):
     default_eps = None
 
 
-_SQUARES = {"pow", torch.pow, operator.pow}
-_MULS = {"mul", torch.mul, operator.mul}
-_ADDS = {"add", torch.add, operator.add}
-_RSQRTS = {"rsqrt", torch.rsqrt}
-_CASTS = {"to", "float", "type_as", "type"}
+_aten = torch.ops.aten
+_SQUARES = {"pow", torch.pow, operator.pow, _aten.pow.Tensor_Scalar}
+_MULS = {"mul", torch.mul, operator.mul, _aten.mul.Tensor}
+_ADDS = {"add", torch.add, operator.add, _aten.add.Tensor, _aten.add.Scalar}
+_RSQRTS = {"rsqrt", torch.rsqrt, _aten.rsqrt.default}
+_CASTS = {"to", "float", "type_as", "type", _aten.to.dtype, _aten._to_copy.default}
+MEANS = {"mean", torch.mean, _aten.mean.dim}
 
 
 def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -184,7 +186,7 @@ def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
-    while node.op == "call_method" and node.target in _CASTS and len(node.users) == 1:
+    while node.target in _CASTS and len(node.users) == 1:
         node = next(iter(node.users))
     return node
 
@@ -248,7 +250,9 @@ class DecomposedRMSNorm:
 
 
 def register_rules(registry: Registry) -> None:
-    registry.add(LayerNormRule(), [nn.LayerNorm, F.layer_norm])
-    rms_ops: list = [op for op in (getattr(nn, "RMSNorm", None), getattr(F, "rms_norm", None))
+    aten = torch.ops.aten
+    registry.add(LayerNormRule(), [nn.LayerNorm, F.layer_norm, aten.layer_norm.default])
+    rms_ops: list = [op for op in (getattr(nn, "RMSNorm", None), getattr(F, "rms_norm", None),
+                                   getattr(aten, "rms_norm", None) and aten.rms_norm.default)
                      if op is not None]
     registry.add(RMSNormRule(), rms_ops)

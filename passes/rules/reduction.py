@@ -115,8 +115,11 @@ class SoftmaxRule(Rule):
 
 
 def register_rules(registry: Registry) -> None:
-    registry.add(ReduceRule("mean"), ["mean", torch.mean])
-    registry.add(ReduceRule("sum"), ["sum", torch.sum])
-    registry.add(ReduceRule("max"), ["amax", torch.amax])
+    aten = torch.ops.aten
+    registry.add(ReduceRule("mean"), ["mean", torch.mean, aten.mean.dim])
+    registry.add(ReduceRule("sum"), ["sum", torch.sum, aten.sum.dim_IntList])
+    registry.add(ReduceRule("max"), ["amax", torch.amax, aten.amax.default])
     registry.add(SoftmaxRule(), ["softmax", "log_softmax", torch.softmax, torch.log_softmax,
-                                 F.softmax, F.log_softmax, nn.Softmax, nn.LogSoftmax])
+                                 F.softmax, F.log_softmax, nn.Softmax, nn.LogSoftmax,
+                                 aten.softmax.int, aten._softmax.default,
+                                 aten.log_softmax.int])

@@ -32,6 +32,13 @@ from lemon_fx.rule import Rule
 
 __all__ = ["register_rules"]
 
+aten = torch.ops.aten
+_TRANSPOSES = ("transpose", torch.transpose, "swapaxes", torch.swapaxes, aten.transpose.int)
+_EXPANDS = ("expand", aten.expand.default)
+_SPLITS = ("split", torch.split, torch.functional.split, aten.split.Tensor,
+           aten.split_with_sizes.default)
+_UNBINDS = ("unbind", torch.unbind, aten.unbind.int)
+
 
 def _size_args(node: torch.fx.Node, first: int = 1, name: str = "shape") -> tuple[list, str]:
     """The size arguments of view/reshape/expand in either spelling, and how to set them."""
@@ -155,13 +162,13 @@ class PermuteRule(Rule):
     """permute / transpose / ``.T`` / movedim: output axis ``i`` is input axis ``perm[i]``."""
 
     def _perm(self, node: torch.fx.Node, ctx: NodeAnalysis, rank: int) -> list[int]:
-        if node.target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
+        if node.target in _TRANSPOSES:
             a = ctx.value(ctx.arg(1, "dim0")) % rank
             b = ctx.value(ctx.arg(2, "dim1")) % rank
             perm = list(range(rank))
             perm[a], perm[b] = perm[b], perm[a]
             return perm
-        if node.target in ("t",) or node.target is torch.t:
+        if node.target in ("t", torch.t, aten.t.default):
             return list(reversed(range(rank)))
         if node.target in ("movedim", torch.movedim):
             src = ctx.value(ctx.arg(1, "source"))
@@ -201,7 +208,7 @@ class ExpandRule(Rule):
             if ctx.shape(x)[axis] == ctx.shape(node)[axis + offset]:
                 ctx.unify(d, out_dims[axis + offset])
                 ctx.same_form(ctx.slot(x, axis), ctx.slot(node, axis + offset))
-            elif node.target == "expand":
+            elif node.target in _EXPANDS:
                 # n broadcast copies (repeat_kv's n_rep): a count, not a width
                 ctx.fix(out_dims[axis + offset], f"an axis broadcast by '{node.name}'")
         if node.target == "expand_as":
@@ -210,7 +217,7 @@ class ExpandRule(Rule):
                 ctx.unify(a, b)
 
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
-        if node.target == "expand":
+        if node.target in _EXPANDS:
             sizes, how = _size_args(node, 1, "size")
             rewrite_sizes(node, ctx, ctx.dims(node), sizes, how, 1, "size")
 
@@ -287,7 +294,7 @@ class SplitRule(Rule):
         x = node.args[0]
         outputs = ctx.outputs()
         rank = len(ctx.dims(x))
-        if node.target in ("unbind", torch.unbind):
+        if node.target in _UNBINDS:
             dim = ctx.value(ctx.arg(1, "dim", 0)) % rank
             ctx.fix(ctx.dims(x)[dim], "an axis taken apart by unbind")
             for out in outputs:
@@ -317,7 +324,7 @@ class SplitRule(Rule):
             ctx.concatenate(ctx.dims(x)[dim], pieces)
 
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
-        if node.target not in ("split", torch.split, torch.functional.split):
+        if node.target not in _SPLITS:
             return
         outputs = [k for k in ctx.res.analysis.value_dims if isinstance(k, tuple)
                    and k[0] is node]
@@ -396,6 +403,51 @@ class TupleItemRule(Rule):
                               "growth moves", "keep this width fixed", kind="not_lossless")
 
 
+class SliceRule(Rule):
+    """``aten.slice.Tensor(x, dim, start, end, step)``: a full slice keeps the axis; any
+    other picks entries by position, like indexing (see ``TupleItemRule``)."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = node.args[0]
+        rank = len(ctx.dims(x))
+        dim = ctx.value(ctx.arg(1, "dim", 0)) % rank
+        start, end, step = ctx.arg(2, "start"), ctx.arg(3, "end"), ctx.arg(4, "step", 1)
+        for axis in range(rank):
+            if axis == dim:
+                continue
+            ctx.unify(ctx.dims(x)[axis], ctx.dims(node)[axis])
+            ctx.same_form(ctx.slot(x, axis), ctx.slot(node, axis))
+        size = ctx.shape(x)[dim]
+        full = (ctx.value(start) in (None, 0) and ctx.value(step) in (None, 1)
+                and (end is None or (isinstance(end, int) and end >= size)))
+        if full:
+            ctx.unify(ctx.dims(x)[dim], ctx.dims(node)[dim])
+            ctx.same_form(ctx.slot(x, dim), ctx.slot(node, dim))
+            return
+        ctx.fix(ctx.dims(node)[dim], f"an axis sliced by '{node.name}'")
+        if any(isinstance(b, torch.fx.Node) for b in (start, end, step)):
+            ctx.fix(ctx.dims(x)[dim], f"an axis sliced by '{node.name}' to a size read from "
+                    "a tensor")
+        else:
+            ctx.forbid_growth(ctx.dims(x)[dim], "entries of this axis are picked by position, "
+                              "which growth moves", "keep this width fixed",
+                              kind="not_lossless")
+
+
+class SelectRule(Rule):
+    """``aten.select.int(x, dim, index)``: the indexed axis is a list of things, fixed."""
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = node.args[0]
+        rank = len(ctx.dims(x))
+        dim = ctx.value(ctx.arg(1, "dim")) % rank
+        ctx.fix(ctx.dims(x)[dim], f"an axis indexed by an int at '{node.name}'")
+        kept = [a for a in range(rank) if a != dim]
+        for out_axis, in_axis in enumerate(kept):
+            ctx.unify(ctx.dims(x)[in_axis], ctx.dims(node)[out_axis])
+            ctx.same_form(ctx.slot(x, in_axis), ctx.slot(node, out_axis))
+
+
 class ShapeQueryRule(Rule):
     """``x.shape``, ``x.size()``, ``x.dim()``, dtype/device: no axes are coupled."""
 
@@ -427,22 +479,32 @@ class CreationRule(Rule):
 
 
 def register_rules(registry: Registry) -> None:
-    registry.add(ReshapeRule(sizes_from=1), ["view", "reshape", torch.reshape])
+    registry.add(ReshapeRule(sizes_from=1), ["view", "reshape", torch.reshape,
+                                             aten.view.default, aten.reshape.default,
+                                             aten._unsafe_view.default])
     registry.add(ReshapeRule(sizes_from=None), [
         "flatten", torch.flatten, "unflatten", torch.unflatten, "squeeze", torch.squeeze,
         "unsqueeze", torch.unsqueeze, nn.Flatten, nn.Unflatten, "view_as", "reshape_as",
+        aten.unsqueeze.default, aten.squeeze.dim, aten.flatten.using_ints,
     ])
-    registry.add(PermuteRule(), ["permute", torch.permute, "transpose", torch.transpose, "t",
-                                 torch.t, "swapaxes", torch.swapaxes, "movedim", torch.movedim])
-    registry.add(ExpandRule(), ["expand", "expand_as"])
+    registry.add(PermuteRule(), ["permute", torch.permute, "t", torch.t, "movedim",
+                                 torch.movedim, aten.permute.default, aten.t.default,
+                                 *_TRANSPOSES])
+    registry.add(ExpandRule(), ["expand_as", *_EXPANDS])
     registry.add(RepeatRule(), ["repeat"])
     registry.add(RepeatInterleaveRule(), ["repeat_interleave", torch.repeat_interleave])
-    registry.add(CatRule(), [torch.cat, torch.concat, torch.concatenate])
-    registry.add(SplitRule(), ["split", torch.split, torch.functional.split, "chunk",
-                               torch.chunk, "unbind", torch.unbind])
+    registry.add(CatRule(), [torch.cat, torch.concat, torch.concatenate, aten.cat.default])
+    registry.add(SplitRule(), ["chunk", torch.chunk, aten.chunk.default, *_SPLITS, *_UNBINDS])
     registry.add(TupleItemRule(), [operator.getitem])
-    registry.add(ShapeQueryRule(), [getattr, "size", "dim"])
+    registry.add(SliceRule(), [aten.slice.Tensor])
+    registry.add(SelectRule(), [aten.select.int])
+    registry.add(ShapeQueryRule(), [getattr, "size", "dim", aten.sym_size.int])
     registry.add(CreationRule(), [torch.arange, torch.zeros, torch.ones, torch.full,
                                   torch.empty, torch.tril, torch.triu, "tril", "triu",
-                                  "new_zeros", "new_ones", "new_full", "new_empty"])
+                                  "new_zeros", "new_ones", "new_full", "new_empty",
+                                  aten.arange.default, aten.arange.start,
+                                  aten.arange.start_step, aten.new_ones.default,
+                                  aten.new_zeros.default, aten.full.default, aten.zeros.default,
+                                  aten.ones.default, aten.tril.default, aten.triu.default,
+                                  aten.scalar_tensor.default])
 

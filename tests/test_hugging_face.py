@@ -1,0 +1,137 @@
+"""Hugging Face transformers models, built from small configs with random weights (nothing
+is downloaded), traced through the torch.export frontend and grown in width and depth.
+
+LLaMA and Qwen2 compute their RMSNorm in float32 even in a float64 model (Hugging Face
+casts there), so their checks are float32-accurate; GPT-2 and BERT are checked at 1e-10.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lemon_fx
+from lemon_fx import NotLosslessError, Plan
+
+transformers = pytest.importorskip("transformers")  # a test extra: installed by .ci/run
+
+VOCAB = 64
+
+
+def _llama(scale: int = 1, layers: int = 2):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32 * scale, intermediate_size=64 * scale,
+        num_hidden_layers=layers, num_attention_heads=4 * scale,
+        num_key_value_heads=2 * scale, head_dim=8, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _qwen2(scale: int = 1, layers: int = 2):
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32 * scale, intermediate_size=64 * scale,
+        num_hidden_layers=layers, num_attention_heads=4 * scale,
+        num_key_value_heads=2 * scale, max_position_embeddings=32)
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def _gpt2(scale: int = 1, layers: int = 2):
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32 * scale, n_layer=layers,
+                                     n_head=4 * scale, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _bert(scale: int = 1, layers: int = 2):
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32 * scale,
+                                     num_hidden_layers=layers, num_attention_heads=4 * scale,
+                                     intermediate_size=64 * scale, max_position_embeddings=32)
+    return transformers.BertForMaskedLM(config)
+
+
+FAMILIES = {"llama": (_llama, 1e-6), "qwen2": (_qwen2, 1e-6), "gpt2": (_gpt2, 1e-10),
+            "bert": (_bert, 1e-10)}
+POST_LN = {"bert"}
+STACKS = {"llama": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h",
+          "bert": "bert.encoder.layer"}
+
+
+def _logits(output):
+    return output[0] if isinstance(output, (tuple, list)) else output.logits
+
+
+def _traced(name: str, dtype: torch.dtype = torch.float64):
+    build, tol = FAMILIES[name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build().to(dtype).eval()
+        gm = lemon_fx.trace(model, (torch.randint(0, VOCAB, (2, 6)),))
+    return model, gm, tol
+
+
+def _check(model, big, tol):
+    ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = _logits(model(ids))
+        got = _logits(big(ids))
+    torch.testing.assert_close(got, want, rtol=0, atol=tol * (1 + want.abs().max().item()))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_traced_through_torch_export(name):
+    model, gm, tol = _traced(name)
+    assert gm.meta["lemon_fx.frontend"] == "torch.export"
+    assert list(gm.state_dict()) == list(model.state_dict())
+    report = lemon_fx.inspect(gm)
+    assert [(s.name, s.count) for s in report.stacks] == [(STACKS[name], 2)]
+    assert {"residual", "ffn"} <= {g.role for g in report.groups}
+
+
+@pytest.mark.parametrize("width", [2.0, 1.5])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_width(name, width):
+    model, gm, tol = _traced(name)
+    if name in POST_LN and width == 1.5:
+        with pytest.raises(NotLosslessError, match="whole multiple"):
+            lemon_fx.grow(gm, Plan(width=width))
+        return
+    _check(model, lemon_fx.grow(gm, Plan(width=width)), tol)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_width_and_depth(name):
+    model, gm, tol = _traced(name)
+    big = lemon_fx.grow(gm, Plan(width=2.0, depth=2.0, allow_inexact=name in POST_LN))
+    assert [(s.name, s.count) for s in lemon_fx.inspect(big).stacks] == [(STACKS[name], 4)]
+    _check(model, big, tol if name not in POST_LN else 1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_grown_state_dict_loads_into_the_bigger_config(name):
+    """2x width (eps unchanged), 2x depth: the same class with the doubled config."""
+    model, gm, tol = _traced(name)
+    big = lemon_fx.grow(gm, Plan(width=2.0, depth=2.0, allow_inexact=name in POST_LN))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = FAMILIES[name][0](scale=2, layers=4).double().eval()
+    target.load_state_dict(big.state_dict(), strict=True)
+    _check(model, target, tol if name not in POST_LN else 1e-9)
+
+
+def test_gpt2_tied_head_stays_tied_with_the_1_over_k_rule():
+    model, gm, tol = _traced("gpt2")
+    big = lemon_fx.grow(gm, Plan(width=1.5))
+    assert big.get_parameter("lm_head.weight") is big.get_parameter("transformer.wte.weight")
+    _check(model, big, tol)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_through_onnxruntime(name):
+    """Traced in float32: an export graph keeps the casts of the dtype it was traced in."""
+    model, gm, tol = _traced(name, torch.float32)
+    big = lemon_fx.grow(gm, Plan(width=2.0, depth=3))
+    ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
+    report = lemon_fx.verify(gm, big, (ids,), onnx=True, rtol=1e-6, atol=1e-6)
+    assert report.ok and report.onnx_max_rel_error <= 1e-5

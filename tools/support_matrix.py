@@ -1,0 +1,300 @@
+"""Generate ``docs/support.md``, the table of ops lemon_fx has a rule for.
+
+``python tools/support_matrix.py`` writes the file; ``python tools/support_matrix.py --check``
+exits 1 when the file on disk differs from what the registry gives now.
+
+The table is built from the built-in rules only (a fresh ``Registry`` filled from the rule
+modules ``lemon_fx.registry`` loads), so rules that tests or users registered in this
+process never leak into it. Every name is derived from ``__module__`` / ``__qualname__`` /
+``__name__`` and identity checks against public namespaces, never from ``repr`` (which holds
+memory addresses), and every list is sorted: the output depends only on the rules and on
+torch's public names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import importlib
+import inspect
+import math
+import operator
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lemon_fx import registry as registry_module
+from lemon_fx.analysis import FORMS
+from lemon_fx.registry import Registry
+
+REPO = Path(__file__).resolve().parent.parent
+OUTPUT = REPO / "docs" / "support.md"
+COMMAND = "python tools/support_matrix.py"
+RULES_PACKAGE = "passes.rules."
+KIND_ORDER = {"module": 0, "function": 1, "method": 2}
+KIND_NODE = {"module": "call_module", "function": "call_function", "method": "call_method"}
+
+# Public namespaces an op may be spelled from, in the order tried; "" means a builtin.
+NAMESPACES: tuple[tuple[str, Any], ...] = (
+    ("torch", torch),
+    ("F", F),
+    ("Tensor", torch.Tensor),
+    ("operator", operator),
+    ("math", math),
+    ("", builtins),
+)
+# The namespace an op's own ``__module__`` points at is tried first (``torch._C._nn.linear``
+# is ``F.linear``; ``torch.conv2d`` is also ``F.conv2d`` but its module says ``torch``).
+MODULE_HINTS = {
+    "torch": "torch",
+    "torch.functional": "torch",
+    "torch.nn.functional": "F",
+    "torch._C._nn": "F",
+    "_operator": "operator",
+    "operator": "operator",
+    "math": "math",
+    "builtins": "",
+}
+MODULE_ALIASES = {"_operator": "operator"}
+
+FORM_LINES = {
+    "circ": "entry `i` of the wide axis is `x[i % S]` (copies in a cycle).",
+    "avg": "`k` whole tiles of `x`, then `r` entries equal to `mean(x)`.",
+    "zero": "`k` whole tiles of `x`, then `r` zeros.",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Row:
+    """One registered op: where it is grouped, how it is spelled, and which rule owns it."""
+
+    family: str
+    rule: str
+    kind_order: int
+    op: str
+    kind: str
+    summary: str
+    rule_module: str
+
+
+# -- the registry ------------------------------------------------------------------------
+
+
+def builtin_registry() -> Registry:
+    """A fresh registry holding only the built-in rules, as ``default_registry`` loads them."""
+    fresh = Registry()
+    for name in registry_module._BUILTIN_RULE_MODULES:
+        importlib.import_module(name).register_rules(fresh)
+    return fresh
+
+
+# -- stable names ------------------------------------------------------------------------
+
+
+def qualified_name(obj: Any) -> str:
+    """``module.qualname`` of ``obj``, or of its type when it has no name of its own."""
+    module = getattr(obj, "__module__", None)
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if isinstance(module, str) and isinstance(name, str):
+        return f"{MODULE_ALIASES.get(module, module)}.{name}"
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__} instance"
+
+
+def candidate_namespaces(fn: Any) -> list[tuple[str, Any]]:
+    """``NAMESPACES`` with the one ``fn.__module__`` points at moved to the front."""
+    hint = MODULE_HINTS.get(getattr(fn, "__module__", None) or "")
+    return sorted(NAMESPACES, key=lambda item: item[0] != hint)
+
+
+def function_spelling(fn: Any) -> str:
+    """How a ``call_function`` target is written: ``F.linear``, ``torch.add``, ``operator.add``.
+
+    A public spelling is used only when that attribute *is* ``fn``; otherwise the name falls
+    back to ``module.qualname``. ``torch.ops`` operators are named by their schema name.
+    """
+    if isinstance(fn, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return f"torch.ops.{fn}"
+    name = getattr(fn, "__name__", None)
+    if isinstance(name, str):
+        for prefix, namespace in candidate_namespaces(fn):
+            if getattr(namespace, name, None) is fn:
+                return f"{prefix}.{name}" if prefix else name
+    return qualified_name(fn)
+
+
+def module_spelling(cls: type) -> str:
+    """``nn.Linear`` for a class exported by ``torch.nn``, else ``module.qualname``."""
+    if getattr(torch.nn, cls.__name__, None) is cls:
+        return f"nn.{cls.__name__}"
+    return qualified_name(cls)
+
+
+def op_spelling(kind: str, op: Any) -> str:
+    """The readable, address-free name of a registered op of the given kind."""
+    if kind == "method":
+        return f"Tensor.{op}"
+    if kind == "module":
+        return module_spelling(op)
+    return function_spelling(op)
+
+
+# -- rules -------------------------------------------------------------------------------
+
+
+def family(rule_module: str) -> str:
+    """``passes.rules.linear`` -> ``linear``; a rule defined elsewhere keeps its module."""
+    return rule_module.removeprefix(RULES_PACKAGE)
+
+
+def summary(rule_cls: type) -> str:
+    """The first line of the rule class's own docstring (not an inherited one)."""
+    doc = rule_cls.__dict__.get("__doc__")
+    if not isinstance(doc, str) or not doc.strip():
+        return "(no docstring)"
+    return inspect.cleandoc(doc).splitlines()[0].strip()
+
+
+def rows(entries: Iterable[tuple[str, Any, Any]]) -> list[Row]:
+    """One sorted ``Row`` per registry entry."""
+    out = []
+    for kind, op, rule in entries:
+        cls = type(rule)
+        out.append(
+            Row(
+                family(cls.__module__),
+                cls.__name__,
+                KIND_ORDER[kind],
+                op_spelling(kind, op),
+                kind,
+                summary(cls),
+                cls.__module__,
+            )
+        )
+    return sorted(out)
+
+
+# -- markdown ----------------------------------------------------------------------------
+
+
+def cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def anchor(title: str) -> str:
+    """The anchor GitHub gives a heading."""
+    kept = "".join(c for c in title.lower() if c.isalnum() or c in " -_")
+    return kept.replace(" ", "-")
+
+
+def header(table: list[Row]) -> list[str]:
+    """The explanation above the tables: columns, forms, refusals, families."""
+    unknown = set(FORMS) ^ set(FORM_LINES)
+    if unknown:
+        raise RuntimeError(f"FORM_LINES and lemon_fx.analysis.FORMS disagree on {sorted(unknown)}")
+    counts: dict[str, int] = {}
+    for row in table:
+        counts[row.family] = counts.get(row.family, 0) + 1
+    return [
+        f"<!-- generated by tools/support_matrix.py; do not edit: run `{COMMAND}` -->",
+        "",
+        "# Supported ops",
+        "",
+        f"lemon_fx has a rule for {len(table)} ops, grouped below by rule family (the module of",
+        "`passes/rules/` the rule lives in). Columns:",
+        "",
+        "- **Op**: how the op appears in a traced graph. `nn.X` is a module class (matched",
+        "  along its MRO, so subclasses use the same rule); `torch.x`, `F.x`",
+        "  (`torch.nn.functional`), `operator.x` and builtins are functions; `Tensor.x` is a",
+        "  method, matched by name.",
+        "- **Kind**: the torch.fx node op: "
+        + ", ".join(f"`{k}` = `{v}`" for k, v in KIND_NODE.items())
+        + ".",
+        "- **Rule**: the rule class; its docstring states the maths and what it refuses.",
+        "- **Summary**: the first line of that docstring.",
+        "",
+        "A grown axis of width `S -> T` (`k = T // S`, `r = T % S`) holds each activation `x`",
+        "in one of LEMON's forms; summaries name the forms an op is exact in:",
+        "",
+        *[f"- **{form}**: {FORM_LINES[form]}" for form in FORMS],
+        "",
+        "**Ops not listed here have no rule: they are refused (`UnsupportedOpError`, naming",
+        "the node and the op) whenever an axis they touch would grow, never assumed",
+        "elementwise.** To support your own module or function, register a rule: see",
+        "[Your own layers](../README.md#your-own-layers) in the README.",
+        "",
+        "Families: "
+        + ", ".join(f"[{name}](#{anchor(name)}) ({n})" for name, n in sorted(counts.items()))
+        + ".",
+    ]
+
+
+def family_section(name: str, table: list[Row]) -> list[str]:
+    """The heading and table of one rule family."""
+    modules = ", ".join(f"`{m}`" for m in sorted({row.rule_module for row in table}))
+    lines = [
+        "",
+        f"## {name}",
+        "",
+        f"Rules from {modules}.",
+        "",
+        "| Op | Kind | Rule | Summary |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| `{cell(r.op)}` | {r.kind} | `{r.rule}` | {cell(r.summary)} |" for r in table]
+    return lines
+
+
+def render(table: list[Row]) -> str:
+    """The whole of ``docs/support.md`` for the given rows."""
+    lines = header(table)
+    for name in sorted({row.family for row in table}):
+        lines += family_section(name, [row for row in table if row.family == name])
+    return "\n".join(lines) + "\n"
+
+
+def generate() -> str:
+    """``docs/support.md`` as the built-in rules give it now."""
+    return render(rows(builtin_registry().entries()))
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def check(path: Path = OUTPUT) -> int:
+    """0 when ``path`` holds the generated text, else 1 with a one-line message."""
+    current = path.read_text(encoding="utf-8") if path.exists() else None
+    if current == generate():
+        return 0
+    print(f"{path.name} is stale or missing: run `{COMMAND}`", file=sys.stderr)
+    return 1
+
+
+def write(path: Path = OUTPUT) -> int:
+    """Write the generated text to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = generate()
+    path.write_text(text, encoding="utf-8", newline="\n")
+    print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate docs/support.md from the registry.")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if docs/support.md is not what the registry gives now",
+    )
+    args = parser.parse_args(argv)
+    return check() if args.check else write()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
