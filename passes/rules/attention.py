@@ -114,6 +114,10 @@ class SDPARule(Rule):
             _batch_axes(ctx, [k, v], k, core=2)
         else:
             _batch_axes(ctx, [q, k, v], node, core=2)
+            if len(qd) >= 3 and len(ctx._a.dims.leaves(qd[-3])) > 1:
+                # query heads [kv_heads, g] from repeat_kv's expand + reshape
+                for leaf in ctx._a.dims.leaves(qd[-3]):
+                    ctx.hint(leaf, "kv")
         mask = ctx.arg(3, "attn_mask")
         if ctx.is_tensor(mask):
             m_dims, m_shape = ctx.dims(mask), ctx.shape(mask)
