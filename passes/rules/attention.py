@@ -219,7 +219,8 @@ class MultiheadAttentionRule(Rule):
 def register_rules(registry: Registry) -> None:
     aten = torch.ops.aten
     registry.add(MatmulRule(), [operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm",
-                                "__matmul__", aten.matmul.default, aten.bmm.default])
+                                "__matmul__", aten.matmul.default, aten.bmm.default,
+                                aten.mm.default, torch.mm, "mm"])
     registry.add(SDPARule(), [F.scaled_dot_product_attention,
                               aten.scaled_dot_product_attention.default])
     registry.add(MultiheadAttentionRule(), [nn.MultiheadAttention])
