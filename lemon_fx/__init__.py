@@ -23,6 +23,7 @@ from lemon_fx.plan import Plan
 from lemon_fx.registry import register
 from lemon_fx.report import InspectReport, inspect
 from lemon_fx.rule import Rule
+from lemon_fx.schedule import LemonSchedule, lemon_lr_factor
 from lemon_fx.stacks import BlockStack
 from lemon_fx.tracing import trace
 
@@ -30,6 +31,7 @@ __all__ = [
     "AxisUse",
     "BlockStack",
     "InspectReport",
+    "LemonSchedule",
     "LemonError",
     "NotLosslessError",
     "Plan",
@@ -45,6 +47,7 @@ __all__ = [
     "grow",
     "growth_report",
     "inspect",
+    "lemon_lr_factor",
     "register",
     "trace",
     "verify",
