@@ -6,26 +6,10 @@ import pytest
 import torch
 from torch import nn
 from zoo import ZOO
+from zoo_checks import WHOLE_MULTIPLE_STREAM, assert_lossless, traced
 
 import lemon_fx
 from lemon_fx import NotLosslessError, Plan, PlanError, UnsupportedOpError
-
-WHOLE_MULTIPLE_STREAM = {"post_ln_encoder", "mlp_mixer", "layer_scale_vit"}
-
-
-def _traced(name: str):
-    entry = ZOO[name]
-    torch.manual_seed(0)
-    model = entry.build().double().eval()
-    gm = lemon_fx.trace(model, entry.example_inputs(torch.Generator().manual_seed(0)))
-    return entry, model, gm
-
-
-def _assert_lossless(model, big, entry, atol: float = 1e-10) -> None:
-    fresh = entry.example_inputs(torch.Generator().manual_seed(11))
-    want = model(*fresh)
-    torch.testing.assert_close(big(*fresh), want, rtol=0,
-                               atol=atol * (1 + want.abs().max().item()))
 
 
 def _stack(gm) -> lemon_fx.BlockStack:
@@ -36,7 +20,7 @@ def _stack(gm) -> lemon_fx.BlockStack:
 @pytest.mark.parametrize("target", ["L+1", "2L", "3L", "2L+1"])
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_depth_alone_is_lossless(name, target):
-    entry, model, gm = _traced(name)
+    entry, model, gm = traced(name)
     stack = _stack(gm)
     count = {"L+1": stack.count + 1, "2L": 2 * stack.count, "3L": 3 * stack.count,
              "2L+1": 2 * stack.count + 1}[target]
@@ -44,12 +28,12 @@ def test_depth_alone_is_lossless(name, target):
     big = lemon_fx.grow(gm, plan)
     assert _stack(big).count == count
     atol = 1e-10 if stack.kind != "post_ln" else 1e-9  # eps = 1e-12 in that zoo model
-    _assert_lossless(model, big, entry, atol=atol)
+    assert_lossless(model, big, entry, seed=11, atol=atol)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_width_and_depth_together(name):
-    entry, model, gm = _traced(name)
+    entry, model, gm = traced(name)
     stack = _stack(gm)
     width = 2.0 if name in WHOLE_MULTIPLE_STREAM else 1.5
     plan = Plan(width=width, depth=2.0, seed=7, allow_inexact=stack.kind == "post_ln")
@@ -57,11 +41,11 @@ def test_width_and_depth_together(name):
     assert _stack(big).count == 2 * stack.count
     residual = [g for g in lemon_fx.inspect(big).groups if g.role == "residual"]
     assert residual and all(g.size == int(32 * width) for g in residual)
-    _assert_lossless(model, big, entry, atol=1e-10 if stack.kind != "post_ln" else 1e-9)
+    assert_lossless(model, big, entry, seed=11, atol=1e-10 if stack.kind != "post_ln" else 1e-9)
 
 
 def test_width_and_depth_through_onnxruntime(tmp_path):
-    entry, model, gm = _traced("gpt")
+    entry, model, gm = traced("gpt")
     big = lemon_fx.grow(gm, Plan(width=1.5, depth={"blocks": 5}))
     fresh = entry.example_inputs(torch.Generator().manual_seed(3))
     report = lemon_fx.verify(gm, big, fresh, onnx=str(tmp_path / "big.onnx"), rtol=1e-10,
@@ -70,7 +54,7 @@ def test_width_and_depth_through_onnxruntime(tmp_path):
 
 
 def test_new_blocks_cancel_exactly_but_are_not_zero():
-    entry, model, gm = _traced("gpt")
+    entry, model, gm = traced("gpt")
     big = lemon_fx.grow(gm, Plan(width=2.0, depth=2.0, seed=1))
     new = lemon_fx.growth_report(big).new_blocks
     assert [(b.position, b.source) for b in new] == [(1, 0), (3, 1)]
@@ -87,7 +71,7 @@ def test_new_blocks_cancel_exactly_but_are_not_zero():
 
 def test_depth_alone_sets_the_branch_ends_to_zero():
     """With no duplicated unit there is nothing to cancel: LEMON's projection is 0."""
-    entry, model, gm = _traced("gpt")
+    entry, model, gm = traced("gpt")
     big = lemon_fx.grow(gm, Plan(depth=2.0))
     fc2 = big.get_submodule("blocks.1.mlp.fc2")
     assert torch.equal(fc2.weight, torch.zeros_like(fc2.weight))
@@ -117,7 +101,7 @@ def _new_block_params(big) -> list[str]:
 
 @pytest.mark.parametrize("name", ["gpt", "vit", "mha", "fused_qkv_reshape"])
 def test_every_parameter_of_every_new_block_learns_with_lemon(name):
-    entry, model, gm = _traced(name)
+    entry, model, gm = traced(name)
     big = lemon_fx.grow(gm, Plan(width=2.0, depth=2.0, seed=2))
     moved = _one_step_moved(big, entry)
     params = _new_block_params(big)
@@ -141,7 +125,7 @@ def test_every_parameter_of_every_new_block_learns_with_lemon(name):
 
 def test_net2net_new_blocks_only_train_their_last_layers_at_first():
     """Zero-initialised branch ends give every earlier weight of the block a zero gradient."""
-    entry, model, gm = _traced("gpt")
+    entry, model, gm = traced("gpt")
     big = lemon_fx.grow(gm, Plan(width=2.0, depth=2.0, method="net2net"))
     moved = _one_step_moved(big, entry)
     frozen = sorted(k for k in _new_block_params(big) if not moved[k])
@@ -215,7 +199,7 @@ def test_post_ln_at_a_non_multiple_width_is_refused_with_the_fix():
 
 
 def test_placements():
-    entry, model, gm = _traced("gpt")
+    entry, model, gm = traced("gpt")
     for placement, count, expected in [
         ("interleave", 3, [(2, 1)]),
         ("interleave", 7, [(1, 0), (2, 0), (4, 1), (5, 1), (6, 1)]),
@@ -231,11 +215,11 @@ def test_placements():
         big = lemon_fx.grow(gm, Plan(depth={"blocks": count}, placement=placement))
         new = [(b.position, b.source) for b in lemon_fx.growth_report(big).new_blocks]
         assert new == expected, placement
-        _assert_lossless(model, big, entry)
+        assert_lossless(model, big, entry, seed=11)
 
 
 def test_depth_plan_errors_name_the_stacks():
-    entry, model, gm = _traced("gpt")
+    entry, model, gm = traced("gpt")
     with pytest.raises(PlanError, match="(?s)no block stack named .layers.*the stacks are: blocks"):
         lemon_fx.grow(gm, Plan(depth={"layers": 4}))
     with pytest.raises(PlanError, match="would shrink from 2 to 1 blocks"):
@@ -264,7 +248,7 @@ def test_a_plain_stack_is_listed_and_refused():
 
 
 def test_inspect_lists_stacks_in_its_table():
-    entry, model, gm = _traced("post_ln_encoder")
+    entry, model, gm = traced("post_ln_encoder")
     assert "layers: 2 x post_ln" in str(lemon_fx.inspect(gm))
 
 

@@ -12,31 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 from zoo import ZOO
+from zoo_checks import WHOLE_MULTIPLE_STREAM, assert_lossless, traced
 
 import lemon_fx
 from lemon_fx import NotLosslessError, Plan
 
-# residual stream only grows by whole multiples in these: Post-LN, a nonlinearity across
-# channels (Mixer), a layer-scale product on a branch added to an avg stream
-WHOLE_MULTIPLE_STREAM = {"post_ln_encoder", "mlp_mixer", "layer_scale_vit"}
 ONNX_CHECKED = {"gpt", "manual_attention", "vit", "mha", "post_ln_encoder", "fused_qkv_reshape",
                 "swiglu", "swiglu_gqa", "layer_scale_vit", "split_flatten"}
-
-
-def _traced(name: str):
-    entry = ZOO[name]
-    torch.manual_seed(0)
-    model = entry.build().double().eval()
-    gm = lemon_fx.trace(model, entry.example_inputs(torch.Generator().manual_seed(0)))
-    return entry, model, gm
-
-
-def _assert_lossless(model, big, entry, seed: int = 1, atol: float = 1e-10) -> None:
-    fresh = entry.example_inputs(torch.Generator().manual_seed(seed))
-    want = model(*fresh)
-    got = big(*fresh)
-    scale = 1.0 + want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=0, atol=atol * scale)
 
 
 def _non_multiple_plan(name: str, residual: object) -> Plan:
@@ -53,41 +35,41 @@ def _grown_sizes(gm, big) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_grows_2x_losslessly(name):
-    entry, model, gm = _traced(name)
+    entry, model, gm = traced(name)
     big = lemon_fx.grow(gm, Plan(width=2.0, seed=1))
     sizes = _grown_sizes(gm, big)
     assert sizes and all(after == 2 * before for before, after in sizes.values()), sizes
-    _assert_lossless(model, big, entry)
+    assert_lossless(model, big, entry)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_grows_1_5x_or_refuses(name):
-    entry, model, gm = _traced(name)
+    entry, model, gm = traced(name)
     if name in WHOLE_MULTIPLE_STREAM:
         with pytest.raises(NotLosslessError, match="whole multiple"):
             lemon_fx.grow(gm, Plan(width=1.5))
         big = lemon_fx.grow(gm, _non_multiple_plan(name, residual=2.0))
     else:
         big = lemon_fx.grow(gm, Plan(width=1.5, seed=2))
-    _assert_lossless(model, big, entry)
+    assert_lossless(model, big, entry)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_grows_to_absolute_non_multiple_sizes(name):
     """32 -> 40 on the residual stream (the ``64 -> 80`` kind of target)."""
-    entry, model, gm = _traced(name)
+    entry, model, gm = traced(name)
     residual = 64 if name in WHOLE_MULTIPLE_STREAM else 40
     plan = Plan(width={"@residual": residual, "@ffn": 1.25, "@heads": 5, "@hidden": 1.25,
                        "@channels": 40, "@kv_heads": 3}, seed=5)
     big = lemon_fx.grow(gm, plan)
     residual_groups = [g for g in lemon_fx.inspect(big).groups if g.role == "residual"]
     assert all(g.size == residual for g in residual_groups)
-    _assert_lossless(model, big, entry)
+    assert_lossless(model, big, entry)
 
 
 @pytest.mark.parametrize("name", sorted(ONNX_CHECKED))
 def test_grown_model_matches_the_source_in_onnxruntime(name, tmp_path):
-    entry, model, gm = _traced(name)
+    entry, model, gm = traced(name)
     plan = _non_multiple_plan(name, 2.0) if name in WHOLE_MULTIPLE_STREAM else Plan(width=1.5)
     big = lemon_fx.grow(gm, plan)
     fresh = entry.example_inputs(torch.Generator().manual_seed(4))
@@ -99,7 +81,7 @@ def test_grown_model_matches_the_source_in_onnxruntime(name, tmp_path):
 
 
 def test_the_source_graph_module_is_never_modified():
-    entry, model, gm = _traced("gpt")
+    entry, model, gm = traced("gpt")
     state = {k: v.clone() for k, v in gm.state_dict().items()}
     code = gm.code
     lemon_fx.grow(gm, Plan(width=1.5))
