@@ -1,49 +1,313 @@
-"""The ``lemon-fx`` command line."""
+"""The ``lemon-fx`` command line: inspect, grow, verify and export from files and plans.
+
+Every verb loads ``TARGET`` (``file.py:factory`` or ``package.module:factory``), optionally a
+checkpoint, and draws example inputs from ``--input SPEC`` (``2x3x224x224``,
+``2x128:int64:50000``). Tracing uses inputs from seed 0; verification uses fresh ones
+(seed 1). A user mistake prints one line on stderr and exits 2 (``--debug`` shows the
+traceback); a model that fails verification exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
+
+EXAMPLES = {
+    "inspect": "lemon-fx inspect models.py:build --input 2x3x32x32\n"
+               "  lemon-fx inspect my_pkg.models:gpt --input 2x64:int64:50000 --json",
+    "grow": "lemon-fx grow models.py:build --plan plan.yaml --input 2x3x32x32 --out grown/\n"
+            "  lemon-fx grow models.py:gpt --plan plan.json --input 2x64:int64:50000 "
+            "--out grown/ --onnx --checkpoint small.safetensors",
+    "verify": "lemon-fx verify models.py:build --plan plan.yaml --input 2x3x32x32 --onnx",
+    "export": "lemon-fx export models.py:build --input 2x3x32x32 --out model.onnx\n"
+              "  lemon-fx export models.py:build --plan plan.yaml --input 2x3x32x32 "
+              "--out grown.onnx",
+    "demo": "lemon-fx demo\n  lemon-fx demo --width 2.0 --out grown.onnx",
+}
+
+
+class _Say:
+    """Progress on stderr for steps that take over a second; silent with --quiet/--json."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    @contextmanager
+    def step(self, what: str):
+        start = time.perf_counter()
+        yield
+        took = time.perf_counter() - start
+        if not self.quiet and took > 1.0:
+            print(f"lemon-fx: {what} ({took:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _verb(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = verbs.add_parser(name, help=help_text, description=help_text,
+                              epilog="examples:\n  " + EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def _model_args(parser: argparse.ArgumentParser, plan: str | None) -> None:
+    parser.add_argument("target", metavar="TARGET",
+                        help="file.py:factory or package.module:factory")
+    parser.add_argument("--input", metavar="SPEC", action="append", required=True,
+                        help="SHAPE[:DTYPE[:HIGH]] per forward argument, e.g. 2x3x224x224 "
+                        "or 2x128:int64:50000; repeat for several arguments")
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="a .safetensors or .pt state_dict loaded into the model first")
+    if plan == "required":
+        parser.add_argument("--plan", metavar="PLAN", required=True,
+                            help="YAML or JSON file with Plan fields (width, depth, placement, "
+                            "method, seed, allow_inexact)")
+    elif plan == "optional":
+        parser.add_argument("--plan", metavar="PLAN", help="grow with this plan first")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lemon-fx",
-        description="Grow a trained small PyTorch model into a larger one losslessly.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+        description="Grow a trained small PyTorch model into a larger one losslessly.")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    demo = verbs.add_parser(
-        "demo",
-        help="grow a built-in small transformer, export it to ONNX and check it",
-        description="Grow a built-in GPT-style transformer, verify it in float64 and with "
-        "onnxruntime, and print the groups and parameter counts before and after.",
-        epilog="examples:\n  lemon-fx demo\n  lemon-fx demo --width 2.0 --out grown.onnx",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    demo.add_argument("--width", type=float, default=1.5, help="width multiplier (default 1.5)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the demo and the growth")
-    demo.add_argument("--out", default=None, help="where to write the grown ONNX model")
+    p = _verb(verbs, "inspect", "print the width groups and block stacks of a model")
+    _model_args(p, None)
+    p = _verb(verbs, "grow", "grow a model with a plan; write model.safetensors, report.json, "
+              "report.md (and model.onnx) to DIR")
+    _model_args(p, "required")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder")
+    p.add_argument("--onnx", action="store_true",
+                   help="also export model.onnx, checked by onnx.checker and onnxruntime")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
+                   help="dtype of the saved grown weights (default float32)")
+    p = _verb(verbs, "verify", "grow in memory and check the result against the source "
+              "(float64, and onnxruntime with --onnx)")
+    _model_args(p, "required")
+    p.add_argument("--onnx", action="store_true", help="also check through onnxruntime")
+    p = _verb(verbs, "export", "export a model (grown with --plan, or as it is) to ONNX")
+    _model_args(p, "optional")
+    p.add_argument("--out", metavar="FILE", required=True, help="the .onnx file to write")
+    p = _verb(verbs, "demo", "grow a built-in small transformer, export it to ONNX, check it "
+              "with onnxruntime, print groups and parameter counts before and after")
+    p.add_argument("--width", type=float, default=1.5, help="width multiplier (default 1.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo and the growth")
+    p.add_argument("--out", default=None, help="where to write the grown ONNX model")
     return parser
+
+
+def _load(args, say: _Say):
+    import lemon_fx
+    from lemon_fx.targets import load_checkpoint, load_target, make_inputs
+
+    with say.step("loading the model"):
+        model = load_target(args.target)
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
+        model.eval()
+    inputs = make_inputs(args.input, seed=0)
+    fresh = make_inputs(args.input, seed=1)
+    with say.step("tracing"):
+        gm = lemon_fx.trace(model, inputs)
+    return model, gm, fresh
+
+
+def _plan(args):
+    import lemon_fx
+
+    return lemon_fx.Plan.from_file(args.plan)
+
+
+def _grow(gm, plan, say: _Say):
+    import lemon_fx
+
+    with say.step("growing"):
+        return lemon_fx.grow(gm, plan)
+
+
+def _growth_report(gm, big, plan, verification) -> dict[str, Any]:
+    import lemon_fx
+
+    before, after = lemon_fx.inspect(gm), lemon_fx.inspect(big)
+    growth = lemon_fx.growth_report(big)
+    sizes = {g.name: g.size for g in after.groups}
+    return {
+        "plan": plan.to_dict(),
+        "parameters": {"before": before.parameters, "after": after.parameters},
+        "groups": [{"name": g.name, "role": g.role, "form": g.form, "before": g.size,
+                    "after": sizes.get(g.name)} for g in before.groups],
+        "stacks": {"before": [vars_of(s) for s in before.stacks],
+                   "after": [vars_of(s) for s in after.stacks]},
+        "new_blocks": [{"name": b.name, "source": b.source_name} for b in growth.new_blocks],
+        "notes": list(growth.notes),
+        "measured_error": growth.measured_error,
+        "verification": {**verification.to_dict(),
+                         "onnx_max_abs_error": verification.onnx_max_abs_error,
+                         "onnx_max_rel_error": verification.onnx_max_rel_error},
+    }
+
+
+def vars_of(stack) -> dict[str, Any]:
+    return {"name": stack.name, "count": stack.count, "kind": stack.kind}
+
+
+def _markdown(report: dict[str, Any], target: str) -> str:
+    p = report["parameters"]
+    lines = [f"# lemon-fx growth of `{target}`", "",
+             f"Parameters: {p['before']:,} -> {p['after']:,} "
+             f"({p['after'] / max(p['before'], 1):.2f}x)", "",
+             f"Plan: `{json.dumps(report['plan'])}`", "",
+             "| group | role | form | before | after |", "|---|---|---|---|---|"]
+    lines += [f"| {g['name']} | {g['role']} | {g['form']} | {g['before']} | {g['after']} |"
+              for g in report["groups"]]
+    if report["new_blocks"]:
+        lines += ["", "New blocks (each a copy of its source with cancelling branches):", ""]
+        lines += [f"- `{b['name']}` <- `{b['source']}`" for b in report["new_blocks"]]
+    v = report["verification"]
+    lines += ["", "Verification against the source on fresh inputs:", "",
+              f"- torch ({v.get('dtype')}): max abs error {v.get('max_abs_error')}, "
+              f"max rel error {v.get('max_rel_error')}"]
+    if v.get("onnx_outputs"):
+        lines.append(f"- onnxruntime (float32): max abs error {v.get('onnx_max_abs_error')}, "
+                     f"max rel error {v.get('onnx_max_rel_error')}")
+    lines += [f"- note: {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _save_state(big, path: Path, dtype: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    target = {"float32": torch.float32, "float64": torch.float64,
+              "bfloat16": torch.bfloat16}[dtype]
+    # every key stored on its own (tied weights too), so load_state_dict(strict=True) works
+    state = {k: v.detach().to(target if v.is_floating_point() else v.dtype).contiguous().clone()
+             for k, v in big.state_dict().items()}
+    save_file(state, str(path))
+
+
+def _cmd_inspect(args, say: _Say) -> int:
+    import lemon_fx
+
+    _, gm, _ = _load(args, say)
+    report = lemon_fx.inspect(gm)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
+def _cmd_grow(args, say: _Say) -> int:
+    import lemon_fx
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        from lemon_fx.targets import TargetError
+
+        raise TargetError(f"--out {out} is a file", [lemon_fx.Problem(
+            reason=f"--out {out} is a file, not a folder", fix="name a folder")])
+    plan = _plan(args)
+    model, gm, fresh = _load(args, say)
+    big = _grow(gm, plan, say)
+    with tempfile.TemporaryDirectory(prefix=".lemon-fx-", dir=out.parent if out.parent.exists()
+                                     else None) as tmp:
+        staging = Path(tmp)
+        with say.step("verifying" + (" and exporting ONNX" if args.onnx else "")):
+            verification = lemon_fx.verify(gm, big, fresh,
+                                           onnx=str(staging / "model.onnx") if args.onnx
+                                           else False)
+        report = _growth_report(gm, big, plan, verification)
+        if args.onnx:
+            report["verification"]["onnx_path"] = str(out / "model.onnx")
+        _save_state(big, staging / "model.safetensors", args.dtype)
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "report.md").write_text(_markdown(report, args.target))
+        out.mkdir(parents=True, exist_ok=True)
+        for file in sorted(staging.iterdir()):  # only now does DIR change
+            shutil.move(str(file), str(out / file.name))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif not args.quiet:
+        print(_markdown(report, args.target))
+        print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return 0
+
+
+def _cmd_verify(args, say: _Say) -> int:
+    import lemon_fx
+
+    plan = _plan(args)
+    model, gm, fresh = _load(args, say)
+    big = _grow(gm, plan, say)
+    with say.step("verifying"):
+        report = lemon_fx.verify(gm, big, fresh, onnx=bool(args.onnx))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
+def _cmd_export(args, say: _Say) -> int:
+    import lemon_fx
+
+    model, gm, fresh = _load(args, say)
+    module = _grow(gm, _plan(args), say) if args.plan else gm
+    with say.step("exporting ONNX"):
+        path = lemon_fx.export_onnx(module, fresh, args.out)
+    if args.json:
+        print(json.dumps({"onnx": str(path)}))
+    elif not args.quiet:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args, say: _Say) -> int:
+    from lemon_fx.demo import run_demo
+
+    return run_demo(width=args.width, seed=args.seed, out=args.out)
+
+
+COMMANDS = {"inspect": _cmd_inspect, "grow": _cmd_grow, "verify": _cmd_verify,
+            "export": _cmd_export, "demo": _cmd_demo}
+
+
+def _one_line(exc: BaseException) -> str:
+    from lemon_fx.errors import LemonError
+
+    if isinstance(exc, LemonError):
+        problems = exc.problems
+        if len(problems) == 1:
+            p = problems[0]
+            where = f" ({p.node})" if p.node and p.node not in p.reason else ""
+            return f"{p.reason}{where}; fix: {p.fix}"
+        return f"{exc.message} ({len(problems)} problems; --debug lists them): " \
+               f"{problems[0].reason}; fix: {problems[0].fix}" if problems else exc.message
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from lemon_fx.errors import LemonError
+    say = _Say(quiet=getattr(args, "quiet", False) or getattr(args, "json", False))
+    from lemon_fx.errors import LemonError, VerificationError
 
     try:
-        if args.verb == "demo":
-            from lemon_fx.demo import run_demo
-
-            return run_demo(width=args.width, seed=args.seed, out=args.out)
-    except LemonError as exc:
-        if args.debug:
+        return COMMANDS[args.verb](args, say)
+    except VerificationError as exc:
+        if getattr(args, "debug", False):
             raise
-        print(f"lemon-fx: {exc}", file=sys.stderr)
+        print(f"lemon-fx: verification failed: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except (LemonError, OSError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"lemon-fx: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def noise_bound(source: torch.Tensor, fan_in: int) -> float:
     PyTorch's default bound) amplifies float32 rounding differences between copies from
     layer to layer.
     """
-    std = float(source.double().std()) if source.numel() > 1 else 0.0
+    std = float(source.detach().double().std()) if source.numel() > 1 else 0.0
     if std > 0:
         return 3.0**0.5 * std
     return 1.0 / max(fan_in, 1) ** 0.5
