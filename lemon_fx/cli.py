@@ -285,7 +285,9 @@ def _one_line(exc: BaseException) -> str:
         if len(problems) == 1:
             p = problems[0]
             where = f" ({p.node})" if p.node and p.node not in p.reason else ""
-            return f"{p.reason}{where}; fix: {p.fix}"
+            at = f" at {p.source}" if p.source else ""
+            head = "" if exc.message in p.reason else f"{exc.message}: "
+            return f"{head}{p.reason}{where}{at}; fix: {p.fix}"
         return f"{exc.message} ({len(problems)} problems; --debug lists them): " \
                f"{problems[0].reason}; fix: {problems[0].fix}" if problems else exc.message
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

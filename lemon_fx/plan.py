@@ -101,6 +101,10 @@ class Plan:
     def from_file(cls, path: str | Path) -> Plan:
         """Read a plan from YAML (``.yaml``/``.yml``) or JSON."""
         path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"no plan file {path}",
+                            [Problem(reason=f"no plan file {path}", source=str(path),
+                                     fix="check the path of the plan file")])
         text = path.read_text()
         try:
             if path.suffix in (".yaml", ".yml"):

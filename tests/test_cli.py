@@ -1,0 +1,146 @@
+"""The command line, run as a user would: a model file in a temporary folder, subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import onnxruntime
+import pytest
+import torch
+from safetensors.torch import load_file
+
+MODEL_FILE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, dim=16, depth=2):
+            super().__init__()
+            self.inp = nn.Linear(8, dim)
+            self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+            self.out = nn.Linear(dim, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            for block in self.blocks:
+                h = block(h)
+            return self.out(h)
+
+    class Block(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.ln = nn.LayerNorm(dim)
+            self.fc1 = nn.Linear(dim, 2 * dim)
+            self.fc2 = nn.Linear(2 * dim, dim)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+
+    def build():
+        torch.manual_seed(0)
+        return Net()
+
+    def bigger():
+        return Net(dim=32, depth=4)
+''')
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lemon_fx.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "models.py").write_text(MODEL_FILE)
+    (tmp_path / "plan.yaml").write_text("width: 2.0\ndepth: {blocks: 4}\nseed: 3\n")
+    return tmp_path
+
+
+def test_grow_writes_a_checked_model_that_loads_into_the_bigger_class(workdir):
+    done = run("grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8",
+               "--out", "grown", "--onnx", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    out = workdir / "grown"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors",
+                                                    "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["ok"]
+    assert [b["source"] for b in report["new_blocks"]] == ["blocks.0", "blocks.1"]
+    assert report["plan"]["width"] == 2.0
+    sys.path.insert(0, str(workdir))
+    try:
+        import models
+    finally:
+        sys.path.pop(0)
+    source, target = models.build().double(), models.bigger().double()
+    target.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    x = torch.randn(4, 8, dtype=torch.float64)  # the ONNX file has the example's batch size
+    # the saved weights are float32: the float64 model built from them is float32-accurate
+    torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-5)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    got = session.run(None, {name: x.float().numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got).double(), source(x), rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_prints_groups_and_stacks_and_json(workdir):
+    done = run("inspect", "models.py:build", "--input", "4x8", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert "residual" in done.stdout and "blocks: 2 x pre_ln" in done.stdout
+    done = run("inspect", "models.py:build", "--input", "4x8", "--json", cwd=workdir)
+    data = json.loads(done.stdout)
+    assert data["stacks"] == [{"name": "blocks", "count": 2, "kind": "pre_ln"}]
+
+
+def test_verify_and_export(workdir):
+    done = run("verify", "models.py:build", "--plan", "plan.yaml", "--input", "4x8", "--json",
+               cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"]
+    done = run("export", "models.py:build", "--input", "4x8", "--out", "m.onnx", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "m.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["grow", "models.py:nope", "--plan", "plan.yaml", "--input", "4x8", "--out", "g"],
+     "has no callable 'nope'"),
+    (["grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8:int64", "--out", "g"],
+     "needs HIGH"),
+    (["grow", "models.py:build", "--plan", "missing.yaml", "--input", "4x8", "--out", "g"],
+     "missing.yaml"),
+    (["grow", "models.py:build", "--plan", "bad.yaml", "--input", "4x8", "--out", "g"],
+     "bad.yaml:"),
+    (["grow", "models.py:build", "--plan", "shrink.yaml", "--input", "4x8", "--out", "g"],
+     "would shrink"),
+    (["grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x9", "--out", "g"],
+     "failed on the example inputs"),
+])
+def test_user_mistakes_give_one_line_and_no_output(workdir, args, message):
+    (workdir / "bad.yaml").write_text("width: 2.0\nseed: [1,\n")
+    (workdir / "shrink.yaml").write_text("width: {'@ffn': 4}\n")
+    done = run(*args, cwd=workdir)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]  # earlier lines are progress
+    assert last.startswith("lemon-fx: error: ") and message in last
+    assert "fix: " in last and "Traceback" not in done.stderr
+    assert len([line for line in done.stderr.splitlines() if line.startswith("lemon-fx: e")]) == 1
+    assert not (workdir / "g").exists()
+
+
+def test_debug_shows_the_traceback(workdir):
+    done = run("grow", "models.py:nope", "--plan", "plan.yaml", "--input", "4x8", "--out", "g",
+               "--debug", cwd=workdir)
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_every_verb_has_help_with_examples(workdir):
+    for verb in ("inspect", "grow", "verify", "export", "demo"):
+        done = run(verb, "--help", cwd=workdir)
+        assert done.returncode == 0 and "examples:" in done.stdout, verb
