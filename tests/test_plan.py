@@ -107,3 +107,16 @@ def test_depth_on_a_model_without_stacks_is_a_plan_error(gm):
 
 def test_a_bare_int_width_is_a_multiplier(gm):
     assert _sizes(lemon_fx.grow(gm, Plan(width=2))) == {"residual": 16, "ffn": 32}
+
+
+def test_the_plan_examples_in_the_docs_are_valid_plans():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parent.parent / "docs" / "plans.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        assert isinstance(Plan.from_dict(yaml.safe_load(block)), Plan)
