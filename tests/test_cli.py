@@ -144,3 +144,12 @@ def test_every_verb_has_help_with_examples(workdir):
     for verb in ("inspect", "grow", "verify", "export", "demo"):
         done = run(verb, "--help", cwd=workdir)
         assert done.returncode == 0 and "examples:" in done.stdout, verb
+
+
+def test_dtype_sets_the_saved_weights_dtype(workdir):
+    done = run("grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8", "--out",
+               "bf16", "--dtype", "bfloat16", "--quiet", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
+    state = load_file(str(workdir / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
