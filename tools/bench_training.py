@@ -27,7 +27,7 @@ import math
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -148,9 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--out", default="bench_results", help="folder for JSON and PNG")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="N, the from-scratch budget")
+    parser.add_argument("--peaks", type=float, nargs="+", help="peak rates to sweep")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else Config()
+    if args.steps:
+        cfg = replace(cfg, steps=args.steps)
+    if args.peaks:
+        cfg = replace(cfg, peak_lrs=tuple(args.peaks))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
