@@ -1,28 +1,54 @@
 """Training a grown model (or any model) with LEMON's schedule, on one process or many.
 
-``train(model, batches, loss_fn, config)`` runs AdamW (weight decay on matrices only),
-gradient clipping and :class:`lemon_fx.LemonSchedule`, evaluates every ``eval_every``
-steps, writes safetensors checkpoints and CSV/JSON logs, and resumes from the latest
-checkpoint in ``out_dir``. It uses CUDA when present.
+LEMON trains the grown model with a fresh optimizer, the warmup repeated, the same peak rate
+as from scratch and the cosine decay compressed into a shorter budget (``LEMON.md``,
+"Training after growth"). :func:`train` is that loop, with what a real run needs:
 
-Data parallel: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised
-from torchrun's environment (gloo on CPU, nccl on CUDA) and the model wrapped in
-``DistributedDataParallel``. ``batches(step)`` returns the same *global* batch on every
-rank and each rank trains on its own contiguous slice of it: DDP averages the gradients,
-so with equal slices the update is the single-process update on the global batch. Only
-rank 0 writes logs and checkpoints.
+- AdamW, weight decay on matrices (``dim >= 2``) only: decaying biases and norm gains pulls
+  them towards zero for no regularisation benefit, and growth relies on those being exact;
+- gradient clipping (``clip_grad_norm_``) and :class:`lemon_fx.LemonSchedule`;
+- evaluation every ``eval_every`` steps and at the end, in ``eval()`` mode under ``no_grad``;
+- checkpoints in ``out_dir/checkpoint-STEP/`` (safetensors, no pickle) and resume from the
+  latest one, reproducing the uninterrupted run exactly (see *Randomness*);
+- ``log.csv`` (a row per step, appended as it goes, so a crash keeps it) and ``log.json``;
+- a one-line progress bar on stderr (rank 0; when stderr is a terminal or when asked);
+- CUDA when present (``device="auto"``).
+
+**Data parallel.** Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised
+from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``; gloo on CPU, nccl on CUDA) and the model wrapped in
+``DistributedDataParallel``. ``batches`` gives the same *global* batch on every rank; each
+rank trains on its own contiguous slice (:func:`shard`), so with ``W`` ranks and a global
+batch of ``B`` rows each rank sees ``B / W`` rows. DDP averages the ranks' gradients, and
+when ``loss_fn`` is a mean over the rows (the usual ``reduction="mean"``) the average of
+``W`` equal-sized slice means is the mean over the global batch: the update is the
+single-process update on the global batch, whatever the number of ranks. That is why ``B``
+must be a multiple of ``W`` (unequal slices would weight rows unequally), and why a loss that
+averages over a data-dependent count (e.g. tokens with ``ignore_index``) is only
+approximately world-size independent. Only rank 0 writes logs and checkpoints; resuming
+reads ``out_dir`` on every rank, so ranks must share that folder (one machine, or a shared
+file system). A process group that :func:`train` created is destroyed when it returns.
+
+**Randomness.** Before each step the global RNG is seeded from ``(seed, step)`` (so that a
+``batches`` callable drawing from it gives the same global batch on every rank), then from
+``(seed, step, rank)`` for the forward pass (dropout differs between ranks). Because every
+step's randomness is derived from its number, a resumed run needs no saved RNG state to
+repeat the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,11 +56,27 @@ from torch import nn
 
 from lemon_fx.schedule import LemonSchedule
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "build_optimizer", "latest_checkpoint", "shard",
+           "train"]
+
+Batch = tuple[Any, torch.Tensor]
+LOG_FIELDS = ["step", "lr", "train_loss", "eval_loss", "grad_norm", "tokens_per_s",
+              "elapsed_s"]
 
 
 @dataclass
 class TrainConfig:
+    """What one training run does; stored in ``log.json`` so a run can be told apart later.
+
+    ``peak_lr`` is the rate after warmup: for a grown model, LEMON uses the *same* peak as
+    training the large model from scratch, and a ``total_steps`` shorter than from scratch
+    (the compressed decay). ``floor`` is the final rate as a fraction of the peak.
+    ``grad_clip=None`` turns clipping off. ``eval_every=0`` evaluates only at the end;
+    ``checkpoint_every=0`` checkpoints only at the end (with ``out_dir`` set). ``progress``:
+    ``None`` shows the bar when stderr is a terminal. ``device``: ``"auto"`` is
+    ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+    """
+
     peak_lr: float
     total_steps: int
     warmup_steps: int = 0
@@ -44,139 +86,431 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     eval_every: int = 0
     checkpoint_every: int = 0
-    out_dir: str | None = None
+    out_dir: str | Path | None = None
     seed: int = 0
     device: str = "auto"
-    progress: bool = False
+    progress: bool | None = None
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if not self.peak_lr > 0:
+            raise ValueError(f"peak_lr must be > 0, got {self.peak_lr}")
+        if self.total_steps <= 0 or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps "
+                             f"({self.total_steps}) and total_steps > 0")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"floor is a fraction of the peak rate, got {self.floor}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("eval_every and checkpoint_every must be >= 0 (0: at the end)")
 
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)  # mean loss over the global batch
-    evals: list[tuple[int, float]] = field(default_factory=list)
-    start_step: int = 0
+    """What :func:`train` did in this call (a resumed call starts at ``start_step``)."""
+
+    losses: list[float] = field(default_factory=list)  # per step, mean over the global batch
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
+    start_step: int = 0  # steps already done when this call began (from a checkpoint)
+    end_step: int = 0  # steps done when it returned (total_steps unless the data ran out)
+    checkpoint: Path | None = None  # the last checkpoint written (rank 0 only)
+    seconds: float = 0.0
 
 
-def _world() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW at the peak rate; weight decay on parameters with ``dim >= 2`` only.
 
+    Biases, norm gains and other vectors get none: decaying them regularises nothing useful
+    and drags LayerNorm gains towards zero.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2],
+               "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.peak_lr,
+                             betas=config.betas)
+
+
+def shard(batch: Any, rank: int, world: int) -> Any:
+    """Rank ``rank``'s contiguous slice (dim 0) of every tensor in a global batch.
+
+    Tensors may be nested in tuples, lists and dicts. The batch size must be a multiple of
+    ``world``: DDP averages gradients with equal weight per rank, which equals the global-batch
+    gradient only when the slices are equal.
+    """
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0 or batch.shape[0] % world:
+            raise ValueError(f"global batch of shape {tuple(batch.shape)} cannot be split "
+                             f"evenly across {world} ranks; use a multiple of {world}")
+        size = batch.shape[0] // world
+        return batch[rank * size:(rank + 1) * size]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(shard(b, rank, world) for b in batch)
+    if isinstance(batch, dict):
+        return {k: shard(v, rank, world) for k, v in batch.items()}
+    return batch
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """``model(x)``, ``model(*x)`` for a tuple or list, ``model(**x)`` for a dict."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def _count(targets: Any) -> int:
+    """Targets in a global batch: tokens for a language model, samples for a classifier."""
+    if isinstance(targets, torch.Tensor):
+        return targets.numel()
+    if isinstance(targets, (tuple, list)):
+        return sum(_count(t) for t in targets)
+    if isinstance(targets, dict):
+        return sum(_count(t) for t in targets.values())
+    return 0
+
+
+def _seed(*parts: int) -> None:
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**63)
+    torch.manual_seed(value)
+
+
+# -- distributed ---------------------------------------------------------------------------
 
 def _device(config: TrainConfig) -> torch.device:
     if config.device != "auto":
         return torch.device(config.device)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} "
+                               "CUDA devices; start fewer processes per node")
+        return torch.device("cuda", local)
     return torch.device("cpu")
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": matrices, "weight_decay": config.weight_decay},
-                              {"params": others, "weight_decay": 0.0}],
-                             lr=config.peak_lr, betas=config.betas)
+def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before nccl starts, so it binds the right GPU
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return dist.get_rank(), dist.get_world_size(), True
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+# -- checkpoints ---------------------------------------------------------------------------
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete ``checkpoint-STEP`` folder with the highest step in ``out_dir``, if any."""
+    found = []
+    for path in Path(out_dir).glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(step), path))
+    return max(found)[1] if found else None
 
 
-def _save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, schedule) -> None:
+def _save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     schedule: LemonSchedule, config: TrainConfig) -> Path:
+    """Write ``checkpoint-STEP/`` atomically: staged in a temporary folder, then renamed.
+
+    ``model.safetensors`` holds the model's state_dict (loadable by
+    ``lemon_fx.targets.load_checkpoint`` and ``lemon-fx --checkpoint``). The optimizer's
+    tensors (Adam's moments and step counts) go to ``optimizer.safetensors`` as
+    ``state.PARAM_INDEX.NAME``; its hyperparameters, the schedule and the step go to
+    ``trainer_state.json``. Nothing is pickled, so loading a checkpoint cannot run code
+    (``torch.load`` of a pickle can), and ``trainer_state.json`` written last marks the
+    checkpoint complete.
+    """
     from safetensors.torch import save_file
 
-    folder = out / f"checkpoint-{step}"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"step": str(step)})
-    # optimizer moments are nested dicts of tensors and ints, which safetensors cannot hold
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "step": step}, folder / "training_state.pt")
+    final = out / f"checkpoint-{step}"
+    staging = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    # every key stored on its own (tied weights too), so load_state_dict(strict=True) works
+    model_state = {k: v.detach().cpu().contiguous().clone()
+                   for k, v in model.state_dict().items()}
+    save_file(model_state, str(staging / "model.safetensors"), metadata={"step": str(step)})
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in opt["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{index}.{name}"] = value
+    save_file(tensors, str(staging / "optimizer.safetensors"), metadata={"step": str(step)})
+    trainer_state = {"step": step, "param_groups": opt["param_groups"],
+                     "optimizer_scalars": scalars, "schedule": schedule.state_dict(),
+                     "config": _jsonable(asdict(config))}
+    (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    return final
 
 
-def _load_checkpoint(folder: Path, model: nn.Module, optimizer, schedule) -> int:
+def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     schedule: LemonSchedule) -> int:
     from safetensors.torch import load_file
 
+    if not (folder / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint on this rank; under "
+                                "DDP every rank must see out_dir (a shared folder)")
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    state = torch.load(folder / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    return int(state["step"])
+    trainer_state = json.loads((folder / "trainer_state.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in trainer_state["optimizer_scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()}
+              for group in trainer_state["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    schedule.load_state_dict(trainer_state["schedule"])
+    return int(trainer_state["step"])
 
 
-def train(model: nn.Module, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], config: TrainConfig,
-          *, eval_fn: Callable[[nn.Module], float] | None = None,
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# -- logs ----------------------------------------------------------------------------------
+
+class _Log:
+    """``log.csv`` appended and flushed per step; ``log.json`` rewritten at checkpoints.
+
+    On resume the rows past the checkpoint's step (written before an interruption) are
+    dropped, so the logs of a resumed run read like those of an uninterrupted one.
+    """
+
+    def __init__(self, out: Path, config: TrainConfig, keep_until: int):
+        self.out, self.config = out, config
+        self.rows: list[dict[str, Any]] = []
+        csv_path = out / "log.csv"
+        if keep_until > 0 and csv_path.is_file():
+            with csv_path.open(newline="") as f:
+                self.rows = [_parse_row(r) for r in csv.DictReader(f)
+                             if int(r["step"]) <= keep_until]
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = csv_path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
+        self.writer.writeheader()
+        for row in self.rows:
+            self.writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        self.file.flush()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        self.file.flush()
+
+    def write_json(self) -> None:
+        text = json.dumps({"config": _jsonable(asdict(self.config)), "steps": self.rows},
+                          indent=1)
+        tmp = self.out / "log.json.tmp"
+        tmp.write_text(text + "\n")
+        os.replace(tmp, self.out / "log.json")
+
+    def close(self) -> None:
+        self.write_json()
+        self.file.close()
+
+
+def _parse_row(row: dict[str, str]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for name in LOG_FIELDS:
+        text = row.get(name, "")
+        parsed[name] = None if text == "" else int(text) if name == "step" else float(text)
+    return parsed
+
+
+class _Progress:
+    """``\\r``-rewritten status line: step, loss, rate, throughput, time left."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.width, self.shown = enabled, total, 0, 0.0
+
+    def update(self, row: dict[str, Any], start_step: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.shown < 0.1 and row["step"] < self.total):
+            return
+        self.shown = now
+        done = row["step"] - start_step
+        eta = row["elapsed_s"] / max(done, 1) * (self.total - row["step"])
+        text = (f"step {row['step']}/{self.total}  loss {row['train_loss']:.4f}  "
+                f"lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s  "
+                f"eta {int(eta) // 60}m{int(eta) % 60:02d}s")
+        if row["eval_loss"] is not None:
+            text += f"  eval {row['eval_loss']:.4f}"
+        print("\r" + text.ljust(self.width), end="", file=sys.stderr, flush=True)
+        self.width = len(text)
+
+    def close(self) -> None:
+        if self.enabled and self.width:
+            print(file=sys.stderr, flush=True)
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+def _batch_source(batches: Callable[[int], Batch] | Iterable[Batch],
+                  start: int) -> Callable[[int], Batch | None]:
+    """``step -> batch`` (``None`` when the data ran out); an iterable is advanced past the
+    steps a resumed run already did, so it must yield the same sequence each time."""
+    if callable(batches):
+        return batches
+    iterator: Iterator[Batch] = iter(batches)
+    for _ in range(start):
+        if next(iterator, None) is None:
+            break
+    return lambda step: next(iterator, None)
+
+
+def train(model: nn.Module, batches: Callable[[int], Batch] | Iterable[Batch],
+          loss_fn: Callable[[Any, Any], torch.Tensor], config: TrainConfig, *,
+          eval_fn: Callable[[nn.Module], float] | None = None,
           resume: bool = True) -> TrainResult:
-    """Train ``model`` in place for ``config.total_steps`` steps (see the module docstring)."""
-    rank, world = _world()
-    device = _device(config)
-    torch.manual_seed(config.seed)
-    model.to(device).train()
-    optimizer = _optimizer(model, config)
-    schedule = LemonSchedule(optimizer, config.warmup_steps, config.total_steps, config.floor)
-    out = Path(config.out_dir) if config.out_dir else None
-    result = TrainResult()
-    if out is not None and resume and (latest := _latest_checkpoint(out)) is not None:
-        result.start_step = _load_checkpoint(latest, model, optimizer, schedule)
-    trained = model
-    if world > 1:
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=None if
-                                                      device.type == "cpu" else [device])
-    log_rows: list[dict] = []
+    """Train ``model`` in place for ``config.total_steps`` optimizer steps.
+
+    ``batches`` is ``step -> (inputs, targets)`` (``step`` counts from 0) or an iterable of
+    such pairs; the *global* batch, identical on every rank (see the module docstring).
+    ``inputs`` is a tensor (``model(x)``), a tuple (``model(*x)``) or a dict
+    (``model(**x)``). ``loss_fn(outputs, targets)`` must average over the batch.
+    ``eval_fn(model)`` returns a float; it runs on every rank (so it may use collectives)
+    with the unwrapped model in ``eval()`` mode under ``no_grad``, and rank 0's value is
+    logged. With ``resume`` and ``out_dir`` the run continues from the latest checkpoint
+    there (``resume=False`` starts over and overwrites the logs, but leaves old
+    checkpoints: use a fresh ``out_dir``). A non-finite loss raises ``FloatingPointError``
+    before the optimizer step, so the checkpoints stay clean.
+    """
     started = time.perf_counter()
-    for step in range(result.start_step, config.total_steps):
-        inputs, targets = batches(step)
-        inputs = inputs.chunk(world)[rank].to(device)
-        targets = targets.chunk(world)[rank].to(device)
-        loss = loss_fn(trained(inputs), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        schedule.step()
-        global_loss = loss.detach().clone()
+    device = _device(config)
+    rank, world, owns_group = _init_distributed(device)
+    try:
+        result = _train(model, batches, loss_fn, config, eval_fn, resume, device, rank, world)
         if world > 1:
-            dist.all_reduce(global_loss)
-            global_loss /= world
-        result.losses.append(float(global_loss))
-        row = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": float(global_loss), "eval_loss": "",
-               "tokens_per_s": inputs.numel() * world * (step + 1 - result.start_step)
-               / max(time.perf_counter() - started, 1e-9)}
-        if eval_fn is not None and config.eval_every and (step + 1) % config.eval_every == 0:
-            row["eval_loss"] = eval_fn(model)
-            result.evals.append((step + 1, row["eval_loss"]))
-        log_rows.append(row)
-        if rank == 0 and config.progress:
-            print(f"\rstep {step + 1}/{config.total_steps} loss {row['train_loss']:.4f}",
-                  end="", file=sys.stderr, flush=True)
-        if out is not None and rank == 0 and config.checkpoint_every and \
-                (step + 1) % config.checkpoint_every == 0:
-            _save_checkpoint(out, step + 1, model, optimizer, schedule)
-    if rank == 0 and config.progress:
-        print(file=sys.stderr)
-    if out is not None and rank == 0:
-        _write_logs(out, log_rows, config)
+            dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+    result.seconds = time.perf_counter() - started
     return result
 
 
-def _write_logs(out: Path, rows: list[dict], config: TrainConfig) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    fields = ["step", "lr", "train_loss", "eval_loss", "tokens_per_s"]
-    csv_path = out / "log.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    json_path = out / "log.json"
-    history = json.loads(json_path.read_text())["steps"] if json_path.exists() else []
-    json_path.write_text(json.dumps({"config": asdict(config), "steps": history + rows},
-                                    indent=1) + "\n")
+def _train(model, batches, loss_fn, config, eval_fn, resume, device, rank, world):
+    model.to(device).train()
+    optimizer = build_optimizer(model, config)
+    schedule = LemonSchedule(optimizer, config.warmup_steps, config.total_steps, config.floor)
+    out = Path(config.out_dir) if config.out_dir is not None else None
+    result = TrainResult()
+    if out is not None and resume:
+        found = latest_checkpoint(out) if rank == 0 else None
+        if world > 1:  # every rank loads the checkpoint rank 0 chose
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        if found is not None:
+            result.start_step = _load_checkpoint(Path(found), model, optimizer, schedule)
+    result.end_step = result.start_step
+    trained: nn.Module = model
+    if world > 1:
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    log = _Log(out, config, result.start_step) if out is not None and rank == 0 else None
+    show = config.progress if config.progress is not None else sys.stderr.isatty()
+    progress = _Progress(rank == 0 and show, config.total_steps)
+    next_batch = _batch_source(batches, result.start_step)
+    targets_seen, loop_started = 0, time.perf_counter()
+    try:
+        for step in range(result.start_step, config.total_steps):
+            _seed(config.seed, step)
+            batch = next_batch(step)
+            if batch is None:
+                if rank == 0:
+                    print(f"\nlemon_fx.train: data ran out after {step} steps",
+                          file=sys.stderr)
+                break
+            inputs, targets = batch
+            targets_seen += _count(targets)
+            inputs = _to(shard(inputs, rank, world), device)
+            targets = _to(shard(targets, rank, world), device)
+            _seed(config.seed, step, rank)
+            lr = optimizer.param_groups[0]["lr"]
+            loss = loss_fn(_call(trained, inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # under DDP the gradients are averaged across ranks here
+            global_loss = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(global_loss)
+                global_loss /= world
+            loss_value = float(global_loss)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training loss is {loss_value} at step {step + 1}")
+            max_norm = config.grad_clip if config.grad_clip is not None else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            optimizer.step()
+            schedule.step()
+            done = step + 1
+            result.end_step = done
+            result.losses.append(loss_value)
+            eval_loss = None
+            if eval_fn is not None and (done == config.total_steps or
+                                        (config.eval_every and done % config.eval_every == 0)):
+                eval_loss = _evaluate(model, eval_fn)
+                result.evals.append((done, eval_loss))
+            elapsed = time.perf_counter() - loop_started
+            row = {"step": done, "lr": lr, "train_loss": loss_value, "eval_loss": eval_loss,
+                   "grad_norm": grad_norm, "tokens_per_s": targets_seen / max(elapsed, 1e-9),
+                   "elapsed_s": elapsed}
+            progress.update(row, result.start_step)
+            if log is not None:
+                log.add(row)
+                if done == config.total_steps or (config.checkpoint_every and
+                                                  done % config.checkpoint_every == 0):
+                    result.checkpoint = _save_checkpoint(out, done, model, optimizer,
+                                                         schedule, config)
+                    log.write_json()
+        if log is not None and result.end_step < config.total_steps \
+                and result.end_step > result.start_step:  # data ran out: keep what was done
+            result.checkpoint = _save_checkpoint(out, result.end_step, model, optimizer,
+                                                 schedule, config)
+    finally:
+        progress.close()
+        if log is not None:
+            log.close()
+    return result
+
+
+def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module], float]) -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(eval_fn(model))
+    finally:
+        model.train(was_training)

@@ -1,11 +1,17 @@
-"""Train a model with LEMON's schedule: ``python tools/train.py --demo`` or under torchrun.
+"""Train a byte-level language model with LEMON's schedule (``lemon_fx.training.train``).
 
     python tools/train.py --demo --steps 50 --out runs/demo
     torchrun --nproc_per_node=2 tools/train.py --demo --steps 50 --out runs/ddp
+    python tools/train.py --model models.py:gpt --checkpoint small.safetensors \\
+        --width 2 --depth 2 --data corpus.txt --steps 2000 --lr 3e-3 --out runs/grown
 
-``--demo`` grows lemon_fx's TinyGPT 2x wide and deep and trains it on byte-level text of
-Python's standard library (the corpus of tools/bench_training.py); ``--grow`` off trains
-the small model itself. The loop is ``lemon_fx.training.train``.
+``--demo`` trains ``lemon_fx.demo.TinyGPT`` on the bytes of a few Python standard library
+files (on every machine, read in a fixed order). ``--model FILE.py:FACTORY`` trains your
+model instead: it maps ``(batch, context)`` int64 bytes to ``(batch, context, vocab >= 256)``
+logits. ``--width``/``--depth`` grow the model with lemon_fx first (after ``--checkpoint``
+is loaded), which is the point: train the grown model with the same peak rate as from
+scratch and a shorter ``--steps``. Running again with the same ``--out`` resumes.
+``--batch`` is the global batch; under torchrun each rank takes an equal slice of it.
 """
 
 from __future__ import annotations
@@ -13,50 +19,132 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import lemon_fx
-from lemon_fx.demo import TinyGPT
 from lemon_fx.training import TrainConfig, train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_training import Config, batches, corpus  # noqa: E402
+# present in every CPython 3.10+ source tree; read in this order
+DEMO_MODULES = ["argparse", "ast", "csv", "dataclasses", "functools", "inspect",
+                "json/decoder", "pathlib", "random", "textwrap"]
+
+
+def demo_text() -> bytes:
+    """The demo corpus: the bytes of ``DEMO_MODULES`` from this Python's stdlib folder."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return b"".join((root / f"{name}.py").read_bytes() for name in DEMO_MODULES)
+
+
+def byte_batches(tokens: torch.Tensor, batch: int, context: int, seed: int):
+    """``step -> (inputs, targets)``: random windows, from a generator seeded by the step.
+
+    A function of the step alone, so every rank draws the same global batch and a resumed
+    run the same batches as an uninterrupted one.
+    """
+    def get(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(0, len(tokens) - context - 1, (batch,), generator=generator)
+        window = torch.stack([tokens[s:s + context + 1] for s in starts.tolist()])
+        return window[:, :-1], window[:, 1:]
+    return get
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def build_model(args) -> torch.nn.Module:
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    if args.demo:
+        from lemon_fx.demo import TinyGPT
+
+        model = TinyGPT(vocab=256, dim=64, depth=2, num_heads=4, max_len=args.context)
+    else:
+        from lemon_fx.targets import load_checkpoint, load_target
+
+        model = load_target(args.model)
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
+    if args.width or args.depth:
+        import lemon_fx
+
+        example = torch.randint(0, 256, (2, args.context))
+        gm = lemon_fx.trace(model.eval(), (example,))
+        model = lemon_fx.grow(gm, lemon_fx.Plan(width=args.width, depth=args.depth,
+                                                seed=args.seed))
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", action="store_true", required=True,
-                        help="train the built-in demo model (the only model source so far)")
-    parser.add_argument("--no-grow", action="store_true", help="train the small model as is")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--demo", action="store_true", help="train lemon_fx's TinyGPT")
+    source.add_argument("--model", metavar="FILE.py:FACTORY", help="the model to train")
+    parser.add_argument("--checkpoint", help="weights for --model (.safetensors or .pt)")
+    parser.add_argument("--width", type=float, default=None, help="grow widths by this first")
+    parser.add_argument("--depth", type=float, default=None, help="grow depth by this first")
+    parser.add_argument("--data", nargs="+", metavar="FILE",
+                        help="text files, read as bytes (default with --demo: stdlib files)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--out", default=None, help="folder for logs and checkpoints")
+    parser.add_argument("--warmup", type=int, default=None, help="default: --steps / 10")
+    parser.add_argument("--floor", type=float, default=0.1, help="final lr / peak")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    parser.add_argument("--batch", type=int, default=16, help="global batch size")
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder for logs and checkpoints")
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--progress", action="store_true", default=None,
+                        help="show the progress bar even when stderr is not a terminal")
     args = parser.parse_args(argv)
-    cfg = Config(context=64, batch=16)
-    train_tokens, val = corpus()
-    torch.manual_seed(0)
-    model = TinyGPT(vocab=256, dim=64, depth=2, num_heads=4, max_len=cfg.context)
-    if not args.no_grow:
-        gm = lemon_fx.trace(model.eval(), (torch.randint(0, 256, (2, cfg.context)),))
-        model = lemon_fx.grow(gm, lemon_fx.Plan(width=2.0, depth=2.0))
-    stream = batches(train_tokens, cfg, seed=0)
-    fixed = [next(stream) for _ in range(args.steps)]  # the same global batches on every rank
 
-    def loss_fn(logits, targets):
-        return F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
+    if args.data:
+        text = b"".join(Path(p).read_bytes() for p in args.data)
+    elif args.demo:
+        text = demo_text()
+    else:
+        parser.error("--model needs --data")
+    tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    cut = int(len(tokens) * 0.9)
+    if cut - args.context < 2 or len(tokens) - cut - args.context < 2:
+        parser.error(f"--data has {len(tokens)} bytes, too few for --context {args.context}")
+    train_batches = byte_batches(tokens[:cut], args.batch, args.context, args.seed)
+    val_get = byte_batches(tokens[cut:], args.batch, args.context, args.seed + 1)
+    val = [val_get(i) for i in range(args.eval_batches)]
 
-    result = train(model, lambda step: fixed[step], loss_fn,
-                   TrainConfig(peak_lr=args.lr, total_steps=args.steps,
-                               warmup_steps=args.warmup, out_dir=args.out,
-                               checkpoint_every=args.checkpoint_every, progress=True))
+    def evaluate(model: torch.nn.Module) -> float:
+        device = next(model.parameters()).device
+        return sum(float(lm_loss(model(x.to(device)), y.to(device))) for x, y in val) / len(val)
+
+    warmup = args.warmup if args.warmup is not None else args.steps // 10
+    try:
+        config = TrainConfig(peak_lr=args.lr, total_steps=args.steps, warmup_steps=warmup,
+                             floor=args.floor, weight_decay=args.weight_decay,
+                             grad_clip=args.clip or None, eval_every=args.eval_every,
+                             checkpoint_every=args.checkpoint_every, out_dir=args.out,
+                             seed=args.seed, device=args.device, progress=args.progress)
+    except ValueError as exc:
+        parser.error(str(exc))
+    model = build_model(args)
+    result = train(model, train_batches, lm_loss, config, eval_fn=evaluate,
+                   resume=not args.no_resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
-              f"({len(result.losses)} steps)")
+        if not result.losses:
+            print(f"nothing to do: already at step {result.end_step}")
+            return 0
+        final = f", eval {result.evals[-1][1]:.4f}" if result.evals else ""
+        print(f"steps {result.start_step}->{result.end_step}: train loss "
+              f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}{final} "
+              f"({result.seconds:.1f} s)" + (f"; {args.out}" if args.out else ""))
     return 0
 
 
