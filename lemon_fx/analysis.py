@@ -106,11 +106,15 @@ class WidthAnalysis:
     ties: list[tuple[int, list[int], Problem]]
     rules: dict[torch.fx.Node, Rule]
     groups: list[Any] = field(default_factory=list)  # list[WidthGroup], set by build_groups
+    held: list[Any] = field(default_factory=list)  # list[HeldWidth], set by build_groups
     input_leaves: set[int] = field(default_factory=set)
     # a tensor registered under several names (tied weights) is analyzed once, under the
     # first name; the others map to it
     aliases: dict[str, str] = field(default_factory=dict)
     get_attr_nodes: list[torch.fx.Node] = field(default_factory=list)
+    # axes an op couples in a way the dims table cannot express (a grouped conv reading a
+    # concatenation): they are kept at their size, and say so instead of growing silently
+    mixed: list[tuple[int, Problem]] = field(default_factory=list)
     _form_index: dict | None = field(default=None, repr=False)
 
     def canonical(self, name: str) -> str:
@@ -223,8 +227,15 @@ class NodeAnalysis:
             self._mismatch([dim, *parts], str(exc))
 
     def _mismatch(self, dims: list[int], why: str) -> None:
+        reason = f"{op_name(self.node, self.root)} at '{self.node.name}' mixes axes ({why})"
+        problem = self.problem(
+            f"couples axes whose layouts lemon_fx cannot line up ({why}), so they keep "
+            "their size",
+            "grow the rest with a width mapping that leaves these layers out, or register a "
+            "rule that states the coupling")
         for d in dims:
-            self.fix(d, f"{op_name(self.node, self.root)} at '{self.node.name}' mixes axes ({why})")
+            self.fix(d, reason)
+            self._a.mixed.append((d, problem))
 
     def new_dim(self, size: int) -> int:
         return self._a.dims.new(size)

@@ -14,8 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from lemon_fx.analysis import ROLE_ORDER, WidthAnalysis, group_name_candidates
+from lemon_fx.errors import Problem
 
-__all__ = ["WidthGroup", "build_groups"]
+__all__ = ["HeldWidth", "WidthGroup", "build_groups", "held_note"]
 
 
 @dataclass
@@ -28,6 +29,43 @@ class WidthGroup:
     leaf: int = field(repr=False, default=-1)
     blocked_by: list[str] = field(default_factory=list)
     whole_multiples_only: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HeldWidth:
+    """Layer widths the analysis had to keep at their size (never grown), and why.
+
+    Not the model's own boundaries (vocabulary, input channels): axes that an op couples
+    in a way the dims table cannot express, e.g. a grouped convolution reading a channel
+    concatenation. Listed so that a plan growing "everything" does not skip them silently.
+    ``members`` are the parameter axes, as in ``WidthGroup``.
+    """
+
+    members: list[str]
+    problem: Problem
+
+
+def held_note(held: HeldWidth) -> str:
+    p = held.problem
+    return (f"kept at their size: {', '.join(held.members)} ({p.op} at '{p.node}' "
+            f"{p.reason}; fix: {p.fix})")
+
+
+def _held_widths(analysis: WidthAnalysis, owned: set[int]) -> list[HeldWidth]:
+    table = analysis.dims
+    by_op: dict[tuple, tuple[set[int], Problem]] = {}
+    for dim, problem in analysis.mixed:
+        leaves = {table.find(leaf) for leaf in table.leaves(dim) if leaf in owned}
+        if leaves:
+            key = (problem.node, problem.reason)
+            by_op.setdefault(key, (set(), problem))[0].update(leaves)
+    held = []
+    for roots, problem in by_op.values():
+        members = [f"{name}[{axis}]" for name, dims in analysis.param_dims.items()
+                   for axis, d in enumerate(dims)
+                   if any(table.find(leaf) in roots for leaf in table.leaves(d))]
+        held.append(HeldWidth(members, problem))
+    return held
 
 
 def _role(hints: set[str]) -> str:
@@ -96,6 +134,7 @@ def build_groups(analysis: WidthAnalysis) -> list[WidthGroup]:
     order = {r: i for i, r in enumerate(ROLE_ORDER)}
     groups.sort(key=lambda g: (g.name.count("."), order.get(g.role, 99), g.name))
     analysis.groups = groups
+    analysis.held = _held_widths(analysis, owned)
     return groups
 
 

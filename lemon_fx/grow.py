@@ -17,6 +17,7 @@ import torch.fx
 from lemon_fx.depth_plan import resolve_depth
 from lemon_fx.errors import PlanError, Problem, TraceError
 from lemon_fx.graph_facts import tensor_shape
+from lemon_fx.groups import held_note
 from lemon_fx.plan import Plan
 from lemon_fx.report import analyze
 from lemon_fx.resolution import resolve_width
@@ -123,7 +124,9 @@ def grow(
     grown = widen(private, resolution, edits).graph_module
     _, new_blocks, notes = deepen(grown, growths, resolution)
     grown = cleanup(grown).graph_module
-    report = GrowthReport(plan, new_blocks, notes)
+    report = GrowthReport(plan, new_blocks, list(notes))
+    if plan.width is not None:
+        report.notes += [held_note(h) for h in analysis.held]
     inputs = source.meta.get(EXAMPLE_INPUTS_KEY)
     if inputs is not None:
         record_facts(grown, inputs)

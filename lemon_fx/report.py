@@ -10,7 +10,7 @@ import torch.fx
 from lemon_fx.analysis import WidthAnalysis, analyze_width
 from lemon_fx.errors import Problem, TraceError
 from lemon_fx.graph_facts import tensor_shape
-from lemon_fx.groups import WidthGroup, build_groups
+from lemon_fx.groups import HeldWidth, WidthGroup, build_groups, held_note
 from lemon_fx.stacks import BlockStack, find_stacks
 
 __all__ = ["InspectReport", "inspect", "analyze"]
@@ -22,6 +22,8 @@ class InspectReport:
     stacks: list[BlockStack]
     parameters: int
     analysis: WidthAnalysis | None = field(default=None, repr=False)
+    # layer widths the analysis keeps at their size, with the op and the reason
+    held: list[HeldWidth] = field(default_factory=list)
 
     def group(self, name: str) -> WidthGroup:
         for g in self.groups:
@@ -45,6 +47,7 @@ class InspectReport:
                 continue  # LEMON keeps head_dim; the reason is always the attention scale
             for why in g.blocked_by[:3]:
                 out.append(f"  {g.name} blocked by {why}")
+        out += [f"  {held_note(h)}" for h in self.held]
         if self.stacks:
             out.append("")
             out.append("block stacks")
@@ -61,6 +64,8 @@ class InspectReport:
                 for g in self.groups
             ],
             "stacks": [{"name": s.name, "count": s.count, "kind": s.kind} for s in self.stacks],
+            "held": [{"members": list(h.members), "node": h.problem.node, "op": h.problem.op,
+                      "reason": h.problem.reason, "fix": h.problem.fix} for h in self.held],
         }
 
 
@@ -88,4 +93,5 @@ def inspect(gm: torch.fx.GraphModule) -> InspectReport:
         stacks=find_stacks(gm),
         parameters=sum(p.numel() for p in gm.parameters()),
         analysis=analysis,
+        held=analysis.held,
     )

@@ -130,6 +130,16 @@ def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
         for g in groups:
             if g.role != "head_dim":
                 targets[g.leaf] = _target_for(g, float(width))
+        if float(width) != 1.0 and not any(g.role != "head_dim" for g in groups):
+            problems += [Problem(reason=f"nothing can grow: {h.problem.reason} "
+                                 f"({', '.join(h.members)})", fix=h.problem.fix,
+                                 node=h.problem.node, op=h.problem.op,
+                                 source=h.problem.source) for h in analysis.held]
+            if not problems:
+                problems.append(Problem(
+                    reason="this model has no growable width group (every axis is tied "
+                    "to an input or output)", node="width",
+                    fix="check lemon_fx.inspect(gm); grow depth only"))
     for g in groups:
         t = targets.get(g.leaf, g.size)
         if t < g.size:

@@ -289,3 +289,51 @@ def test_subclass_with_its_own_forward_is_traced_through_not_taken_for_its_base(
         assert "computed at run time" in str(err) or "no rule for this op" in str(err)
         return
     _assert_same(big(x), model(x))
+
+
+class _ConcatIntoGroupedConv(nn.Module):
+    """Two branches concatenated into a grouped conv, then a growable Linear head."""
+
+    def __init__(self, head: bool):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.head = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 5)) if head \
+            else None
+
+    def forward(self, x):
+        y = self.g(torch.cat([self.a(x), self.b(x)], dim=1))
+        return y if self.head is None else self.head(y.mean(dim=(2, 3)))
+
+
+def test_a_grouped_conv_on_a_concatenation_reports_the_widths_it_keeps():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gm = lemon_fx.trace(_ConcatIntoGroupedConv(head=False).double().eval(), (x,))
+    report = lemon_fx.inspect(gm)
+    assert report.groups == [] and len(report.held) == 1
+    assert {"a.weight[0]", "b.weight[0]", "g.weight[0]"} <= set(report.held[0].members)
+    assert "kept at their size" in str(report) and "'g'" in str(report)
+    assert report.to_dict()["held"][0]["op"] == "nn.Conv2d"
+    # 2x asked, nothing can grow: an error naming the conv, not the same model back
+    with pytest.raises(lemon_fx.PlanError) as info:
+        lemon_fx.grow(gm, Plan(width=2.0))
+    problem = info.value.problems[0]
+    assert problem.node == "g" and problem.op == "nn.Conv2d"
+    assert "nothing can grow" in problem.reason and problem.fix
+
+
+def test_a_model_growing_around_kept_widths_says_which_it_kept():
+    torch.manual_seed(0)
+    model = _ConcatIntoGroupedConv(head=True).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gm = lemon_fx.trace(model, (x,))
+    big = lemon_fx.grow(gm, Plan(width=2.0))
+    assert big.get_submodule("head.0").out_features == 48  # the hidden layer grew
+    assert big.get_submodule("g").weight.shape == model.g.weight.shape
+    notes = lemon_fx.growth_report(big).notes
+    assert any("kept at their size" in n and "g.weight[0]" in n for n in notes)
+    fresh = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator()
+                        .manual_seed(1))
+    torch.testing.assert_close(big(fresh), model(fresh), rtol=0, atol=1e-10)
