@@ -12,6 +12,10 @@
 ``method`` ``"lemon"`` (unequal splits, cancelling new blocks) or ``"net2net"`` (equal
            splits, zeroed new blocks), the baseline users compare against.
 ``seed``   the only source of randomness: same seed, identical weights.
+``noise_scale``  a multiplier of LEMON's noise bound (split fan-in columns, cancelling new
+           blocks): 1.0, the default, draws at the layer's own weight scale; smaller keeps
+           the copies closer together, 0 makes them equal (and new blocks zero). The
+           function is exact at any scale; only how fast copies diverge changes.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Plan:
     method: str = "lemon"
     seed: int = 0
     allow_inexact: bool = False
+    noise_scale: float = 1.0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,11 @@ class Plan:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             problems.append(Problem(reason=f"seed {self.seed!r} is not an int",
                                     fix="use an integer seed", node="seed"))
+        if isinstance(self.noise_scale, bool) or not isinstance(self.noise_scale, (int, float)) \
+                or not self.noise_scale >= 0:
+            problems.append(Problem(reason=f"noise_scale {self.noise_scale!r} is not a number "
+                                    ">= 0", fix="use 1.0 (LEMON's scale) or another "
+                                    "non-negative number", node="noise_scale"))
         if problems:
             raise PlanError("the plan is invalid", problems)
 

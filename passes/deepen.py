@@ -82,7 +82,7 @@ def _cancelling(res: Resolution, weight: str, grown: torch.Tensor, name: str) ->
     source_shape = list(grown.shape)
     source_shape[axis] = source_size(growth)
     fan_in = grown.numel() // grown.shape[0] if axis == 1 else grown.shape[axis]
-    bound = noise_bound(grown, fan_in)
+    bound = res.plan.noise_scale * noise_bound(grown, fan_in)
     seed = (res.plan.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
     noise = torch.rand(grown.shape, generator=torch.Generator().manual_seed(seed),
                        dtype=torch.float64) * (2 * bound) - bound

@@ -79,7 +79,7 @@ def grow_parameter(name: str, tensor: torch.Tensor, claim: Claim, res: Resolutio
                 t = split_equal(t, axis, growth)
                 continue
             fan_in = shape[axis] if axis != 1 else math.prod(shape[1:])
-            bound = noise_bound(tensor, fan_in)
+            bound = res.plan.noise_scale * noise_bound(tensor, fan_in)
             noise = torch.rand(shape, generator=_generator(res.plan.seed, name),
                                dtype=torch.float64) * (2 * bound) - bound
             t = split_lemon(t, axis, growth, noise)

@@ -73,3 +73,22 @@ def test_every_seed_is_lossless(gm):
     for seed in range(3):
         big = _grow(gm, seed=seed)
         torch.testing.assert_close(big(x), gm(x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25, 3.0])
+def test_noise_scale_multiplies_the_bound_and_stays_lossless(gm, scale):
+    big = _grow(gm, seed=0, noise_scale=scale)
+    deviation = big.fc2.weight[:6, :8] - gm.fc2.weight / 2
+    bound = scale * 3**0.5 * gm.fc2.weight.std().item()
+    assert deviation.abs().max() <= bound + 1e-12
+    if scale:
+        assert deviation.std() > bound / 4
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(big(x), gm(x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [-0.5, "1", True, float("nan")])
+def test_noise_scale_must_be_a_non_negative_number(scale):
+    with pytest.raises(lemon_fx.PlanError) as info:
+        Plan(width=2.0, noise_scale=scale)
+    assert info.value.problems[0].node == "noise_scale"
