@@ -1,22 +1,46 @@
-"""A miniature of LEMON's experiment: how much compute does growing save?
+"""A miniature of LEMON's experiment: how much compute does growing a trained model save?
 
-Byte-level language modelling on the source text of Python's standard library (present on
-every machine; a fixed list of modules, a fixed split). A small Pre-LN GPT is trained to a
-plateau, grown 2x wide and 2x deep, and trained with LEMON's schedule; the same target
-model is trained from scratch. Runs, all on the same data and step budget:
+Data: the source text of Python's standard library (present on every machine), read as
+bytes from a fixed, sorted list of modules that every CPython 3.10+ ships; the first 90% of
+the bytes train, the last 10% validate. Two tasks of different kinds, measured the same way:
 
-- ``scratch``: the target from scratch, warmup + cosine over N steps -> final val loss L*;
-- ``lemon``: LEMON growth, same peak rate, cosine compressed into a shorter budget;
-- ``lemon_full_schedule``: LEMON growth with the from-scratch schedule;
-- ``net2net``: equal splits, zeroed new blocks, LEMON's schedule;
-- ``random_new``: the grown shapes with every weight growth created drawn at random
-  (the function is not preserved), LEMON's schedule.
+- ``lm``: byte-level causal language modelling with a Pre-LN GPT (``lemon_fx.demo.TinyGPT``);
+- ``mlm``: masked-byte modelling with a Pre-LN encoder (the same blocks, no causal mask):
+  15% of the positions are replaced by a mask token (id 256), the loss is the cross-entropy
+  on those positions only.
 
-Saving = 1 - (steps a run needs to reach L*) / N; "with source" also counts the small
-model's own training FLOPs (6 x parameters x tokens per step, the usual estimate).
+A small source (width 64, 2 blocks, 4 heads) is trained with the target's recipe and budget
+(``source_steps = N``, warmup + cosine to zero, so its loss has flattened at the end: the
+paper's sources get their full standard budget too), traced and grown with
+``lemon_fx.grow(gm, Plan(width=2.0, depth=2.0))`` to the target (width 128, 4 blocks,
+8 heads). Runs, all on the same batches (one seeded stream) and the same validation set:
 
-    python tools/bench_training.py --quick          # smoke check, about a minute
-    python tools/bench_training.py --out bench_results
+- ``scratch``: the target built directly from its class, AdamW with warmup + cosine over
+  ``N`` steps, the peak rate tuned by a sweep; its final validation loss is ``L*``;
+- ``lemon``: LEMON growth, fresh optimizer, the warmup repeated, the *same* peak rate, the
+  cosine compressed into ``f * N`` steps (``LemonSchedule``); the steps it needs to reach
+  ``L*`` give the saving ``1 - steps / N``;
+- ``lemon_full_schedule``: LEMON growth trained with the from-scratch schedule;
+- ``net2net``: equal splits and zeroed new blocks (``method="net2net"``), LEMON's schedule;
+- ``random_new``: the target's shapes with the source's weights in their original entries
+  (source blocks at their interleaved positions, the original rows/columns/heads of every
+  grown axis) and every other entry drawn from the target's fresh initialisation: the
+  function is not preserved. LEMON's schedule.
+
+Each grown run (``lemon``, ``net2net``, ``random_new``) is trained for every compressed decay
+fraction ``f`` in ``--fractions`` and reported at its best ``f`` (the fewest steps to
+``L*``), just as ``scratch`` is reported at its best peak rate; every run is in the JSON.
+
+FLOPs: ``6 * parameters * tokens`` per training step (parameters include the embeddings;
+tokens = batch x context); the saving "with source" adds the small model's own training
+FLOPs (same formula) to the grown run's.
+
+    python tools/bench_training.py --quick               # smoke check, both tasks, < 2 min
+    python tools/bench_training.py --out bench_results    # the LM miniature, ~15-25 min
+    python tools/bench_training.py --task mlm --out bench_results
+
+Writes ``bench_training.json`` / ``.png`` (``lm``) and ``bench_training_mlm.json`` / ``.png``
+(``mlm``) in ``--out``; the plot needs matplotlib (``pip install matplotlib``).
 """
 
 from __future__ import annotations
@@ -32,11 +56,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import lemon_fx
 from lemon_fx.demo import TinyGPT
+from lemon_fx.depth_plan import interleave_order, stack_order
 
-# modules present in every CPython 3.10+; sorted, read as bytes
+# Modules present in every CPython 3.10+ (pure Python, stable names); read in sorted order.
 MODULES = sorted(["argparse", "ast", "bisect", "calendar", "codecs", "collections/__init__",
                   "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime",
                   "difflib", "enum", "fractions", "functools", "heapq", "inspect",
@@ -44,27 +70,41 @@ MODULES = sorted(["argparse", "ast", "bisect", "calendar", "codecs", "collection
                   "pathlib", "pickle", "pprint", "random", "shlex", "shutil", "statistics",
                   "string", "subprocess", "tempfile", "textwrap", "threading", "tokenize",
                   "traceback", "typing", "uuid", "warnings", "zipfile"])
+MASK = 256  # the MLM mask token; bytes are 0..255
+RUNS = ("scratch", "lemon", "lemon_full_schedule", "net2net", "random_new")
+GROWN = ("lemon", "net2net", "random_new")  # the runs trained at every decay fraction
 
 
 @dataclass
 class Config:
+    task: str = "lm"
     context: int = 64
     batch: int = 16
     source_dim: int = 64
     source_depth: int = 2
-    heads: int = 4
-    source_steps: int = 1500
-    steps: int = 1200  # N: the from-scratch budget of the target
-    lemon_fraction: float = 0.5  # LEMON's compressed decay, as a fraction of N
-    warmup: int = 60
+    heads: int = 4  # of the source; head_dim is kept, so the target has twice as many
+    source_steps: int = 3000  # the paper's setup: the source gets the target's budget
+    source_peak: float = 3e-3
+    steps: int = 3000  # N: the from-scratch budget of the target
+    warmup: int = 100
     peak_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
+    fractions: tuple[float, ...] = (0.25, 0.375, 0.5)  # LEMON's compressed decay, x N
+    placement: str = "interleave"
+    methods: tuple[str, ...] = RUNS[1:]  # the grown runs to train (scratch always counts)
+    grown_peak_scale: float = 1.0  # grown runs' peak / scratch's tuned peak (LEMON: 1)
+    noise_scale: float = 1.0  # Plan.noise_scale of the grown runs (LEMON: 1)
+    weight_decay: float = 0.01
     eval_every: int = 50
-    eval_batches: int = 8
+    val_windows: int = 256
+    mask_prob: float = 0.15
     seed: int = 0
 
 
-QUICK = Config(context=32, batch=8, source_dim=32, source_steps=150, steps=120, warmup=10,
-               peak_lrs=(3e-3,), eval_every=20, eval_batches=2)
+QUICK = Config(context=32, batch=8, source_dim=32, source_steps=200, steps=120, warmup=10,
+               peak_lrs=(3e-3,), fractions=(0.5,), eval_every=20, val_windows=32)
+
+
+# ----------------------------------------------------------------------------- data
 
 
 def corpus() -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,64 +116,195 @@ def corpus() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:cut], tokens[cut:]
 
 
+def _windows(tokens: torch.Tensor, count: int, length: int, generator) -> torch.Tensor:
+    starts = torch.randint(0, len(tokens) - length, (count,), generator=generator)
+    return torch.stack([tokens[s: s + length] for s in starts.tolist()])
+
+
+def _mask(window: torch.Tensor, prob: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLM: replace ``prob`` of the positions by MASK; targets -100 (ignored) elsewhere."""
+    masked = torch.rand(window.shape, generator=generator) < prob
+    masked[:, 0] |= ~masked.any(dim=1)  # at least one target per row
+    x = torch.where(masked, torch.full_like(window, MASK), window)
+    return x, torch.where(masked, window, torch.full_like(window, -100))
+
+
+def make_batch(tokens: torch.Tensor, cfg: Config, count: int, generator):
+    if cfg.task == "lm":
+        window = _windows(tokens, count, cfg.context + 1, generator)
+        return window[:, :-1], window[:, 1:]
+    return _mask(_windows(tokens, count, cfg.context, generator), cfg.mask_prob, generator)
+
+
 def batches(tokens: torch.Tensor, cfg: Config, seed: int):
     generator = torch.Generator().manual_seed(seed)
     while True:
-        starts = torch.randint(0, len(tokens) - cfg.context - 1, (cfg.batch,),
-                               generator=generator)
-        window = torch.stack([tokens[s: s + cfg.context + 1] for s in starts.tolist()])
-        yield window[:, :-1], window[:, 1:]
+        yield make_batch(tokens, cfg, cfg.batch, generator)
 
 
-def val_loss(model, val: torch.Tensor, cfg: Config) -> float:
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
+                           ignore_index=-100)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class _BiAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+        k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+        v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class _EncoderBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = _BiAttention(dim, num_heads)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, mlp_ratio * dim)
+        self.proj = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class TinyEncoder(nn.Module):
+    """TinyGPT's Pre-LN blocks without the causal mask; input ids 0..256 (256 = mask)."""
+
+    def __init__(self, dim: int = 64, depth: int = 2, num_heads: int = 4, mlp_ratio: int = 4,
+                 max_len: int = 64):
+        super().__init__()
+        self.wte = nn.Embedding(257, dim)
+        # Positions at unit scale, not GPT's 0.02: a masked byte has no bigram shortcut, all
+        # its signal comes through attention to its neighbours, which needs positions that
+        # attention can tell apart. At 0.02 the 64x2 source sat on the unigram plateau
+        # (3.06 nats after 3000 steps; unigram 3.22), at 1.0 it reached 2.29.
+        self.wpe = nn.Parameter(torch.randn(1, max_len, dim))
+        self.blocks = nn.ModuleList(_EncoderBlock(dim, num_heads, mlp_ratio)
+                                    for _ in range(depth))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 256, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe[:, :idx.size(1)]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def build(cfg: Config, dim: int, depth: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    heads = cfg.heads * dim // cfg.source_dim
+    if cfg.task == "lm":
+        return TinyGPT(vocab=256, dim=dim, depth=depth, num_heads=heads, max_len=cfg.context)
+    return TinyEncoder(dim=dim, depth=depth, num_heads=heads, max_len=cfg.context)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def random_new_weights(source: nn.Module, target: nn.Module, order: list[int]) -> nn.Module:
+    """``target`` (freshly initialised) with the source's weights pasted into their entries.
+
+    ``order[i]`` is the source block of target block ``i``; its first occurrence is the
+    source block itself, later ones (the new blocks) stay entirely at init. In a grown axis
+    the originals are the first entries (LEMON appends new units after the originals), per
+    chunk for the fused q/k/v rows. Everything else keeps the fresh init: the function is
+    not preserved, the source's knowledge is.
+    """
+    src = source.state_dict()
+    state = target.state_dict()
+    first = {}
+    for position, block in enumerate(order):
+        first.setdefault(block, position)
+    where = {f"blocks.{position}.": f"blocks.{block}." for block, position in first.items()}
+    for name, value in state.items():
+        source_name = name
+        if name.startswith("blocks."):
+            prefix = ".".join(name.split(".")[:2]) + "."
+            if prefix not in where:
+                continue  # a new block: all fresh
+            source_name = where[prefix] + name[len(prefix):]
+        old = src[source_name]
+        chunks = 3 if name.endswith(("qkv.weight", "qkv.bias")) else 1
+        index = []
+        for axis, (new_size, old_size) in enumerate(zip(value.shape, old.shape)):
+            if axis == 0 and chunks == 3:
+                index.append(torch.cat([torch.arange(old_size // 3) + c * (new_size // 3)
+                                        for c in range(3)]))
+            else:
+                index.append(torch.arange(old_size))
+        grid = torch.meshgrid(*index, indexing="ij")
+        value[grid] = old.to(value.dtype)
+    target.load_state_dict(state)
+    return target
+
+
+# -------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], chunk: int = 64) -> float:
+    """Mean loss per target on the fixed validation set (eval mode)."""
+    was_training = model.training
     model.eval()
-    stream = batches(val, cfg, seed=12345)
-    with torch.no_grad():
-        losses = [F.cross_entropy(_logits(model(x)).reshape(-1, 256), y.reshape(-1)).item()
-                  for x, y, in (next(stream) for _ in range(cfg.eval_batches))]
-    model.train()
-    return sum(losses) / len(losses)
+    x, y = val
+    total, count = 0.0, 0
+    for i in range(0, len(x), chunk):
+        logits = model(x[i: i + chunk])
+        yy = y[i: i + chunk].reshape(-1)
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), yy, ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((yy != -100).sum())
+    model.train(was_training)
+    return total / count
 
 
-def _logits(output):
-    return output[0] if isinstance(output, tuple) else output
+def train(model: nn.Module, train_tokens, val, cfg: Config, steps: int, peak: float,
+          seed: int, stop_below: float | None = None, label: str = "") -> list[tuple[int, float]]:
+    """AdamW (decay on matrices), clip 1.0, ``LemonSchedule(warmup, steps)`` to 0.
 
-
-def train(model, train_tokens, val, cfg: Config, steps: int, decay_steps: int, peak: float,
-          seed: int) -> list[tuple[int, float]]:
-    """AdamW + LEMON's schedule; returns (step, val loss) every eval_every steps."""
+    Returns ``(step, val loss)`` every ``eval_every`` steps and at the end.
+    """
     torch.manual_seed(seed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.01)
-    schedule = lemon_fx.LemonSchedule(optimizer, cfg.warmup, decay_steps, floor=0.0)
-    stream = batches(train_tokens, cfg, seed)
-    curve = [(0, val_loss(model, val, cfg))]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": other, "weight_decay": 0.0}], lr=peak)
+    schedule = lemon_fx.LemonSchedule(optimizer, min(cfg.warmup, steps), steps, floor=0.0)
+    stream = batches(train_tokens, cfg, seed=cfg.seed + 1000)  # the same batches for all
+    curve = [(0, evaluate(model, val))]
+    started = time.time()
     for step in range(1, steps + 1):
         x, y = next(stream)
-        loss = F.cross_entropy(_logits(model(x)).reshape(-1, 256), y.reshape(-1))
+        loss = loss_fn(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step <= decay_steps:
-            schedule.step()
+        schedule.step()
         if step % cfg.eval_every == 0 or step == steps:
-            curve.append((step, val_loss(model, val, cfg)))
+            curve.append((step, evaluate(model, val)))
+    print(f"  {label:34s} {steps:5d} steps  peak {peak:g}  val {curve[0][1]:.4f} -> "
+          f"{curve[-1][1]:.4f} (best {min(v for _, v in curve):.4f})  "
+          f"{time.time() - started:.0f} s", flush=True)
     return curve
-
-
-def randomized_new_weights(big: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:
-    """The grown model with every entry growth created replaced by a fresh init value."""
-    fresh = dict(target.state_dict())
-    state = big.state_dict()
-    for name, value in state.items():
-        init = fresh[name].to(value.dtype)
-        keep = init.clone()
-        source_slices = tuple(slice(0, s // 2) for s in value.shape)  # originals come first
-        keep[source_slices] = value[source_slices]
-        state[name] = keep
-    big.load_state_dict(state)
-    return big
 
 
 def steps_to_reach(curve: list[tuple[int, float]], goal: float) -> int | None:
@@ -143,98 +314,191 @@ def steps_to_reach(curve: list[tuple[int, float]], goal: float) -> int | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    parser.add_argument("--out", default="bench_results", help="folder for JSON and PNG")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, help="N, the from-scratch budget")
-    parser.add_argument("--peaks", type=float, nargs="+", help="peak rates to sweep")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else Config()
-    if args.steps:
-        cfg = replace(cfg, steps=args.steps)
-    if args.peaks:
-        cfg = replace(cfg, peak_lrs=tuple(args.peaks))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+# ------------------------------------------------------------------------------ main
+
+
+# fields that only change the grown runs: a scratch sweep can be reused across them
+GROWN_ONLY = {"fractions", "placement", "grown_peak_scale", "methods", "noise_scale"}
+
+
+def reusable_scratch(path: Path, cfg: Config) -> dict:
+    """An earlier report whose scratch sweep ran with this exact config (but the grown-only
+    fields), so that a sweep over decay lengths or peak scales need not retrain it."""
+    report = json.loads(path.read_text())
+    if "scratch_sweep_curves" not in report:  # older reports kept the chosen peak's curve
+        report["scratch_sweep_curves"] = {
+            str(report["peak_lr"]): report["runs"]["scratch"]["curve"]}
+    mine = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    differ = sorted(k for k in mine if k not in GROWN_ONLY and report["config"].get(k) != mine[k])
+    if differ:
+        raise SystemExit(f"{path}: its scratch runs used another config ({', '.join(differ)} "
+                         "differ): pass the same --steps/--peaks/... or rerun scratch")
+    return report
+
+
+def run_task(cfg: Config, out: Path, command: str, threads: int,
+             reuse: dict | None = None) -> dict:
     started = time.time()
-    train_tokens, val = corpus()
+    train_tokens, val_tokens = corpus()
+    val = make_batch(val_tokens, cfg, cfg.val_windows, torch.Generator().manual_seed(12345))
+    suffix = "" if cfg.task == "lm" else f"_{cfg.task}"
+    print(f"[{cfg.task}] {len(train_tokens):,} train bytes, {len(val_tokens):,} val bytes; "
+          f"{cfg.val_windows} val windows of {cfg.context}", flush=True)
 
-    def build(dim, depth):
-        torch.manual_seed(cfg.seed)
-        return TinyGPT(vocab=256, dim=dim, depth=depth, num_heads=cfg.heads * dim
-                       // cfg.source_dim, max_len=cfg.context)
+    sd, sdepth = cfg.source_dim, cfg.source_depth
+    td, tdepth = 2 * sd, 2 * sdepth
+    small = build(cfg, sd, sdepth, cfg.seed)
+    source_curve = train(small, train_tokens, val, cfg, cfg.source_steps, cfg.source_peak,
+                         seed=cfg.seed + 1, label=f"source {sd}x{sdepth}")
+    small.eval()
+    source_loss = evaluate(small, val)
+    params = {"source": count_parameters(small),
+              "target": count_parameters(build(cfg, td, tdepth, cfg.seed))}
+    example = make_batch(train_tokens, cfg, 2, torch.Generator().manual_seed(7))[0]
+    gm = lemon_fx.trace(small, (example,))
 
-    small = build(cfg.source_dim, cfg.source_depth)
-    source_curve = train(small, train_tokens, val, cfg, cfg.source_steps, cfg.source_steps,
-                         max(cfg.peak_lrs), seed=1)
-    params = {"source": sum(p.numel() for p in small.parameters())}
-    gm = lemon_fx.trace(small.eval(), (torch.randint(0, 256, (2, cfg.context)),))
-    target_dim, target_depth = 2 * cfg.source_dim, 2 * cfg.source_depth
-    params["target"] = sum(p.numel() for p in build(target_dim, target_depth).parameters())
+    def grown(method: str) -> nn.Module:
+        plan = lemon_fx.Plan(width=2.0, depth=2.0, method=method, seed=cfg.seed + 3,
+                             placement=cfg.placement, noise_scale=cfg.noise_scale)
+        return lemon_fx.grow(gm, plan)
+
+    order = (interleave_order if cfg.placement == "interleave" else stack_order)(sdepth, tdepth)
+
+    def make(method: str) -> nn.Module:
+        if method == "random_new":
+            return random_new_weights(small, build(cfg, td, tdepth, cfg.seed + 2), order)
+        return grown(method)
+
     tokens_per_step = cfg.batch * cfg.context
 
-    def flops(run_params: int, steps: int) -> float:
+    def flops(run_params: int, steps: float) -> float:
         return 6.0 * run_params * tokens_per_step * steps
 
-    runs: dict[str, list[tuple[int, float]]] = {}
-    sweep = {}
-    for peak in cfg.peak_lrs:  # tune the from-scratch peak rate
-        sweep[peak] = train(build(target_dim, target_depth), train_tokens, val, cfg, cfg.steps,
-                            cfg.steps, peak, seed=2)
+    # 1. from scratch, peak rate tuned (or taken from an earlier run of the same config)
+    if reuse is not None:
+        sweep = {float(k): [(c["step"], c["val_loss"]) for c in curve]
+                 for k, curve in reuse["scratch_sweep_curves"].items()}
+        print(f"  scratch: reused from an earlier run ({reuse['command']})", flush=True)
+    else:
+        sweep = {peak: train(build(cfg, td, tdepth, cfg.seed + 2), train_tokens, val, cfg,
+                             cfg.steps, peak, seed=cfg.seed + 2,
+                             label=f"scratch peak {peak:g}") for peak in cfg.peak_lrs}
     peak = min(sweep, key=lambda p: sweep[p][-1][1])
-    runs["scratch"] = sweep[peak]
-    goal = runs["scratch"][-1][1]
-    short = max(int(cfg.steps * cfg.lemon_fraction), cfg.warmup + 1)
+    goal = sweep[peak][-1][1]
+    print(f"  L* = {goal:.4f} (peak {peak:g}); source {source_loss:.4f}", flush=True)
 
-    def grown(method: str) -> torch.nn.Module:
-        return lemon_fx.grow(gm, lemon_fx.Plan(width=2.0, depth=2.0, method=method, seed=3))
+    # 2. grown runs at every compressed decay length; LEMON with the full schedule
+    grown_peak = peak * cfg.grown_peak_scale
+    fraction_runs: dict[str, dict[str, list]] = {m: {} for m in GROWN if m in cfg.methods}
+    for fraction in cfg.fractions:
+        budget = max(int(round(cfg.steps * fraction)), cfg.warmup + 1)
+        for method in fraction_runs:
+            fraction_runs[method][str(fraction)] = train(
+                make(method), train_tokens, val, cfg, budget, grown_peak, seed=cfg.seed + 2,
+                label=f"{method} f={fraction:g}")
+    full = None
+    if "lemon_full_schedule" in cfg.methods:
+        full = train(grown("lemon"), train_tokens, val, cfg, cfg.steps, grown_peak,
+                     seed=cfg.seed + 2, label="lemon_full_schedule")
 
-    runs["lemon"] = train(grown("lemon"), train_tokens, val, cfg, cfg.steps, short, peak, 2)
-    runs["lemon_full_schedule"] = train(grown("lemon"), train_tokens, val, cfg, cfg.steps,
-                                        cfg.steps, peak, 2)
-    runs["net2net"] = train(grown("net2net"), train_tokens, val, cfg, cfg.steps, short, peak, 2)
-    runs["random_new"] = train(randomized_new_weights(grown("lemon"),
-                                                      build(target_dim, target_depth)),
-                               train_tokens, val, cfg, cfg.steps, short, peak, 2)
+    def best(method: str) -> tuple[str, list]:
+        def key(item):
+            reached = steps_to_reach(item[1], goal)
+            return (reached is None, reached if reached is not None else -0.0,
+                    item[1][-1][1])
+        return min(fraction_runs[method].items(), key=key)
+
+    curves: dict[str, tuple[list, float | None]] = {"scratch": (sweep[peak], 1.0)}
+    for method in fraction_runs:
+        fraction, curve = best(method)
+        curves[method] = (curve, float(fraction))
+    if full is not None:
+        curves["lemon_full_schedule"] = (full, 1.0)
+
     source_flops = flops(params["source"], cfg.source_steps)
     scratch_flops = flops(params["target"], cfg.steps)
-    results = {}
-    for name, curve in runs.items():
+
+    def summary(curve, fraction) -> dict:
         reached = steps_to_reach(curve, goal)
-        spent = flops(params["target"], reached) if reached is not None else None
-        results[name] = {
+        return {
+            "decay_fraction": fraction,
+            "decay_steps": curve[-1][0],
             "steps_to_reach_scratch_loss": reached,
             "final_val_loss": curve[-1][1],
+            "best_val_loss": min(v for _, v in curve),
             "saving": None if reached is None else 1 - reached / cfg.steps,
-            "saving_with_source": None if spent is None
-            else 1 - (spent + source_flops) / scratch_flops,
+            "saving_with_source": None if reached is None
+            else 1 - (flops(params["target"], reached) + source_flops) / scratch_flops,
             "curve": [{"step": s, "flops": flops(params["target"], s), "val_loss": v}
                       for s, v in curve],
         }
+
+    runs = {name: summary(*curves[name]) for name in RUNS if name in curves}
+    runs["scratch"]["steps_to_reach_scratch_loss"] = cfg.steps  # L* is its final loss
+    runs["scratch"]["saving"] = 0.0
+    runs["scratch"]["saving_with_source"] = 0.0
+    runs["scratch"]["peak_lr"] = peak
     report = {
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None
-                                                          else sys.argv[1:])),
-        "config": asdict(cfg), "parameters": params, "peak_lr": peak,
+        "command": command,
+        "task": cfg.task,
+        "config": asdict(cfg),
+        "modules": MODULES,
+        "data": {"train_bytes": len(train_tokens), "val_bytes": len(val_tokens),
+                 "split": "first 90% of the concatenated bytes train, last 10% validate"},
+        "parameters": params,
+        "flops_formula": "6 * parameters * tokens per step (tokens = batch * context)",
+        "source_flops": source_flops,
+        "scratch_flops": scratch_flops,
+        "peak_lr": peak,
+        "grown_peak_lr": grown_peak,
         "peak_sweep": {str(k): v[-1][1] for k, v in sweep.items()},
-        "scratch_final_loss": goal, "source_final_loss": source_curve[-1][1],
-        "lemon_decay_steps": short, "runs": results, "wall_seconds": time.time() - started,
-        "threads": args.threads, "flops_formula": "6 * parameters * tokens per step",
+        "scratch_sweep_curves": {str(k): [{"step": st, "val_loss": v} for st, v in curve]
+                                 for k, curve in sweep.items()},
+        "scratch_final_loss": goal,
+        "source_final_loss": source_loss,
+        "source_curve": [{"step": s, "val_loss": v} for s, v in source_curve],
+        "runs": runs,
+        "fraction_sweep": {m: {f: summary(c, float(f)) for f, c in fraction_runs[m].items()}
+                           for m in fraction_runs},
+        "lemon_beats_every_baseline": _beats(runs),
+        "wall_seconds": time.time() - started,
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
     }
-    (out / "bench_training.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(report, out / "bench_training.png")
-    print(f"{'run':22s} {'steps to L*':>12s} {'saving':>8s} {'with source':>12s} "
-          f"{'final loss':>10s}")
-    for name, r in results.items():
+    (out / f"bench_training{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out / f"bench_training{suffix}.png")
+    _table(report)
+    return report
+
+
+def _beats(runs: dict) -> bool | None:
+    """LEMON reaches L* in fewer steps than every other grown run (unreached counts as N+);
+    None when a run is missing (``--methods`` left some out)."""
+    if not set(RUNS) <= set(runs):
+        return None
+
+    def steps(name):
+        s = runs[name]["steps_to_reach_scratch_loss"]
+        return math.inf if s is None else s
+    return all(steps("lemon") < steps(other)
+               for other in ("lemon_full_schedule", "net2net", "random_new"))
+
+
+def _table(report: dict) -> None:
+    fmt = (lambda v: "     -" if v is None else f"{100 * v:5.1f}%")
+    print(f"\n[{report['task']}] {'run':20s} {'decay':>6s} {'steps to L*':>11s} "
+          f"{'saving':>7s} {'w/ source':>9s} {'final loss':>10s}")
+    for name, r in report["runs"].items():
         steps = r["steps_to_reach_scratch_loss"]
-        fmt = (lambda v: "   -" if v is None else f"{100 * v:6.1f}%")
-        print(f"{name:22s} {str(steps):>12s} {fmt(r['saving']):>8s} "
-              f"{fmt(r['saving_with_source']):>12s} {r['final_val_loss']:10.4f}")
-    print(f"L* = {goal:.4f} (from scratch, {cfg.steps} steps, peak {peak}); "
-          f"{report['wall_seconds']:.0f} s; {out / 'bench_training.json'}")
-    return 0
+        reached = "not reached" if steps is None else steps
+        print(f"     {name:20s} {r['decay_steps']:6d} {reached:>11} "
+              f"{fmt(r['saving']):>7s} {fmt(r['saving_with_source']):>9s} "
+              f"{r['final_val_loss']:10.4f}")
+    print(f"     L* = {report['scratch_final_loss']:.4f} (scratch, {report['config']['steps']} "
+          f"steps, peak {report['peak_lr']:g}); source {report['source_final_loss']:.4f}; "
+          f"LEMON beats every baseline: {report['lemon_beats_every_baseline']}; "
+          f"{report['wall_seconds']:.0f} s\n", flush=True)
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -246,18 +510,82 @@ def _plot(report: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for name, run in report["runs"].items():
         curve = run["curve"]
-        ax.plot([c["flops"] for c in curve], [c["val_loss"] for c in curve], label=name)
-    ax.axhline(report["scratch_final_loss"], color="gray", linestyle=":", label="L*")
-    ax.set_xlabel("training FLOPs of the target (6 N D)")
-    ax.set_ylabel("validation loss (nats / byte)")
-    ax.set_ylim(top=math.ceil(report["source_final_loss"] + 1))
-    ax.legend()
-    ax.set_title("LEMON growth vs training from scratch (stdlib bytes)")
+        label = name if name in ("scratch", "lemon_full_schedule") else \
+            f"{name} (decay {run['decay_steps']} steps)"
+        line, = ax.plot([c["flops"] for c in curve], [c["val_loss"] for c in curve],
+                        label=label, linewidth=2 if name == "lemon" else 1.2)
+        if name == "lemon":
+            ax.plot([c["flops"] + report["source_flops"] for c in curve],
+                    [c["val_loss"] for c in curve], color=line.get_color(), linestyle="--",
+                    linewidth=1, label="lemon, counting the source's training")
+    ax.axhline(report["scratch_final_loss"], color="gray", linestyle=":", label="L* (scratch)")
+    ax.set_xlabel("training FLOPs of the target (6 x parameters x tokens)")
+    ax.set_ylabel("validation loss (nats per predicted byte)")
+    top = max(report["source_final_loss"], report["scratch_final_loss"]) + 0.6
+    bottom = min(min(c["val_loss"] for c in r["curve"]) for r in report["runs"].values())
+    ax.set_ylim(bottom - 0.05, top)
+    ax.legend(fontsize=8)
+    task = "byte LM" if report["task"] == "lm" else "masked-byte MLM"
+    ax.set_title(f"LEMON growth vs from scratch: {task} on stdlib source "
+                 f"({report['parameters']['source']:,} -> {report['parameters']['target']:,} "
+                 f"params)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny smoke run (both tasks unless --task is given)")
+    parser.add_argument("--task", choices=("lm", "mlm", "all"),
+                        help="lm (default), mlm, or all; --quick defaults to all")
+    parser.add_argument("--out", default="bench_results", help="folder for JSON and PNG")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="N, the from-scratch budget")
+    parser.add_argument("--source-steps", type=int, help="the source's training steps")
+    parser.add_argument("--peaks", type=float, nargs="+", help="peak rates to sweep")
+    parser.add_argument("--fractions", type=float, nargs="+",
+                        help="compressed decay lengths for the grown runs, as fractions of N")
+    parser.add_argument("--placement", choices=("interleave", "stack"))
+    parser.add_argument("--methods", nargs="+", choices=RUNS[1:],
+                        help="the grown runs to train (default: all four)")
+    parser.add_argument("--reuse-scratch", type=Path, metavar="JSON",
+                        help="take the scratch sweep (and L*) from an earlier report of the "
+                             "same config instead of training it again")
+    parser.add_argument("--noise-scale", type=float,
+                        help="Plan.noise_scale of the grown runs (LEMON's: 1.0)")
+    parser.add_argument("--grown-peak-scale", type=float,
+                        help="peak rate of the grown runs as a multiple of scratch's tuned "
+                             "peak (LEMON's recipe: 1.0, the default)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else Config()
+    for field, value in (("steps", args.steps), ("source_steps", args.source_steps),
+                         ("peak_lrs", args.peaks and tuple(args.peaks)),
+                         ("fractions", args.fractions and tuple(args.fractions)),
+                         ("placement", args.placement),
+                         ("methods", args.methods and tuple(args.methods)),
+                         ("grown_peak_scale", args.grown_peak_scale),
+                         ("noise_scale", args.noise_scale)):
+        if value is not None:
+            cfg = replace(cfg, **{field: value})
+    task = args.task or ("all" if args.quick else "lm")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "tools/bench_training.py"]
+                       + list(argv if argv is not None else sys.argv[1:]))
+    tasks = ("lm", "mlm") if task == "all" else (task,)
+    if args.reuse_scratch and len(tasks) > 1:
+        parser.error("--reuse-scratch needs a single --task")
+    for name in tasks:
+        task_cfg = replace(cfg, task=name)
+        reuse = reusable_scratch(args.reuse_scratch, task_cfg) if args.reuse_scratch else None
+        run_task(task_cfg, out, command, args.threads, reuse)
+    return 0
 
 
 if __name__ == "__main__":
