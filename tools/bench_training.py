@@ -317,8 +317,9 @@ def steps_to_reach(curve: list[tuple[int, float]], goal: float) -> int | None:
 # ------------------------------------------------------------------------------ main
 
 
-# fields that only change the grown runs: a scratch sweep can be reused across them
-GROWN_ONLY = {"fractions", "placement", "grown_peak_scale", "methods", "noise_scale"}
+# fields that only change the source or the grown runs: a scratch sweep can be reused
+GROWN_ONLY = {"fractions", "placement", "grown_peak_scale", "methods", "noise_scale",
+              "source_steps", "source_peak"}
 
 
 def reusable_scratch(path: Path, cfg: Config) -> dict:
