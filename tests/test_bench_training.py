@@ -130,3 +130,22 @@ def test_a_knob_sweep_reuses_the_scratch_runs_of_the_same_config(bench, results,
     with pytest.raises(SystemExit, match="steps"):
         bench.main(["--quick", "--task", "lm", "--out", str(tmp_path), "--steps", "100",
                     "--reuse-scratch", str(out / "bench_training.json")])
+
+
+@pytest.mark.parametrize("name", ["bench_training.json", "bench_training_mlm.json"])
+def test_readme_figures_are_the_committed_measurements(name):
+    """Every saving and loss in README's tables comes from the JSON in docs/bench/."""
+    root = Path(__file__).parent.parent
+    report = json.loads((root / "docs" / "bench" / name).read_text())
+    readme = (root / "README.md").read_text()
+    assert f"`L*` = {report['scratch_final_loss']:.4f}" in readme
+    for run in report["runs"].values():
+        steps = run["steps_to_reach_scratch_loss"]
+        reached = "not reached" if steps is None else str(steps)
+        saving = "-" if run["saving"] is None else f"{100 * run['saving']:.1f}%"
+        if run["saving"] == 0:
+            saving = "0%"
+        row = f"| {run['decay_steps']} | {reached} | "
+        assert row in readme, row
+        assert saving in readme and f"{run['final_val_loss']:.4f} |" in readme
+    assert (root / "docs" / "bench" / name.replace(".json", ".png")).stat().st_size > 10_000

@@ -35,9 +35,14 @@ FLOPs: ``6 * parameters * tokens`` per training step (parameters include the emb
 tokens = batch x context); the saving "with source" adds the small model's own training
 FLOPs (same formula) to the grown run's.
 
-    python tools/bench_training.py --quick               # smoke check, both tasks, < 2 min
-    python tools/bench_training.py --out bench_results    # the LM miniature, ~15-25 min
-    python tools/bench_training.py --task mlm --out bench_results
+    python tools/bench_training.py --quick               # smoke check, both tasks, < 1 min
+    python tools/bench_training.py --out bench_results    # the LM miniature, ~20-40 min
+    python tools/bench_training.py --task mlm --fractions 0.25 0.375 0.5 --out bench_results
+    # a knob on the grown runs only, reusing the scratch sweep of an earlier report:
+    python tools/bench_training.py --methods lemon --grown-peak-scale 2 \
+        --reuse-scratch bench_results/bench_training.json --out bench_results/peak_x2
+
+The figures in README (and their JSON in docs/bench/) came from these commands.
 
 Writes ``bench_training.json`` / ``.png`` (``lm``) and ``bench_training_mlm.json`` / ``.png``
 (``mlm``) in ``--out``; the plot needs matplotlib (``pip install matplotlib``).
@@ -88,11 +93,12 @@ class Config:
     steps: int = 3000  # N: the from-scratch budget of the target
     warmup: int = 100
     peak_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
-    fractions: tuple[float, ...] = (0.25, 0.375, 0.5)  # LEMON's compressed decay, x N
+    fractions: tuple[float, ...] = (0.5, 0.625, 0.75)  # compressed decay lengths, x N
     placement: str = "interleave"
     methods: tuple[str, ...] = RUNS[1:]  # the grown runs to train (scratch always counts)
     grown_peak_scale: float = 1.0  # grown runs' peak / scratch's tuned peak (LEMON: 1)
     noise_scale: float = 1.0  # Plan.noise_scale of the grown runs (LEMON: 1)
+    grown_warmup: int | None = None  # the grown runs' warmup (None: the same as scratch's)
     weight_decay: float = 0.01
     eval_every: int = 50
     val_windows: int = 256
@@ -276,8 +282,9 @@ def evaluate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], chunk: in
 
 
 def train(model: nn.Module, train_tokens, val, cfg: Config, steps: int, peak: float,
-          seed: int, stop_below: float | None = None, label: str = "") -> list[tuple[int, float]]:
-    """AdamW (decay on matrices), clip 1.0, ``LemonSchedule(warmup, steps)`` to 0.
+          seed: int, label: str = "", warmup: int | None = None) -> list[tuple[int, float]]:
+    """AdamW (decay on matrices), clip 1.0, ``LemonSchedule(warmup, steps)`` to 0
+    (``warmup``: ``cfg.warmup`` unless given).
 
     Returns ``(step, val loss)`` every ``eval_every`` steps and at the end.
     """
@@ -287,7 +294,8 @@ def train(model: nn.Module, train_tokens, val, cfg: Config, steps: int, peak: fl
     other = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": other, "weight_decay": 0.0}], lr=peak)
-    schedule = lemon_fx.LemonSchedule(optimizer, min(cfg.warmup, steps), steps, floor=0.0)
+    warmup = cfg.warmup if warmup is None else warmup
+    schedule = lemon_fx.LemonSchedule(optimizer, min(warmup, steps), steps, floor=0.0)
     stream = batches(train_tokens, cfg, seed=cfg.seed + 1000)  # the same batches for all
     curve = [(0, evaluate(model, val))]
     started = time.time()
@@ -319,7 +327,7 @@ def steps_to_reach(curve: list[tuple[int, float]], goal: float) -> int | None:
 
 # fields that only change the source or the grown runs: a scratch sweep can be reused
 GROWN_ONLY = {"fractions", "placement", "grown_peak_scale", "methods", "noise_scale",
-              "source_steps", "source_peak"}
+              "source_steps", "source_peak", "grown_warmup"}
 
 
 def reusable_scratch(path: Path, cfg: Config) -> dict:
@@ -390,17 +398,18 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
 
     # 2. grown runs at every compressed decay length; LEMON with the full schedule
     grown_peak = peak * cfg.grown_peak_scale
+    grown_warmup = cfg.warmup if cfg.grown_warmup is None else cfg.grown_warmup
     fraction_runs: dict[str, dict[str, list]] = {m: {} for m in GROWN if m in cfg.methods}
     for fraction in cfg.fractions:
-        budget = max(int(round(cfg.steps * fraction)), cfg.warmup + 1)
+        budget = max(int(round(cfg.steps * fraction)), grown_warmup + 1)
         for method in fraction_runs:
             fraction_runs[method][str(fraction)] = train(
                 make(method), train_tokens, val, cfg, budget, grown_peak, seed=cfg.seed + 2,
-                label=f"{method} f={fraction:g}")
+                label=f"{method} f={fraction:g}", warmup=grown_warmup)
     full = None
     if "lemon_full_schedule" in cfg.methods:
         full = train(grown("lemon"), train_tokens, val, cfg, cfg.steps, grown_peak,
-                     seed=cfg.seed + 2, label="lemon_full_schedule")
+                     seed=cfg.seed + 2, label="lemon_full_schedule", warmup=grown_warmup)
 
     def best(method: str) -> tuple[str, list]:
         def key(item):
@@ -557,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-scratch", type=Path, metavar="JSON",
                         help="take the scratch sweep (and L*) from an earlier report of the "
                              "same config instead of training it again")
+    parser.add_argument("--grown-warmup", type=int,
+                        help="warmup steps of the grown runs (default: scratch's)")
     parser.add_argument("--noise-scale", type=float,
                         help="Plan.noise_scale of the grown runs (LEMON's: 1.0)")
     parser.add_argument("--grown-peak-scale", type=float,
@@ -571,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                          ("placement", args.placement),
                          ("methods", args.methods and tuple(args.methods)),
                          ("grown_peak_scale", args.grown_peak_scale),
-                         ("noise_scale", args.noise_scale)):
+                         ("noise_scale", args.noise_scale),
+                         ("grown_warmup", args.grown_warmup)):
         if value is not None:
             cfg = replace(cfg, **{field: value})
     task = args.task or ("all" if args.quick else "lm")
