@@ -21,9 +21,10 @@ __all__ = ["TinyGPT", "run_demo"]
 
 
 class _Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, causal: bool = True):
         super().__init__()
         self.num_heads = num_heads
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -33,15 +34,15 @@ class _Attention(nn.Module):
         q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
         k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
         v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
-        self.attn = _Attention(dim, num_heads)
+        self.attn = _Attention(dim, num_heads, causal)
         self.ln_2 = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, mlp_ratio * dim)
         self.proj = nn.Linear(mlp_ratio * dim, dim)
@@ -52,14 +53,21 @@ class _Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """A GPT-2-shaped Pre-LN transformer: token + learned position embeddings, causal SDPA."""
+    """A GPT-2-shaped Pre-LN transformer: token + learned position embeddings, causal SDPA.
+
+    ``causal=False`` makes it an encoder (the MLM miniature of ``tools/bench_training.py``);
+    ``input_vocab`` (default ``vocab``) counts input ids beyond the predicted ones, e.g. a
+    mask token; ``position_std`` is the position table's init scale.
+    """
 
     def __init__(self, vocab: int = 256, dim: int = 64, depth: int = 2, num_heads: int = 4,
-                 mlp_ratio: int = 4, max_len: int = 64):
+                 mlp_ratio: int = 4, max_len: int = 64, causal: bool = True,
+                 input_vocab: int | None = None, position_std: float = 0.02):
         super().__init__()
-        self.wte = nn.Embedding(vocab, dim)
-        self.wpe = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
-        self.blocks = nn.ModuleList(_Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.wte = nn.Embedding(input_vocab or vocab, dim)
+        self.wpe = nn.Parameter(torch.randn(1, max_len, dim) * position_std)
+        self.blocks = nn.ModuleList(_Block(dim, num_heads, mlp_ratio, causal)
+                                    for _ in range(depth))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 

@@ -5,7 +5,7 @@ bytes from a fixed, sorted list of modules that every CPython 3.10+ ships; the f
 the bytes train, the last 10% validate. Two tasks of different kinds, measured the same way:
 
 - ``lm``: byte-level causal language modelling with a Pre-LN GPT (``lemon_fx.demo.TinyGPT``);
-- ``mlm``: masked-byte modelling with a Pre-LN encoder (the same blocks, no causal mask):
+- ``mlm``: masked-byte modelling with a Pre-LN encoder (``TinyGPT(causal=False)``):
   15% of the positions are replaced by a mask token (id 256), the loss is the cross-entropy
   on those positions only.
 
@@ -157,67 +157,17 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- models
 
 
-class _BiAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-        k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-        v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class _EncoderBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = _BiAttention(dim, num_heads)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, mlp_ratio * dim)
-        self.proj = nn.Linear(mlp_ratio * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
-
-
-class TinyEncoder(nn.Module):
-    """TinyGPT's Pre-LN blocks without the causal mask; input ids 0..256 (256 = mask)."""
-
-    def __init__(self, dim: int = 64, depth: int = 2, num_heads: int = 4, mlp_ratio: int = 4,
-                 max_len: int = 64):
-        super().__init__()
-        self.wte = nn.Embedding(257, dim)
-        # Positions at unit scale, not GPT's 0.02: a masked byte has no bigram shortcut, all
-        # its signal comes through attention to its neighbours, which needs positions that
-        # attention can tell apart. At 0.02 the 64x2 source sat on the unigram plateau
-        # (3.06 nats after 3000 steps; unigram 3.22), at 1.0 it reached 2.29.
-        self.wpe = nn.Parameter(torch.randn(1, max_len, dim))
-        self.blocks = nn.ModuleList(_EncoderBlock(dim, num_heads, mlp_ratio)
-                                    for _ in range(depth))
-        self.ln_f = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, 256, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe[:, :idx.size(1)]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-
 def build(cfg: Config, dim: int, depth: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     heads = cfg.heads * dim // cfg.source_dim
     if cfg.task == "lm":
         return TinyGPT(vocab=256, dim=dim, depth=depth, num_heads=heads, max_len=cfg.context)
-    return TinyEncoder(dim=dim, depth=depth, num_heads=heads, max_len=cfg.context)
+    # Positions at unit scale, not GPT's 0.02: a masked byte has no bigram shortcut, all its
+    # signal comes through attention to its neighbours, which needs positions attention can
+    # tell apart. At 0.02 the 64x2 source sat on the unigram plateau (3.06 nats after 3000
+    # steps; unigram 3.22), at 1.0 it reached 2.29.
+    return TinyGPT(vocab=256, dim=dim, depth=depth, num_heads=heads, max_len=cfg.context,
+                   causal=False, input_vocab=MASK + 1, position_std=1.0)
 
 
 def count_parameters(model: nn.Module) -> int:
