@@ -30,7 +30,7 @@ EXAMPLES = {
     "verify": "lemon-fx verify models.py:build --plan plan.yaml --input 2x3x32x32 --onnx",
     "export": "lemon-fx export models.py:build --input 2x3x32x32 --out model.onnx\n"
               "  lemon-fx export models.py:build --plan plan.yaml --input 2x3x32x32 "
-              "--out grown.onnx",
+              "--out grown.onnx --dynamic-batch",
     "demo": "lemon-fx demo\n  lemon-fx demo --width 2.0 --out grown.onnx",
 }
 
@@ -76,6 +76,13 @@ def _model_args(parser: argparse.ArgumentParser, plan: str | None) -> None:
         parser.add_argument("--plan", metavar="PLAN", help="grow with this plan first")
 
 
+def _dynamic_batch_arg(parser: argparse.ArgumentParser, when: str) -> None:
+    parser.add_argument("--dynamic-batch", action="store_true",
+                        help=f"{when}let the ONNX file take any batch size (dimension 0 of "
+                        "every input), checked in onnxruntime at batch 1, the example's "
+                        "and one more")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lemon-fx",
@@ -89,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", required=True, help="output folder")
     p.add_argument("--onnx", action="store_true",
                    help="also export model.onnx, checked by onnx.checker and onnxruntime")
+    _dynamic_batch_arg(p, "with --onnx: ")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
                    help="dtype of the saved grown weights (default float32)")
     p = _verb(verbs, "verify", "grow in memory and check the result against the source "
@@ -98,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _verb(verbs, "export", "export a model (grown with --plan, or as it is) to ONNX")
     _model_args(p, "optional")
     p.add_argument("--out", metavar="FILE", required=True, help="the .onnx file to write")
+    _dynamic_batch_arg(p, "")
     p = _verb(verbs, "demo", "grow a built-in small transformer, export it to ONNX, check it "
               "with onnxruntime, print groups and parameter counts before and after")
     p.add_argument("--width", type=float, default=1.5, help="width multiplier (default 1.5)")
@@ -180,6 +189,9 @@ def _markdown(report: dict[str, Any], target: str) -> str:
     if v.get("onnx_outputs"):
         lines.append(f"- onnxruntime (float32): max abs error {v.get('onnx_max_abs_error')}, "
                      f"max rel error {v.get('onnx_max_rel_error')}")
+        if v.get("onnx_dynamic_batch"):
+            lines.append("- model.onnx takes any batch size (checked in onnxruntime at batch "
+                         "1, the example's and one more)")
     lines += [f"- note: {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -214,6 +226,12 @@ def _cmd_grow(args, say: _Say) -> int:
 
         raise TargetError(f"--out {out} is a file", [lemon_fx.Problem(
             reason=f"--out {out} is a file, not a folder", fix="name a folder")])
+    if args.dynamic_batch and not args.onnx:
+        from lemon_fx.targets import TargetError
+
+        raise TargetError("--dynamic-batch without --onnx", [lemon_fx.Problem(
+            reason="--dynamic-batch shapes the ONNX file, and without --onnx none is written",
+            fix="add --onnx")])
     plan = _plan(args)
     model, gm, fresh = _load(args, say)
     big = _grow(gm, plan, say)
@@ -224,9 +242,13 @@ def _cmd_grow(args, say: _Say) -> int:
             verification = lemon_fx.verify(gm, big, fresh,
                                            onnx=str(staging / "model.onnx") if args.onnx
                                            else False)
+        if args.dynamic_batch:  # the checked fixed-batch file, re-exported for any batch
+            with say.step("exporting ONNX with a dynamic batch"):
+                lemon_fx.export_onnx(big, fresh, staging / "model.onnx", dynamic_batch=True)
         report = _growth_report(gm, big, plan, verification)
         if args.onnx:
             report["verification"]["onnx_path"] = str(out / "model.onnx")
+            report["verification"]["onnx_dynamic_batch"] = bool(args.dynamic_batch)
         _save_state(big, staging / "model.safetensors", args.dtype)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (staging / "report.md").write_text(_markdown(report, args.target))
@@ -259,7 +281,7 @@ def _cmd_export(args, say: _Say) -> int:
     model, gm, fresh = _load(args, say)
     module = _grow(gm, _plan(args), say) if args.plan else gm
     with say.step("exporting ONNX"):
-        path = lemon_fx.export_onnx(module, fresh, args.out)
+        path = lemon_fx.export_onnx(module, fresh, args.out, dynamic_batch=args.dynamic_batch)
     if args.json:
         print(json.dumps({"onnx": str(path)}))
     elif not args.quiet:

@@ -13,6 +13,13 @@ missing or fails; when every exporter fails, one error lists each exporter's rea
 A fallback cannot hide a wrong model from ``lemon_fx.verify``: it runs the exported file in
 onnxruntime and compares it with the source model's outputs.
 
+A dynamic batch (``dynamic_batch=True``) is a claim about every batch size, and both
+exporters can break it without an error: torch.export specialises a dimension the graph
+treats as a constant, and the TorchScript tracer records the example's sizes in reshapes.
+So the claim is checked, not assumed: the file is run in onnxruntime at batch sizes other
+than the example's and compared with the module, and an exporter whose file fails counts as
+failed.
+
 The exporters are noisy (deprecation warnings, tracer warnings, logging about optional
 packages such as torchvision, graph dumps on failure). Users read that noise as failure, so
 it is captured while exporting and replayed on the ``lemon_fx.onnx_export`` logger at DEBUG
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import inspect
 import io
@@ -41,9 +49,15 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from lemon_fx.errors import Problem, VerificationError
-from lemon_fx.verification import flatten_outputs
+from lemon_fx.verification import ONNX_TOLERANCE, compare_tensors, flatten_outputs
 
-__all__ = ["export_onnx", "onnx_input_feed", "onnx_input_names", "onnx_output_names"]
+__all__ = [
+    "export_onnx",
+    "onnx_input_feed",
+    "onnx_input_names",
+    "onnx_output_names",
+    "onnxruntime_outputs",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -55,6 +69,13 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 Exporter = Callable[..., None]
 
+_BATCH_FIX = (
+    "the model, or the graph an exporter made of it, holds the example's batch size as a "
+    "constant (a view, reshape or expand with a literal size, or a Python loop over the "
+    "batch): read the size from the input (x.shape[0]) in the model, or export with a fixed "
+    "batch (dynamic_batch=False; lemon-fx export without --dynamic-batch)"
+)
+
 
 def export_onnx(
     module: nn.Module,
@@ -63,6 +84,7 @@ def export_onnx(
     *,
     example_kwargs: dict[str, Any] | None = None,
     opset: int | None = None,
+    dynamic_batch: bool = False,
 ) -> pathlib.Path:
     """Write ``module`` as a float32 ONNX model to ``path`` and return the path.
 
@@ -74,6 +96,11 @@ def export_onnx(
     weights inline (an external ``<name>.data`` file only above protobuf's 2 GiB limit).
     ``opset=None`` lets the exporter choose its default opset.
 
+    ``dynamic_batch=True`` names dimension 0 of every tensor input ``batch`` (they must
+    agree on its size), and of every output whose dimension 0 follows it; the file is then
+    run in onnxruntime at batch 1, the example's batch and one more, and compared with the
+    module (float32, rtol 1e-5, atol 1e-6). The default keeps the example's sizes fixed.
+
     Raises ``VerificationError`` naming each exporter's reason when no exporter succeeds.
     """
     path = pathlib.Path(path)
@@ -82,7 +109,13 @@ def export_onnx(
     args32, kwargs32 = _float32_inputs(args), _float32_inputs(kwargs)
     input_names = onnx_input_names(args32, kwargs32)
     with torch.no_grad():
-        output_names = onnx_output_names(model(*args32, **kwargs32))
+        outputs = model(*args32, **kwargs32)
+    output_names = onnx_output_names(outputs)
+    batch_checks: list[BatchCheck] = []
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+    if dynamic_batch:
+        batch_checks = batch_checks_for(model, args32, kwargs32)
+        dynamic_axes = _batch_axes(args32, kwargs32, outputs, batch_checks)
 
     failures: list[tuple[str, BaseException]] = []
     with tempfile.TemporaryDirectory(prefix="lemon_fx_onnx_") as tmp:
@@ -90,7 +123,10 @@ def export_onnx(
         for exporter_name, exporter in _exporters():
             try:
                 with _quiet_exporter(exporter_name):
-                    exporter(model, args32, kwargs32, exported, input_names, output_names, opset)
+                    exporter(model, args32, kwargs32, exported, input_names, output_names, opset,
+                             dynamic_axes)
+                for check in batch_checks:
+                    check.run(exported)
             except Exception as exc:  # every exporter's reason goes into the error below
                 failures.append((exporter_name, exc))
                 exported.unlink(missing_ok=True)
@@ -103,7 +139,132 @@ def export_onnx(
                 )
             _save_self_contained(exported, path)
             return path
-    raise _export_error(failures, opset)
+    raise _export_error(failures, opset, dynamic_batch)
+
+
+def onnxruntime_outputs(path: str | os.PathLike[str], feed: dict[str, np.ndarray]) -> list[Any]:
+    """Run an exported file in onnxruntime on CPU, feeding the inputs the file declares.
+
+    The exporters drop inputs the graph does not use, so ``feed`` may hold more names than
+    the file asks for; a name the file asks for and ``feed`` lacks is a ``KeyError``.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # initializer-pruning notices are not problems
+    session = ort.InferenceSession(
+        str(path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    wanted = [i.name for i in session.get_inputs()]
+    unknown = [name for name in wanted if name not in feed]
+    if unknown:
+        raise KeyError(f"graph inputs {unknown} not among the example inputs {list(feed)}")
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4  # a failing run raises with the same message
+    return session.run(None, {name: feed[name] for name in wanted}, run_options)
+
+
+class BatchMismatch(Exception):
+    """An exported file that does not compute the module's function at another batch size."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchCheck:
+    """One batch size a dynamic-batch file must handle: the feed and the module's outputs."""
+
+    batch: int
+    feed: dict[str, np.ndarray]
+    expected: list[tuple[str, torch.Tensor]]
+
+    def run(self, exported: pathlib.Path) -> None:
+        """Raise ``BatchMismatch`` unless the file matches the module at this batch size."""
+        try:
+            results = onnxruntime_outputs(exported, self.feed)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise BatchMismatch(
+                f"onnxruntime cannot run the file at batch {self.batch}: "
+                f"{type(exc).__name__}: {first}"
+            ) from exc
+        if len(results) != len(self.expected):
+            raise BatchMismatch(
+                f"at batch {self.batch} the file gives {len(results)} outputs, the module "
+                f"{len(self.expected)}"
+            )
+        for (name, want), got in zip(self.expected, results, strict=True):
+            comparison = compare_tensors(
+                name, want, torch.from_numpy(np.asarray(got)),
+                rtol=ONNX_TOLERANCE[0], atol=ONNX_TOLERANCE[1],
+            )
+            if not comparison.passed:
+                why = comparison.reason or (
+                    f"max abs error {comparison.max_abs_error:.3g} (allowed "
+                    f"{ONNX_TOLERANCE[1]:g} + {ONNX_TOLERANCE[0]:g} * max|ref|)"
+                )
+                raise BatchMismatch(f"at batch {self.batch}, {name} differs from the module: {why}")
+
+
+def batch_checks_for(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[BatchCheck]:
+    """The module's float32 outputs at batch 1, the example's batch and one more.
+
+    Dimension 0 of every tensor input is the batch, so the inputs must agree on it. Each
+    batch reuses the example's rows, rotated by one so that a file that mixes up positions
+    along the batch is caught. Raises ``VerificationError`` when there is no batch
+    dimension to vary or the module itself fails at another batch size.
+    """
+    batched = [(name, t) for name, t in _named_input_tensors(args, kwargs) if t.dim() >= 1]
+    sizes = {int(t.shape[0]) for _, t in batched}
+    if len(sizes) != 1:
+        reason = (
+            "no tensor input has a dimension 0" if not batched else
+            "the inputs disagree on dimension 0 ("
+            + ", ".join(f"{name}: {t.shape[0]}" for name, t in batched)
+            + "), so it is not one batch dimension"
+        )
+        raise VerificationError("cannot export with a dynamic batch", [Problem(
+            reason=reason, fix="export with a fixed batch (dynamic_batch=False), or pass "
+            "inputs whose dimension 0 is the batch")])
+    (batch,) = sizes
+    checks = []
+    for size in sorted({1, batch, batch + 1}):
+        rows = torch.tensor([(i + 1) % batch for i in range(size)])
+        resized = pytree.tree_map(
+            lambda v, rows=rows: v.index_select(0, rows) if _is_tensor(v) and v.dim() >= 1 else v,
+            (args, kwargs),
+        )
+        try:
+            with torch.no_grad():
+                outputs = model(*resized[0], **resized[1])
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise VerificationError("cannot export with a dynamic batch", [Problem(
+                reason=f"the model itself fails at batch {size} (the example's is {batch}): "
+                f"{type(exc).__name__}: {first}", fix=_BATCH_FIX)]) from exc
+        feed = {name: _to_numpy(t) for name, t in _named_input_tensors(*resized)}
+        expected = [(n, t) for n, t in flatten_outputs(outputs) if _is_tensor(t)]
+        checks.append(BatchCheck(size, feed, expected))
+    return checks
+
+
+def _batch_axes(
+    args: tuple[Any, ...], kwargs: dict[str, Any], outputs: Any, checks: list[BatchCheck]
+) -> dict[str, dict[int, str]]:
+    """``dynamic_axes`` for the exporters: dimension 0 of the inputs, and of each output
+    whose dimension 0 equals the batch at the example's size and at every checked size."""
+    named = [(name, t) for name, t in _named_input_tensors(args, kwargs) if t.dim() >= 1]
+    axes = {name: {0: "batch"} for name, _ in named}
+    batch = int(named[0][1].shape[0])
+    leaves = [t for _, t in flatten_outputs(outputs) if _is_tensor(t)]
+    for i, (name, leaf) in enumerate(zip(onnx_output_names(outputs), leaves, strict=True)):
+        follows = leaf.dim() >= 1 and leaf.shape[0] == batch and all(
+            check.expected[i][1].dim() >= 1 and check.expected[i][1].shape[0] == check.batch
+            for check in checks
+        )
+        if follows:
+            axes[name] = {0: "batch"}
+    return axes
 
 
 def onnx_input_names(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
@@ -217,6 +378,7 @@ def _export_dynamo(
     input_names: list[str],
     output_names: list[str],
     opset: int | None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> None:
     options: dict[str, Any] = {
         "kwargs": kwargs or None,
@@ -227,6 +389,8 @@ def _export_dynamo(
     }
     if opset is not None:
         options["opset_version"] = opset
+    if dynamic_axes:
+        options["dynamic_axes"] = dynamic_axes
     if "external_data" in _export_params():
         options["external_data"] = False
     torch.onnx.export(model, args, str(path), **options)
@@ -240,6 +404,7 @@ def _export_torchscript(
     input_names: list[str],
     output_names: list[str],
     opset: int | None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> None:
     params = _export_params()
     options: dict[str, Any] = {
@@ -251,6 +416,8 @@ def _export_torchscript(
         options["dynamo"] = False
     if opset is not None:
         options["opset_version"] = opset
+    if dynamic_axes:
+        options["dynamic_axes"] = dynamic_axes
     if kwargs and "kwargs" in params:
         options["kwargs"] = kwargs
     elif kwargs:
@@ -322,21 +489,24 @@ def _exception_summary(exc: BaseException, max_lines: int = 4) -> str:
 
 
 def _export_error(
-    failures: list[tuple[str, BaseException]], opset: int | None
+    failures: list[tuple[str, BaseException]], opset: int | None, dynamic_batch: bool
 ) -> VerificationError:
     opset_hint = (
         "try another opset (export_onnx(..., opset=17) or opset=20)"
         if opset is None
         else f"try another opset than {opset}, or opset=None for the exporter's default"
     )
+    general = (
+        f"{opset_hint}; an op without an ONNX translation needs a custom "
+        "translation or a rewrite of that op. If the source model exports and the "
+        "grown one does not, report it as a lemon_fx bug with the plan and the model."
+    )
+    if dynamic_batch:  # torch.export refuses a batch dimension the model fixes
+        general = f"if it exports with a fixed batch, {_BATCH_FIX}; otherwise {general}"
     problems = [
         Problem(
             reason=f"the {name} exporter failed: {_exception_summary(exc)}",
-            fix=(
-                f"{opset_hint}; an op without an ONNX translation needs a custom "
-                "translation or a rewrite of that op. If the source model exports and the "
-                "grown one does not, report it as a lemon_fx bug with the plan and the model."
-            ),
+            fix=_BATCH_FIX if isinstance(exc, BatchMismatch) else general,
         )
         for name, exc in failures
     ]

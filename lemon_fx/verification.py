@@ -495,9 +495,8 @@ def _onnx_check(
 ) -> list[OutputComparison]:
     """Export ``grown``, check the file, run it in onnxruntime, compare with ``source``."""
     import onnx as onnx_lib
-    import onnxruntime as ort
 
-    from lemon_fx.onnx_export import export_onnx, onnx_input_feed
+    from lemon_fx.onnx_export import export_onnx, onnx_input_feed, onnxruntime_outputs
 
     reference = _run(source, args, kwargs, torch.float32, role="source")
     export_onnx(grown, args, path, example_kwargs=kwargs)
@@ -516,18 +515,8 @@ def _onnx_check(
             ],
         ) from exc
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # initializer-pruning notices are not problems
     try:
-        session = ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-        feed = onnx_input_feed(args, kwargs)
-        wanted = [i.name for i in session.get_inputs()]
-        unknown = [name for name in wanted if name not in feed]
-        if unknown:
-            raise KeyError(f"graph inputs {unknown} not among the example inputs {list(feed)}")
-        results = session.run(None, {name: feed[name] for name in wanted})
+        results = onnxruntime_outputs(path, onnx_input_feed(args, kwargs))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise VerificationError(

@@ -121,6 +121,8 @@ def test_verify_and_export(workdir):
      "would shrink"),
     (["grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x9", "--out", "g"],
      "failed on the example inputs"),
+    (["grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8", "--out", "g",
+      "--dynamic-batch"], "--dynamic-batch without --onnx"),
 ])
 def test_user_mistakes_give_one_line_and_no_output(workdir, args, message):
     (workdir / "bad.yaml").write_text("width: 2.0\nseed: [1,\n")
@@ -153,3 +155,30 @@ def test_dtype_sets_the_saved_weights_dtype(workdir):
     assert done.stdout == "" and done.stderr == ""
     state = load_file(str(workdir / "bf16" / "model.safetensors"))
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
+
+
+def test_dynamic_batch_files_from_export_and_grow(workdir):
+    done = run("export", "models.py:build", "--plan", "plan.yaml", "--input", "4x8",
+               "--out", "any.onnx", "--dynamic-batch", "--quiet", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    done = run("grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8",
+               "--out", "grown", "--onnx", "--dynamic-batch", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((workdir / "grown" / "report.json").read_text())[
+        "verification"]["onnx_dynamic_batch"] is True
+    assert "takes any batch size" in (workdir / "grown" / "report.md").read_text()
+    sys.path.insert(0, str(workdir))
+    try:
+        import models
+    finally:
+        sys.path.pop(0)
+    source = models.build().eval()
+    for file in (workdir / "any.onnx", workdir / "grown" / "model.onnx"):
+        session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        for batch in (1, 9):
+            x = torch.randn(batch, 8)
+            got = session.run(None, {name: x.numpy()})[0]
+            with torch.no_grad():
+                want = source(x)
+            torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)

@@ -16,8 +16,10 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from cnn_zoo import ResNet, randomize_norms
 from torch import nn
 
+import lemon_fx
 import lemon_fx.onnx_export as onnx_export
 from lemon_fx.errors import VerificationError
 from lemon_fx.onnx_export import export_onnx, onnx_input_feed
@@ -104,7 +106,8 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.mark.parametrize(
+# Each model with example inputs; the same cases are exported with a fixed and a dynamic batch.
+EXPORT_CASES = pytest.mark.parametrize(
     ("model", "inputs"),
     [
         (MLP(), (torch.randn(4, 6),)),
@@ -116,6 +119,9 @@ def _seed() -> None:
     ],
     ids=["mlp", "sdpa", "mha", "embedding_int64", "graph_module", "two_inputs_tuple"],
 )
+
+
+@EXPORT_CASES
 def test_export_matches_torch_in_onnxruntime(
     tmp_path: pathlib.Path, model: nn.Module, inputs: tuple[torch.Tensor, ...]
 ) -> None:
@@ -213,13 +219,19 @@ def test_export_failure_names_every_exporter_reason(tmp_path: pathlib.Path) -> N
     assert not (tmp_path / "eigh.onnx").exists()
 
 
-def test_falls_back_to_torchscript_when_torch_export_fails(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture()
+def torchscript_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch.export-based exporter refuses every model: only TorchScript is left."""
+
     def refuse(*args: object, **kwargs: object) -> None:
         raise RuntimeError("torch.export refused this model")
 
     monkeypatch.setattr(onnx_export, "_export_dynamo", refuse)
+
+
+def test_falls_back_to_torchscript_when_torch_export_fails(
+    tmp_path: pathlib.Path, torchscript_only: None
+) -> None:
     model, x = MLP(), torch.randn(3, 6)
     path = export_onnx(model, (x,), tmp_path / "fallback.onnx")
     onnx.checker.check_model(str(path), full_check=True)
@@ -227,3 +239,138 @@ def test_falls_back_to_torchscript_when_torch_export_fails(
     torch.testing.assert_close(
         torch.from_numpy(got), torch_outputs(model, (x,))[0], rtol=1e-5, atol=1e-6
     )
+
+
+# --- dynamic batch ---------------------------------------------------------------------------
+
+
+def batch_dims(path: pathlib.Path) -> tuple[list[object], list[object]]:
+    """Dimension 0 of each graph input and output: a name (``"batch"``) or a fixed size."""
+    graph = onnx.load(str(path)).graph
+
+    def first(value: onnx.ValueInfoProto) -> object:
+        dims = value.type.tensor_type.shape.dim
+        if not dims:
+            return None
+        return dims[0].dim_param or dims[0].dim_value
+
+    return [first(v) for v in graph.input], [first(v) for v in graph.output]
+
+
+def rows(inputs: tuple[torch.Tensor, ...], size: int) -> tuple[torch.Tensor, ...]:
+    """``size`` rows drawn from each input's own rows, reversed: other values, other order."""
+    index = torch.arange(size).flip(0) % inputs[0].shape[0]
+    return tuple(t.index_select(0, index) for t in inputs)
+
+
+def refused_dynamic_export(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], path: pathlib.Path
+) -> str:
+    """The text of the error a dynamic-batch export raises; no file may be left behind."""
+    with pytest.raises(VerificationError) as caught:
+        export_onnx(model, inputs, path, dynamic_batch=True)
+    assert not path.exists()
+    return str(caught.value)
+
+
+@EXPORT_CASES
+def test_dynamic_batch_file_runs_at_other_batch_sizes(
+    tmp_path: pathlib.Path, model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> None:
+    path = export_onnx(model, inputs, tmp_path / "dyn.onnx", dynamic_batch=True)
+    onnx.checker.check_model(str(path), full_check=True)
+    in_dims, out_dims = batch_dims(path)
+    assert set(in_dims) == {"batch"} and set(out_dims) == {"batch"}
+    for size in (1, 7):  # neither is the size the module was exported at
+        other = rows(inputs, size)
+        results = run_onnx(path, onnx_input_feed(other))
+        expected = torch_outputs(copy.deepcopy(model), other)
+        for got, want in zip(results, expected, strict=True):
+            assert got.shape[0] == size
+            torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_default_export_keeps_the_example_batch(tmp_path: pathlib.Path) -> None:
+    path = export_onnx(MLP(), (torch.randn(4, 6),), tmp_path / "fixed.onnx")
+    assert batch_dims(path) == ([4], [4])
+
+
+def test_dynamic_batch_of_a_grown_model(tmp_path: pathlib.Path) -> None:
+    source = randomize_norms(ResNet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    big = lemon_fx.grow(lemon_fx.trace(source, (x,)), lemon_fx.Plan(width=1.5, depth={"layer1": 4}))
+    path = export_onnx(big, (x,), tmp_path / "resnet.onnx", dynamic_batch=True)
+    fresh = torch.randn(5, 3, 16, 16)
+    (got,) = run_onnx(path, onnx_input_feed(fresh))
+    with torch.no_grad():
+        want = source(fresh)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_only_outputs_that_follow_the_batch_are_dynamic(tmp_path: pathlib.Path) -> None:
+    class LossAndLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            logits = self.fc(x)
+            # a scalar, the batch, and a per-class summary whose size 3 equals the batch
+            return logits.square().mean(), logits, logits.sum(0)
+
+    x = torch.randn(3, 4)
+    path = export_onnx(LossAndLogits(), (x,), tmp_path / "mixed.onnx", dynamic_batch=True)
+    assert batch_dims(path) == (["batch"], [None, "batch", 3])
+    results = run_onnx(path, onnx_input_feed(rows((x,), 5)))
+    assert [r.shape for r in results] == [(), (5, 3), (3,)]
+
+
+def test_a_model_that_fixes_its_batch_is_refused_before_export(tmp_path: pathlib.Path) -> None:
+    class FixedBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).reshape(4, 2, 3).sum(-1)
+
+    text = refused_dynamic_export(FixedBatch(), (torch.randn(4, 6),), tmp_path / "fixed.onnx")
+    assert text.startswith("cannot export with a dynamic batch")
+    assert "the model itself fails at batch 1 (the example's is 4)" in text
+    assert "read the size from the input (x.shape[0])" in text
+
+
+class LoopOverBatch(nn.Module):
+    """Runs at any batch size in torch, but a tracer unrolls the loop at the example's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.fc(x[i]) * (i + 1) for i in range(x.shape[0])])
+
+
+def test_a_file_that_only_runs_at_the_example_batch_is_refused(
+    tmp_path: pathlib.Path, torchscript_only: None
+) -> None:
+    # Without the check this exports "successfully": the TorchScript tracer writes a file
+    # that declares a dynamic batch and fails, or answers wrongly, at any other batch.
+    text = refused_dynamic_export(LoopOverBatch(), (torch.randn(3, 6),), tmp_path / "loop.onnx")
+    assert text.startswith("ONNX export failed")
+    assert "TorchScript (dynamo=False) exporter failed: BatchMismatch:" in text
+    assert "at batch 1" in text
+    assert "holds the example's batch size as a constant" in text
+    # The same model exports at its fixed batch.
+    path = export_onnx(LoopOverBatch(), (torch.randn(3, 6),), tmp_path / "loop.onnx")
+    assert batch_dims(path) == ([3], [3])
+
+
+def test_inputs_that_disagree_on_the_batch_are_refused(tmp_path: pathlib.Path) -> None:
+    class Two(nn.Module):
+        def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return x + bias
+
+    text = refused_dynamic_export(Two(), (torch.randn(3, 5), torch.randn(5)), tmp_path / "t.onnx")
+    assert text.startswith("cannot export with a dynamic batch")
+    assert "the inputs disagree on dimension 0 (input_0: 3, input_1: 5)" in text
