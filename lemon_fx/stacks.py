@@ -39,7 +39,8 @@ _NORM_MODULES: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn
                                                      else ())
 _NORM_FUNCTIONS = {F.layer_norm, aten.layer_norm.default} | (
     {F.rms_norm, aten.rms_norm.default} if hasattr(F, "rms_norm") else set())
-_ADDS = {operator.add, torch.add, operator.iadd, "add", aten.add.Tensor}
+# torch.export keeps ``x += residual`` as aten.add_: a residual add all the same.
+_ADDS = {operator.add, torch.add, operator.iadd, "add", aten.add.Tensor, aten.add_.Tensor}
 _PASS_THROUGH_MODULES = (nn.Dropout, nn.Identity)
 _PASS_THROUGH_METHODS = {"contiguous", "view", "reshape", "transpose", "permute", "flatten"}
 _PASS_THROUGH_FUNCTIONS = {F.dropout, torch.reshape, torch.transpose, torch.flatten,
@@ -223,7 +224,7 @@ def _is_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.ReLU)
-    return node.target in (F.relu, torch.relu, "relu", aten.relu.default)
+    return node.target in (F.relu, torch.relu, "relu", aten.relu.default, aten.relu_.default)
 
 
 def _passes_through(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -300,6 +301,12 @@ def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
             bias = f"{mha}.out_proj.bias" if gm.get_submodule(mha).out_proj.bias is not None \
                 else None
             block.branch_ends.append(BranchEnd(node.args[0], f"{mha}.out_proj.weight", bias))
+            return True
+        if node.op == "call_function" and node.target is aten.batch_norm.default and all(
+                isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in node.args[1:3]):
+            # a torch.export graph's BatchNorm: aten.batch_norm(x, weight, bias, mean, var, ...)
+            block.branch_ends.append(BranchEnd(node, node.args[1].target, node.args[2].target,
+                                               kind="norm"))
             return True
         if node.op == "call_function" and node.target in (F.linear, aten.linear.default) \
                 and node.args[1].op == "get_attr":

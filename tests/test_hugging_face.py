@@ -135,3 +135,69 @@ def test_through_onnxruntime(name):
     ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
     report = lemon_fx.verify(gm, big, (ids,), onnx=True, rtol=1e-6, atol=1e-6)
     assert report.ok and report.onnx_max_rel_error <= 1e-5
+
+
+# --- a vision CNN: Hugging Face ResNet (BatchNorm, in-place residual add, through torch.export)
+
+
+def _resnet(layer_type: str, scale: float = 1, depths=(2, 1)):
+    config = transformers.ResNetConfig(
+        num_channels=3, embedding_size=int(8 * scale), hidden_sizes=[int(8 * scale),
+        int(16 * scale)], depths=list(depths), layer_type=layer_type, num_labels=5)
+    return transformers.ResNetForImageClassification(config)
+
+
+def _traced_resnet(layer_type: str):
+    torch.manual_seed(0)
+    model = _resnet(layer_type).double().eval()
+    with torch.no_grad():  # trained-looking statistics: the rule must carry all four tensors
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = lemon_fx.trace(model, (torch.randn(2, 3, 32, 32, dtype=torch.float64),))
+    return model, gm
+
+
+def _check_images(model, big, tol=1e-10):
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x).logits
+        got = _logits(big(x))
+    torch.testing.assert_close(got, want, rtol=0, atol=tol * (1 + want.abs().max().item()))
+
+
+@pytest.mark.parametrize("layer_type", ["basic", "bottleneck"])
+def test_resnet_width_and_depth(layer_type):
+    model, gm = _traced_resnet(layer_type)
+    assert gm.meta["lemon_fx.frontend"] == "torch.export"
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"aten.batch_norm.default", "aten.add_.Tensor"} <= targets  # the ATen spellings
+    stage = "resnet.encoder.stages.0.layers"
+    big = lemon_fx.grow(gm, Plan(width=1.5, depth={stage: 4}))  # 1.5x: not a multiple
+    _check_images(model, big)
+    counts = {s.name: s.count for s in lemon_fx.inspect(big).stacks}
+    assert counts[stage] == 4
+    # LEMON for ResNets: a new block's branch ends in a BatchNorm with gamma = beta = 0
+    last_norm = {"basic": "layer.1", "bottleneck": "layer.2"}[layer_type]
+    for index in (1, 3):
+        gamma = big.get_parameter(f"{stage}.{index}.{last_norm}.normalization.weight")
+        assert torch.count_nonzero(gamma) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = _resnet(layer_type, scale=1.5, depths=(4, 1)).double().eval()
+    target.load_state_dict(big.state_dict(), strict=True)
+    _check_images(model, target)
+
+
+def test_resnet_through_onnxruntime():
+    model, gm = _traced_resnet("basic")
+    big = lemon_fx.grow(gm, Plan(width=2.0))
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    report = lemon_fx.verify(gm, big, (x,), onnx=True)
+    assert report.ok and report.max_abs_error <= 1e-10

@@ -409,8 +409,23 @@ SPECS = [
     Spec("export: LLaMA-style RMSNorm and gate", case(lambda s, h: s.mods["n"](h) * F.silu(h),
                                                       n=nn.RMSNorm(D, eps=1e-6)),
          frontend="export"),
+    Spec("export: BatchNorm2d, InstanceNorm2d, in-place add and relu (aten.*_)",
+         _randomized(conv_case(lambda s, h: _inplace_residual(s.mods["n"](s.mods["bn"](h))),
+                               bn=nn.BatchNorm2d(D), n=nn.InstanceNorm2d(D, affine=True,
+                                                                         track_running_stats=True))),
+         shape=(2, 3, 6, 6), frontend="export"),
     Spec("unknown op", case(lambda s, h: torch.cumsum(h, -1)), at_2x=UN, at_1_5x=UN),
 ]
+
+
+def _inplace_residual(h: torch.Tensor) -> torch.Tensor:
+    """``y = relu(h); y += h; y *= 2; y -= h; y /= 2`` in place, as ResNets write it."""
+    y = torch.relu(h.clone())
+    y += h
+    y *= 2
+    y -= h
+    y /= 2
+    return torch.relu_(y)
 
 RULES_SEEN: set[int] = set()
 

@@ -1,7 +1,8 @@
 """Rules for normalization over channels: BatchNorm, InstanceNorm and GroupNorm.
 
-BatchNorm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``F.batch_norm``) and
-InstanceNorm (``nn.InstanceNorm1d/2d/3d``, ``F.instance_norm``) compute their statistics
+BatchNorm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``F.batch_norm``,
+``aten.batch_norm``) and InstanceNorm (``nn.InstanceNorm1d/2d/3d``, ``F.instance_norm``,
+``aten.instance_norm``) compute their statistics
 **per channel** (over the batch and positions, or over the positions of one sample), then
 apply a per-channel affine map: ``y[:, c] = (x[:, c] - mu_c) / sqrt(var_c + eps) * w_c + b_c``.
 Channel ``c'`` of the grown model copies channel ``c' % C`` (circ form): its statistics are
@@ -40,6 +41,17 @@ from lemon_fx.rule import Rule
 __all__ = ["BatchNormRule", "GroupNormRule", "register_rules"]
 
 CIRC = frozenset({"circ"})
+_aten = torch.ops.aten
+# Where the per-channel tensors sit among a functional spelling's arguments: torch.nn.functional
+# and ATen (the torch.export graphs) order them differently.
+_FUNCTIONAL_ORDER = (("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4))
+_ATEN_ORDER = (("weight", 1), ("bias", 2), ("running_mean", 3), ("running_var", 4))
+PER_CHANNEL_ARGS = {
+    F.batch_norm: _FUNCTIONAL_ORDER,
+    F.instance_norm: _FUNCTIONAL_ORDER,
+    _aten.batch_norm.default: _ATEN_ORDER,
+    _aten.instance_norm.default: _ATEN_ORDER,
+}
 INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, *INSTANCE_NORMS)
 
@@ -91,14 +103,14 @@ class BatchNormRule(Rule):
                        ("weight", "bias", "running_mean", "running_var")
                        if getattr(ctx.module, attr, None) is not None]
         else:
-            tensors = [(None, ctx.arg(i, name)) for i, name in
-                       ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+            tensors = [(None, ctx.arg(i, name)) for name, i in PER_CHANNEL_ARGS[node.target]]
         _claim_per_channel(ctx, tensors, channel, out_slot)
 
     def _kind(self, ctx: NodeAnalysis) -> str:
         if ctx.module is not None:
             return type(ctx.module).__name__
-        return "instance_norm" if ctx.node.target is F.instance_norm else "batch_norm"
+        instance = (F.instance_norm, _aten.instance_norm.default)
+        return "instance_norm" if ctx.node.target in instance else "batch_norm"
 
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
         if ctx.module is None:
@@ -156,6 +168,6 @@ class GroupNormRule(Rule):
 
 
 def register_rules(registry: Registry) -> None:
-    registry.add(BatchNormRule(), [*BATCH_NORMS, F.batch_norm, F.instance_norm])
+    registry.add(BatchNormRule(), [*BATCH_NORMS, *PER_CHANNEL_ARGS])
     registry.add(GroupNormRule(), [nn.GroupNorm, F.group_norm,
                                    torch.ops.aten.group_norm.default])

@@ -220,8 +220,10 @@ def register_rules(registry: Registry) -> None:
         (zero_ops if zero else other_ops).extend([fn, method])
     for method in ("gelu", "silu"):
         zero_ops.append(method)
+    # torch.export keeps in-place activations (nn.ReLU(inplace=True)) as their _ spelling.
     zero_ops += [aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
-                 aten.sin.default, aten.abs.default, aten.sqrt.default, aten.erf.default]
+                 aten.sin.default, aten.abs.default, aten.sqrt.default, aten.erf.default,
+                 aten.relu_.default, aten.silu_.default]
     other_ops += [aten.sigmoid.default, aten.exp.default, aten.rsqrt.default, aten.cos.default,
                   aten.log.default]
     registry.add(with_zero, zero_ops)
@@ -231,13 +233,16 @@ def register_rules(registry: Registry) -> None:
         operator.add, operator.sub, operator.neg, operator.iadd, operator.isub, torch.add,
         torch.sub, torch.subtract, torch.neg, "add", "sub", "neg", "add_", "sub_", torch.rsub,
         aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.neg.default,
-        aten.rsub.Scalar,
+        aten.rsub.Scalar, aten.add_.Tensor, aten.add_.Scalar, aten.sub_.Tensor,
+        aten.sub_.Scalar,
     ])
     registry.add(ProductRule(), [operator.mul, operator.imul, torch.mul, torch.multiply, "mul",
-                                 "mul_", aten.mul.Tensor, aten.mul.Scalar])
+                                 "mul_", aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor,
+                                 aten.mul_.Scalar])
     registry.add(QuotientRule(), [operator.truediv, operator.itruediv, torch.div, torch.divide,
                                   torch.true_divide, "div", "div_", "true_divide",
-                                  aten.div.Tensor, aten.div.Scalar])
+                                  aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor,
+                                  aten.div_.Scalar])
     registry.add(MaskedFillRule(), ["masked_fill", "masked_fill_", torch.masked_fill,
                                     aten.masked_fill.Scalar, aten.masked_fill.Tensor])
     registry.add(WhereRule(), [torch.where, torch.ones_like, torch.full_like, aten.where.self,
