@@ -414,6 +414,15 @@ SPECS = [
                                bn=nn.BatchNorm2d(D), n=nn.InstanceNorm2d(D, affine=True,
                                                                          track_running_stats=True))),
          shape=(2, 3, 6, 6), frontend="export"),
+    Spec("ReLU on an RMSNorm output (zero form)", case(lambda s, h: torch.relu(s.mods["n"](h)),
+                                                       n=nn.RMSNorm(D, eps=1e-6))),
+    # Hardtanh(0.5, 1) maps 0 to 0.5: the zero form's extra entries would read 0.5, not 0
+    Spec("nn.Hardtanh(0.5, 1) on an RMSNorm output", case(
+        lambda s, h: s.mods["a"](s.mods["n"](h)), n=nn.RMSNorm(D, eps=1e-6),
+        a=nn.Hardtanh(0.5, 1.0)), at_1_5x=NL),
+    Spec("F.hardtanh(x, 0.5, 1) on an RMSNorm output", case(
+        lambda s, h: F.hardtanh(s.mods["n"](h), 0.5, 1.0), n=nn.RMSNorm(D, eps=1e-6)),
+         at_1_5x=NL),
     Spec("unknown op", case(lambda s, h: torch.cumsum(h, -1)), at_2x=UN, at_1_5x=UN),
 ]
 

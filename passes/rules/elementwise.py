@@ -61,7 +61,12 @@ class PassThroughRule(Rule):
 
 
 class ActivationRule(Rule):
-    """``y = f(x)`` elementwise; circ always, zero too when ``f(0) = 0``."""
+    """``y = f(x)`` elementwise; circ always, zero too when ``f(0) = 0``.
+
+    ``zero_at_zero`` is the op's answer with its default arguments; a node's own arguments
+    can change it (``nn.Hardtanh(0.5, 1.0)`` maps 0 to 0.5), so each node is evaluated at 0
+    with its constant arguments, and one whose arguments are not constants gets circ only.
+    """
 
     def __init__(self, zero_at_zero: bool):
         self.zero_at_zero = zero_at_zero
@@ -69,12 +74,28 @@ class ActivationRule(Rule):
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x = _first_tensor(node, ctx)
         ctx.pass_through(x, node)
-        allowed = CIRC_OR_ZERO if self.zero_at_zero else CIRC
+        zero = self.zero_at_zero and _node_maps_zero_to_zero(node, ctx)
+        allowed = CIRC_OR_ZERO if zero else CIRC
         for axis, dim in enumerate(ctx.dims(node)):
             ctx.hint(dim, "nonlinear")
             ctx.require_form(ctx.slot(node, axis), allowed,
                              "a nonlinearity needs its axis in the circ form"
-                             + (" (or zero)" if self.zero_at_zero else ""))
+                             + (" (or zero)" if zero else ""))
+
+
+def _node_maps_zero_to_zero(node: torch.fx.Node, ctx: NodeAnalysis) -> bool:
+    """Whether this node, with its own constant arguments, computes ``f(0) = 0``."""
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if any(isinstance(a, torch.fx.Node) for a in (*rest, *kwargs.values())):
+        return False
+    zero = torch.zeros(1, dtype=torch.float64)
+    if node.op == "call_module":
+        value = ctx.module(zero)
+    elif node.op == "call_method":
+        value = getattr(zero, node.target)(*rest, **kwargs)
+    else:
+        value = node.target(zero, *rest, **kwargs)
+    return bool(value.abs().item() == 0)
 
 
 class PowRule(Rule):
