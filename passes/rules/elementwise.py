@@ -241,6 +241,7 @@ def register_rules(registry: Registry) -> None:
         (zero_ops if zero else other_ops).extend([fn, method])
     for method in ("gelu", "silu"):
         zero_ops.append(method)
+    zero_ops += [torch.relu_, F.relu_, "relu_"]  # in place: the same function
     # torch.export keeps in-place activations (nn.ReLU(inplace=True)) as their _ spelling.
     zero_ops += [aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
                  aten.sin.default, aten.abs.default, aten.sqrt.default, aten.erf.default,
