@@ -74,6 +74,9 @@ class Claim:
     transform: Callable[..., torch.Tensor] | None = None
     # made for a free parameter nobody else claimed (a position table, a class token)
     default: bool = False
+    # nodes other than ``node`` that read the parameter as part of the claimed pattern
+    # (the ``w * ...`` of a decomposed RMSNorm claimed from its mean)
+    readers: frozenset[torch.fx.Node] = frozenset()
 
 
 @dataclass
@@ -306,10 +309,11 @@ class NodeAnalysis:
         axes: list[AxisUse | None],
         *,
         transform: Callable[..., torch.Tensor] | None = None,
+        readers: frozenset[torch.fx.Node] = frozenset(),
     ) -> None:
         qualname = self._a.canonical(qualname)
         self._a.claims.setdefault(qualname, []).append(
-            Claim(qualname, tuple(axes), self.node, transform)
+            Claim(qualname, tuple(axes), self.node, transform, readers=readers)
         )
 
     # -- refusals ----------------------------------------------------------------------
@@ -391,6 +395,7 @@ def analyze_width(gm: torch.fx.GraphModule, registry: Registry | None = None) ->
             rule.analyze(node, NodeAnalysis(analysis, node, rule))
     for rule in {id(r): r for r in analysis.rules.values()}.values():
         rule.finalize(analysis)
+    _claim_value_reads(analysis)
     _claim_unclaimed_module_params(analysis)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -425,6 +430,24 @@ def _analyze_get_attr(node: torch.fx.Node, analysis: WidthAnalysis) -> None:
     for a, b in zip(analysis.value_dims[node], analysis.param_dims[name]):
         ctx.unify(a, b)
     analysis.get_attr_nodes.append(node)
+
+
+def _claim_value_reads(analysis: WidthAnalysis) -> None:
+    """A parameter a layer claims, also read as a value (``W.t()``, ``w.mean()``,
+    ``y * ln.weight``), must be grown the way that value is read: every axis expanded in
+    its value's form. Said as one more claim, so that ``_check_claims`` refuses the growth
+    when the layer grows the parameter otherwise (a fan-in split, a norm's ``eta``) instead
+    of handing the value reader a tensor laid out for the layer."""
+    for node in analysis.get_attr_nodes:
+        claims = analysis.claims.get(analysis.canonical(node.target))
+        if not claims:
+            continue
+        claimed = {c.node for c in claims}.union(*(c.readers for c in claims))
+        if all(user in claimed for user in node.users):
+            continue
+        ctx = NodeAnalysis(analysis, node, _UnknownOp())
+        rank = len(analysis.value_dims[node])
+        ctx.claim(node.target, [AxisUse("expand", ctx.slot(node, i)) for i in range(rank)])
 
 
 def _claim_unclaimed_module_params(analysis: WidthAnalysis) -> None:

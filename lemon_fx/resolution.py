@@ -46,6 +46,12 @@ class Resolution:
         sizes = [self._grown_tree(c) for c in children]
         return math.prod(sizes) if kind == "prod" else sum(sizes)
 
+    def non_multiple(self, leaf: int) -> bool:
+        """Whether ``leaf`` grows by a non-multiple (``r != 0``); an empty axis never does
+        (Phi-3's ``q[..., rotary_dim:]`` with full rotary is one)."""
+        size = self.analysis.dims.size(leaf)
+        return size != 0 and self.target(leaf) % size != 0
+
     def grows(self, dim: int) -> bool:
         return any(self.target(leaf) != self.analysis.dims.size(leaf)
                    for leaf in self.analysis.dims.leaves(dim))
@@ -182,8 +188,7 @@ def _check_blockers(res: Resolution) -> tuple[list[Problem], list[Problem]]:
         growing = [leaf for leaf in dims.leaves(b.dim) if res.target(leaf) != dims.size(leaf)]
         if not growing:
             continue
-        if b.whole_multiples_ok and all(res.target(leaf) % dims.size(leaf) == 0
-                                        for leaf in growing):
+        if b.whole_multiples_ok and not any(res.non_multiple(leaf) for leaf in growing):
             continue
         key = (b.problem.node, b.problem.reason)
         if key in seen:
@@ -204,11 +209,9 @@ def _solve_forms(res: Resolution) -> list[Problem]:
     for root, members in a.form_classes_index().items():
         allowed, reasons = a.allowed_forms(root)
         needs_choice = any(
-            res.target(leaf) % a.dims.size(leaf) != 0
-            for slot in members for leaf in a.slot_leaves(slot)
+            res.non_multiple(leaf) for slot in members for leaf in a.slot_leaves(slot)
         )
-        composite = any(len([leaf for leaf in a.slot_leaves(s)
-                             if res.target(leaf) % a.dims.size(leaf)]) > 0
+        composite = any(any(res.non_multiple(leaf) for leaf in a.slot_leaves(s))
                         and len(a.slot_leaves(s)) > 1 for s in members)
         if composite:
             allowed &= frozenset({"circ"})
@@ -247,11 +250,27 @@ def _check_claims(res: Resolution) -> list[Problem]:
                     fix="keep this width fixed"))
                 continue
             kinds = {(u.kind, res.form(u.slot)) for u in uses if isinstance(u, AxisUse)}
-            if len(kinds) > 1:
+            # a transform (a norm's eta, zero extras) changes the tensor only where the
+            # axis grows by a non-multiple; there a plain expansion is something else
+            whole = not any(res.non_multiple(leaf) for leaf in a.dims.leaves(dims[axis]))
+            if not whole and len({c.transform is None for c in claims}) > 1:
                 problems.append(Problem(
-                    reason=f"parameter {name!r} is shared by ops that need it grown "
-                    f"differently ({sorted(kinds)})",
+                    reason=f"parameter {name!r} is rescaled for its norm at this width "
+                    f"(LEMON's eta) and also read as a value by "
+                    f"{', '.join(sorted({c.node.name for c in claims if c.transform is None}))}",
                     node=", ".join(sorted({c.node.name for c in claims})),
-                    fix="untie the parameter (a tied LM head is not supported yet), or "
-                    "keep this width fixed"))
+                    fix="grow this width by a whole multiple (2x, 3x, ...), or read a copy "
+                    "of the parameter that the norm does not own"))
+                continue
+            if len(kinds) > 1:
+                readers = sorted({c.node.name for c in claims if c.node.op == "get_attr"})
+                read = (f"; {', '.join(readers)} read{'s' if len(readers) == 1 else ''} it "
+                        "as a value, which needs every axis expanded" if readers else "")
+                problems.append(Problem(
+                    reason=f"parameter {name!r} is shared by ops that need axis {axis} grown "
+                    f"differently ({', '.join(f'{k} in the {f} form' for k, f in sorted(kinds))})"
+                    + read,
+                    node=", ".join(sorted({c.node.name for c in claims})),
+                    fix="untie the parameter (give each use its own), or keep this width "
+                    "fixed"))
     return problems

@@ -201,3 +201,20 @@ def test_resnet_through_onnxruntime():
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     report = lemon_fx.verify(gm, big, (x,), onnx=True)
     assert report.ok and report.max_abs_error <= 1e-10
+
+
+def test_phi3_with_an_empty_rotary_remainder_grows_in_depth():
+    """Full rotary makes ``q[..., rotary_dim:]`` an empty axis; it crashed the form solver
+    (integer modulo by zero) for every plan, depth-only too."""
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.Phi3ForCausalLM(config).double().eval()
+        gm = lemon_fx.trace(model, (torch.randint(0, VOCAB, (2, 6)),))
+    _check(model, lemon_fx.grow(gm, Plan(depth=2.0)), 1e-10)
+    with pytest.raises(lemon_fx.LemonError, match="picked by position"):
+        lemon_fx.grow(gm, Plan(width=2.0))  # partial slices of q/k: refused, not a crash

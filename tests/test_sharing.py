@@ -106,3 +106,77 @@ def test_tied_weights_that_grow_the_same_way_stay_tied():
     assert big.a.weight is big.b.weight
     x = torch.randn(5, 4, dtype=torch.float64)
     torch.testing.assert_close(big(x), net(x), rtol=0, atol=1e-12)
+
+
+# A parameter a layer owns, also read as a value somewhere else: the layer lays its grown
+# copy out for itself (fan-in split, a norm's eta), so the value reader would see other
+# numbers. Each of these grew silently lossy before (errors 1.4, 2.6e-3, 0.24).
+
+
+class _WeightAndItsTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.w = nn.Parameter(torch.randn(8, 8))
+        self.h = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.h(torch.relu(y @ self.w) @ self.w.t())
+
+
+class _ScaledByItsHeadsMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.h = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.a(x))) * self.h.weight.mean()
+
+
+class _NormWeightReused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.ln = nn.LayerNorm(8)
+        self.h = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.h(self.ln(self.a(x)) * self.ln.weight)
+
+
+def _randomized(module: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)  # LayerNorm's weight is not all ones
+    return module.double().eval()
+
+
+SPLIT_AND_VALUE = "grown differently (expand in the circ form, split in the circ form)"
+
+
+@pytest.mark.parametrize(("build", "width", "why", "fix"), [
+    (_WeightAndItsTranspose, 2.0, SPLIT_AND_VALUE, "keep this width fixed"),
+    (_WeightAndItsTranspose, 1.5, SPLIT_AND_VALUE, "keep this width fixed"),
+    (_ScaledByItsHeadsMean, 2.0, "h_weight reads it as a value", "keep this width fixed"),
+    (_NormWeightReused, 1.5, "rescaled for its norm at this width", "whole multiple"),
+])
+def test_a_layers_parameter_read_as_a_value_is_refused(build, width, why, fix):
+    gm = lemon_fx.trace(_randomized(build()), (torch.randn(2, 5, 4, dtype=torch.float64),))
+    with pytest.raises(lemon_fx.NotLosslessError) as info:
+        lemon_fx.grow(gm, lemon_fx.Plan(width=width))
+    (problem,) = info.value.problems
+    assert why in problem.reason and "as a value" in problem.reason
+    assert fix in problem.fix
+
+
+def test_a_norm_weight_read_as_a_value_grows_by_whole_multiples():
+    """At 2x LEMON's eta is 1 and there are no extra entries: the value is the tiling."""
+    net = _randomized(_NormWeightReused())
+    gm = lemon_fx.trace(net, (torch.randn(2, 5, 4, dtype=torch.float64),))
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), net(x), rtol=0, atol=1e-12)

@@ -234,7 +234,7 @@ class DecomposedRMSNorm:
                          "a decomposed RMSNorm needs its input in the zero form")
         if self.weight is not None:
             ctx.claim(self.weight.target, [AxisUse("expand", ctx.slot(self.output, -1))],
-                      transform=_scaled_gamma(dim))
+                      transform=_scaled_gamma(dim), readers=frozenset({self.output}))
 
     def rewrite(self, ctx: NodeRewrite) -> None:
         dim = ctx.dims(self.mean.args[0])[-1]
