@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lemon_fx.errors import NotLosslessError, PlanError, Problem, UnsupportedOpError
+from lemon_fx.graph_facts import op_name, source_line
 from lemon_fx.plan import Plan
 from lemon_fx.stacks import BlockStack
 
@@ -40,8 +41,16 @@ class StackGrowth:
         return new
 
 
+def _check_copyable(count: int, target: int, copyable: list[int]) -> None:
+    if target > count and not copyable:
+        raise PlanError("no block can be copied", [Problem(
+            reason=f"growing {count} blocks to {target} needs a block to copy, and none "
+            "may be copied", node="depth", fix="keep the depth of this stack")])
+
+
 def interleave_order(count: int, target: int, copyable: list[int] | None = None) -> list[int]:
     copyable = list(range(count)) if copyable is None else copyable
+    _check_copyable(count, target, copyable)
     extra, n = target - count, len(copyable)
     copies = {c: extra // n + (1 if j >= n - extra % n else 0) for j, c in enumerate(copyable)}
     order = []
@@ -52,7 +61,19 @@ def interleave_order(count: int, target: int, copyable: list[int] | None = None)
 
 def stack_order(count: int, target: int, copyable: list[int] | None = None) -> list[int]:
     copyable = list(range(count)) if copyable is None else copyable
+    _check_copyable(count, target, copyable)
     return list(range(count)) + [copyable[j % len(copyable)] for j in range(target - count)]
+
+
+def _blocked(stack: BlockStack) -> Problem:
+    """Why ``stack`` cannot grow in depth, at the node that stops it when there is one."""
+    node = stack.problem_node
+    return Problem(reason=f"stack {stack.name!r} cannot grow in depth: {stack.problem}",
+                   node=node.name if node is not None else stack.name,
+                   op=op_name(node) if node is not None else stack.kind,
+                   source=source_line(node) if node is not None else None,
+                   fix="keep its depth, or " + (stack.fix or "restructure the block so every "
+                                                "residual branch ends in a Linear/Conv layer"))
 
 
 def _target(stack: BlockStack, value: float | int, bare: bool) -> int:
@@ -118,23 +139,20 @@ def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
                 continue
             problems += _explicit(stack, plan.placement)
             order = list(plan.placement)
-        elif plan.placement == "stack":
+        if stack.problem:  # before any order: a blocked stack may have no copyable block
+            blocked.append(_blocked(stack))
+            continue
+        if plan.placement == "stack":
             order = stack_order(stack.count, target, stack.copyable)
-        else:
+        elif not isinstance(plan.placement, tuple):
             order = interleave_order(stack.count, target, stack.copyable)
         not_copyable = sorted({s for p, s in enumerate(order) if s in order[:p]}
                               - set(stack.copyable))
-        if not stack.problem and not_copyable:
+        if not_copyable:
             problems.append(Problem(
                 reason=f"block(s) {not_copyable} of {name!r} change the shape of the "
                 "stream (downsampling) and cannot be copied", node="placement",
                 fix=f"copy only blocks {stack.copyable}"))
-            continue
-        if stack.problem:
-            blocked.append(Problem(reason=f"stack {name!r} cannot grow in depth: "
-                                   f"{stack.problem}", node=name, op=stack.kind,
-                                   fix="keep its depth, or restructure the block so every "
-                                   "residual branch ends in a Linear/Conv layer"))
             continue
         if stack.kind == "post_ln" and not plan.allow_inexact:
             inexact.append(Problem(

@@ -19,6 +19,10 @@ downsampling block) is kept but never copied.
 Kinds: ``pre_ln`` (norms only inside branches: ``x + F(norm(x))``), ``post_ln`` (the block
 ends in a norm on the stream: ``norm(x + F(x))``), ``residual`` (residual adds, no norms),
 ``plain`` (no residual add: a new block cannot be the identity, so no depth growth).
+
+A residual add ``torch.add(x, F, alpha=a)`` computes ``x + a F``: zero stays zero, so it is
+a residual add. ``torch.add(F, x, alpha=a)`` computes ``F + a x``: a zero branch leaves
+``a x``, not ``x``, so such a block is refused (its stream is scaled).
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ class Block:
     spine_relu: bool = False
     changes_shape: bool = False
     problem: str | None = None
+    # the node the problem is at (None when it is the block as a whole) and how to fix it
+    problem_node: torch.fx.Node | None = field(default=None, repr=False)
+    fix: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -89,6 +96,9 @@ class BlockStack:
     blocks: list[Block] = field(default_factory=list, repr=False, compare=False)
     child_prefix: str = field(default="", repr=False, compare=False)
     problem: str | None = field(default=None, repr=False, compare=False)
+    # the node the problem is at (None when it is the stack as a whole), and the fix
+    problem_node: torch.fx.Node | None = field(default=None, repr=False, compare=False)
+    fix: str | None = field(default=None, repr=False, compare=False)
     # blocks that may be copied (a downsampling first block may not)
     copyable: list[int] = field(default_factory=list, repr=False, compare=False)
 
@@ -155,6 +165,7 @@ def _analyze_stack(gm: torch.fx.GraphModule, stack: BlockStack) -> None:
             continue
         if block.problem:
             stack.problem = stack.problem or f"block {path}: {block.problem}"
+            stack.problem_node, stack.fix = block.problem_node, block.fix
             stack.kind = "plain" if "residual add" in block.problem else stack.kind
             return
         previous_out = block.stream_out
@@ -214,6 +225,24 @@ def _is_add(node: torch.fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in _ADDS
 
 
+def _add_operands(node: torch.fx.Node) -> tuple:
+    """``(first, second, alpha)`` of an add computing ``first + alpha * second``.
+
+    The operands may be keywords (``torch.add(x, other=y)``); ``torch.add``'s deprecated
+    ``add(input, alpha, other)`` puts alpha in the middle.
+    """
+    args, kwargs = node.args, node.kwargs
+    if len(args) == 3 and not isinstance(args[1], torch.fx.Node):
+        return args[0], args[2], args[1]
+    first = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    second = args[1] if len(args) > 1 else kwargs.get("other")
+    return first, second, kwargs.get("alpha", 1)
+
+
+def _is_one(value) -> bool:
+    return isinstance(value, (int, float)) and value == 1
+
+
 def _is_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _NORM_MODULES)
@@ -242,7 +271,7 @@ def _walk_spine(gm: torch.fx.GraphModule, block: Block) -> None:
         if not isinstance(v, torch.fx.Node) or v not in set(block.nodes):
             return False
         if _is_add(v):
-            return any(on_spine(a) for a in v.args[:2])
+            return any(on_spine(a) for a in _add_operands(v)[:2])
         if _is_norm(gm, v) or _passes_through(gm, v):
             return on_spine(v.args[0])
         return False
@@ -251,10 +280,19 @@ def _walk_spine(gm: torch.fx.GraphModule, block: Block) -> None:
     seen_add = False
     while node is not block.stream_in:
         if _is_add(node):
-            a, b = node.args[:2]
+            a, b, alpha = _add_operands(node)
             spine = [x for x in (a, b) if on_spine(x)]
             if len(spine) != 1:
-                block.problem = f"'{node.name}' is not a residual add of the stream and a branch"
+                _refuse(block, node, f"'{node.name}' is not a residual add of the stream and "
+                        "a branch")
+                return
+            if spine[0] is not a and not _is_one(alpha):
+                _refuse(block, node, f"'{node.name}' adds the stream as its second operand "
+                        f"with alpha={alpha!r}, so the residual stream is scaled by alpha: "
+                        f"a new block whose branch writes zero would compute {alpha!r} * x, "
+                        "not x",
+                        fix="write the add with the stream first, torch.add(x, f(x), "
+                        "alpha=...) (alpha then scales only the branch), or as x + f(x)")
                 return
             branch = b if spine[0] is a else a
             if not _branch_ends(gm, block, branch):
@@ -270,11 +308,21 @@ def _walk_spine(gm: torch.fx.GraphModule, block: Block) -> None:
         elif _passes_through(gm, node):
             node = node.args[0]
         else:
-            block.problem = (f"'{node.name}' on the path from the block's output to its input "
-                             "is neither a residual add nor a norm")
+            _refuse(block, node, f"'{node.name}' on the path from the block's output to its "
+                    "input is neither a residual add nor a norm")
             return
     if not seen_add:
-        block.problem = "it has no residual add"
+        _refuse(block, None, "it has no residual add")
+
+
+# the block computes something other than stream + branches: no zero branch makes it x
+_COMBINATION_FIX = ("write the block as x + f(x) (a plain residual add of the stream and a "
+                    "branch ending in a Linear/Conv layer; norms may wrap it: norm(x + f(x)))")
+
+
+def _refuse(block: Block, node: torch.fx.Node | None, reason: str,
+            fix: str = _COMBINATION_FIX) -> None:
+    block.problem, block.problem_node, block.fix = reason, node, fix
 
 
 def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
@@ -319,8 +367,8 @@ def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
             bias = node.args[0].target if isinstance(node.args[0], torch.fx.Node) else None
             block.branch_ends.append(BranchEnd(node, node.args[2].target, bias))
             return True
-        if _is_add(node):
-            return all(_branch_ends(gm, block, a) for a in node.args[:2])
+        if _is_add(node):  # alpha scales the second operand: zero stays zero
+            return all(_branch_ends(gm, block, a) for a in _add_operands(node)[:2])
         if node.op in ("call_function", "call_method") and node.target in _MULS:
             tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)
                        and a.op != "get_attr"]
@@ -332,9 +380,14 @@ def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
             continue
         break
     name = value.name if isinstance(value, torch.fx.Node) else repr(value)
-    block.problem = (f"the residual branch ending at '{name}' does not end in a layer "
-                     "with weights (Linear, Conv, MultiheadAttention) that can write zero")
+    _refuse(block, value if isinstance(value, torch.fx.Node) else None,
+            f"the residual branch ending at '{name}' does not end in a layer with weights "
+            "(Linear, Conv, MultiheadAttention) that can write zero",
+            fix=_BRANCH_END_FIX)
     return False
+
+
+_BRANCH_END_FIX = "restructure the block so every residual branch ends in a Linear/Conv layer"
 
 
 def _kind(gm: torch.fx.GraphModule, block: Block) -> str:

@@ -329,3 +329,165 @@ def test_resnet_grows_in_depth_with_zeroed_last_batchnorm(placement):
     torch.testing.assert_close(big(x), model(x), rtol=0, atol=1e-12)
     bigger = _ResNet(layers=(4, 3)).double()
     bigger.load_state_dict(big.state_dict(), strict=True)
+
+
+# --- how a block joins its branch to the stream: only stream + branch grows in depth
+
+
+class _Joined(nn.Module):
+    """``blocks`` of ``join(block, x)`` between an input and a head Linear."""
+
+    def __init__(self, join, depth: int = 2, dim: int = 8):
+        super().__init__()
+        self.inp = nn.Linear(4, dim)
+        self.blocks = nn.ModuleList(_JoinedBlock(join, dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class _JoinedBlock(nn.Module):
+    def __init__(self, join, dim: int):
+        super().__init__()
+        self.join = join
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, dim)
+
+    def branch(self, x):
+        return self.fc(self.norm(x))
+
+    def forward(self, x):
+        return self.join(self, x)
+
+
+def _joined(join, frontend: str = "fx"):
+    torch.manual_seed(0)
+    model = _Joined(join).double().eval()
+    example = torch.randn(2, 5, 4, dtype=torch.float64)
+    return model, lemon_fx.trace(model, (example,), frontend=frontend)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out  # an export graph returns a tuple
+
+
+# alpha scales the second operand: torch.add(a, b, alpha=s) = a + s * b
+_STREAM_FIRST = {
+    "torch.add(x, f, alpha)": lambda s, x: torch.add(x, s.branch(x), alpha=0.5),
+    "x.add(f, alpha)": lambda s, x: x.add(s.branch(x), alpha=0.5),
+    "torch.add(x, other=f, alpha)": lambda s, x: torch.add(x, other=s.branch(x), alpha=0.5),
+    "torch.add(input=x, other=f)": lambda s, x: torch.add(input=x, other=s.branch(x)),
+    "torch.add(f, x, alpha=1)": lambda s, x: torch.add(s.branch(x), x, alpha=1),
+}
+_STREAM_SCALED = {
+    "torch.add(f, x, alpha)": lambda s, x: torch.add(s.branch(x), x, alpha=0.5),
+    "f.add(x, alpha)": lambda s, x: s.branch(x).add(x, alpha=0.5),
+    "torch.add(f, other=x, alpha)": lambda s, x: torch.add(s.branch(x), other=x, alpha=0.5),
+}
+
+
+@pytest.mark.parametrize("placement", ["interleave", "stack"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("form", sorted(_STREAM_FIRST))
+def test_an_add_whose_alpha_scales_only_the_branch_grows_exactly(form, frontend, placement):
+    model, gm = _joined(_STREAM_FIRST[form], frontend)
+    big = lemon_fx.grow(gm, Plan(depth=2.0, placement=placement))
+    assert _stack(big).count == 4
+    fresh = torch.randn(3, 7, 4, dtype=torch.float64)
+    want = model(fresh)
+    torch.testing.assert_close(_first(big(fresh)), want, rtol=0,
+                               atol=1e-10 * (1 + want.abs().max().item()))
+
+
+@pytest.mark.parametrize("placement", ["interleave", "stack"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("form", sorted(_STREAM_SCALED))
+def test_an_add_whose_alpha_scales_the_stream_is_refused(form, frontend, placement):
+    """``f + 0.5 * x``: a new block with a zero branch would compute 0.5 * x, not x."""
+    model, gm = _joined(_STREAM_SCALED[form], frontend)
+    with pytest.raises(UnsupportedOpError) as info:
+        lemon_fx.grow(gm, Plan(depth=2.0, placement=placement))
+    (problem,) = info.value.problems
+    add = next(n for n in gm.graph.nodes if "add" in str(n.target) and n.kwargs.get("alpha"))
+    assert problem.node == add.name
+    assert "add" in problem.op
+    assert f"'{add.name}' adds the stream as its second operand with alpha=0.5" in \
+        problem.reason
+    assert "residual stream is scaled by alpha" in problem.reason
+    assert "torch.add(x, f(x), alpha=...)" in problem.fix
+    assert "stack 'blocks' cannot grow in depth" in str(info.value)
+
+
+# blocks whose branch ends in a Linear but is joined to the stream in another way
+_NOT_STREAM_PLUS_BRANCH = {
+    "x - f": (lambda s, x: x - s.branch(x), "sub"),
+    "0.7 * x + f": (lambda s, x: 0.7 * x + s.branch(x), "add"),
+    "(x + f) * 0.5": (lambda s, x: (x + s.branch(x)) * 0.5, "mul"),
+    "x + x + f": (lambda s, x: x + x + s.branch(x), "add"),
+}
+
+
+@pytest.mark.parametrize("depth", [2.0, {"blocks": 3}])
+@pytest.mark.parametrize("placement", ["interleave", "stack"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("form", sorted(_NOT_STREAM_PLUS_BRANCH))
+def test_a_block_that_is_not_stream_plus_branch_is_refused_for_every_placement(
+        form, frontend, placement, depth):
+    """"stack" used to divide by the count of copyable blocks (none here) before refusing."""
+    join, node = _NOT_STREAM_PLUS_BRANCH[form]
+    model, gm = _joined(join, frontend)
+    with pytest.raises(UnsupportedOpError) as info:
+        lemon_fx.grow(gm, Plan(depth=depth, placement=placement))
+    (problem,) = info.value.problems
+    assert problem.node.startswith(node)
+    assert f"block blocks.0: '{problem.node}'" in problem.reason
+    assert "stack 'blocks' cannot grow in depth" in problem.reason
+    # the branch does end in a Linear: the fix is about how it joins the stream
+    assert problem.fix.startswith("keep its depth, or write the block as x + f(x)")
+    assert "restructure" not in problem.fix
+
+
+def test_a_branch_without_a_last_weighted_layer_keeps_its_fix():
+    model, gm = _joined(lambda s, x: x + torch.tanh(s.branch(x)))
+    with pytest.raises(UnsupportedOpError) as info:
+        lemon_fx.grow(gm, Plan(depth=2.0, placement="stack"))
+    (problem,) = info.value.problems
+    assert problem.node == "tanh"
+    assert "does not end in a layer with weights" in problem.reason
+    assert problem.fix == ("keep its depth, or restructure the block so every residual branch "
+                           "ends in a Linear/Conv layer")
+
+
+@pytest.mark.parametrize("order", [lemon_fx.depth_plan.interleave_order,
+                                   lemon_fx.depth_plan.stack_order])
+def test_orders_with_no_copyable_block_are_refused(order):
+    assert order(2, 2, []) == [0, 1]
+    with pytest.raises(PlanError, match="none may be copied"):
+        order(2, 4, [])
+
+
+def _add_in_place(stream_first: bool):
+    def join(s, x):
+        branch, stream = s.branch(x), x.clone()
+        if stream_first:
+            return stream.add_(branch, alpha=0.5)
+        return branch.add_(stream, alpha=0.5)
+    return join
+
+
+def test_an_in_place_aten_add_with_alpha_is_judged_by_its_operand_order():
+    """torch.export keeps ``t.add_(u, alpha=a)`` as aten.add_.Tensor: ``t + a * u``."""
+    model, gm = _joined(_add_in_place(stream_first=True), "export")
+    assert any(n.target is torch.ops.aten.add_.Tensor for n in gm.graph.nodes)
+    big = lemon_fx.grow(gm, Plan(depth=2.0))
+    fresh = torch.randn(3, 7, 4, dtype=torch.float64)
+    want = model(fresh)
+    torch.testing.assert_close(_first(big(fresh)), want, rtol=0,
+                               atol=1e-10 * (1 + want.abs().max().item()))
+    model, gm = _joined(_add_in_place(stream_first=False), "export")
+    with pytest.raises(UnsupportedOpError, match="residual stream is scaled by alpha") as info:
+        lemon_fx.grow(gm, Plan(depth=2.0, placement="stack"))
+    assert info.value.problems[0].op == "aten.add_.Tensor"
