@@ -378,6 +378,25 @@ SPECS = [
     Spec("unbind", case(lambda s, h: h.unbind(1)[0])),
     Spec("getitem slice on grown axis", case(lambda s, h: h[..., :4], d_out=4), at_2x=NL,
          at_1_5x=NL),
+    # advanced indexing: one list or integer tensor replaces its axis in place, the other
+    # axes keep theirs; on the grown axis it picks entries by position and is refused
+    Spec("getitem list on tokens", case(lambda s, h: h[:, [4, 3, 2, 1, 0]])),
+    Spec("getitem list on batch", case(lambda s, h: h[[1, 0]])),
+    Spec("getitem one-item list", case(lambda s, h: h[:, [0]])),
+    Spec("getitem nested list", case(lambda s, h: h[:, [[0, 1], [2, 3]]])),
+    Spec("getitem LongTensor on tokens", case(lambda s, h: h[:, torch.tensor([[1, 0], [2, 4]])])),
+    Spec("getitem int and list", case(lambda s, h: h[0, [2, 3]])),
+    Spec("getitem None, ellipsis and list", case(lambda s, h: h[None, ..., [1, 0], :][0])),
+    Spec("getitem list on grown axis", case(lambda s, h: h[..., [7, 6, 5, 4, 3, 2, 1, 0]]),
+         at_2x=NL, at_1_5x=NL),
+    Spec("getitem LongTensor on grown axis", case(lambda s, h: h[..., torch.arange(7, -1, -1)]),
+         at_2x=NL, at_1_5x=NL),
+    Spec("getitem two lists", case(lambda s, h: h[[0, 1], [2, 3]]), at_2x=UN, at_1_5x=UN),
+    # the tensors of a cat given as one node that returns a tuple
+    Spec("cat of a chunk tuple", case(lambda s, h: torch.cat(h.chunk(2, -1), -1))),
+    Spec("cat of a reversed chunk tuple", case(lambda s, h: torch.cat(h.chunk(2, -1)[::-1], -1))),
+    Spec("cat of a split tuple slice", case(lambda s, h: torch.cat(h.split([2, 6], -1)[1:], -1),
+                                            d_out=6)),
     Spec("shape query", case(lambda s, h: h.view(h.size(0), h.shape[1], -1))),
     Spec("arange creation", case(lambda s, h: h + torch.arange(5, dtype=h.dtype)[:, None])),
     Spec("tril mask", case(lambda s, h: h + torch.tril(torch.ones(5, 5, dtype=h.dtype))
@@ -477,3 +496,34 @@ def test_every_registered_rule_has_a_case():
                       for _, _, rule in default_registry().entries()
                       if id(rule) not in RULES_SEEN})
     assert not missing, f"rules without a case in tests/test_rules.py: {missing}"
+
+
+def test_tuple_item_by_negative_index_follows_its_source():
+    """``h.chunk(2)[-1]`` is item 1: one width group, which grows alone exactly."""
+    torch.manual_seed(0)
+    model = Case(lambda s, h: h.chunk(2, dim=-1)[-1], d_out=D // 2).double().eval()
+    spec = Spec("chunk[-1]", lambda: model)
+    gm = lemon_fx.trace(model, _inputs(spec, 0))
+    groups = [g.name for g in lemon_fx.inspect(gm).analysis.groups]
+    assert len(groups) == 1, groups
+    for width in (2.0, 1.5):
+        big = lemon_fx.grow(gm, lemon_fx.Plan(width={groups[0]: width}))
+        fresh = _inputs(spec, 1)
+        torch.testing.assert_close(big(*fresh), model(*fresh), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("op, error, words", [
+    (lambda s, h: h[..., [7, 6, 5, 4, 3, 2, 1, 0]], NL,
+     ["picked by a list or tensor of positions", "index it with a full slice"]),
+    (lambda s, h: h[[0, 1], [2, 3]], UN,
+     ["several list or tensor indices", "index one axis at a time"]),
+], ids=["list on grown axis", "two lists"])
+def test_advanced_indexing_refusal_names_node_reason_and_fix(op, error, words):
+    torch.manual_seed(0)
+    model = Case(op).double().eval()
+    gm = lemon_fx.trace(model, _inputs(Spec("x", lambda: model), 0))
+    with pytest.raises(error) as info:
+        lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))
+    assert [p.node for p in info.value.problems] == ["getitem"]
+    for word in words:
+        assert word in str(info.value)

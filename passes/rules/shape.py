@@ -13,19 +13,23 @@ become the grown sizes. A size computed from tensor shapes (``C // self.num_head
 kept if it still evaluates to the right size in the grown graph, else replaced by the
 grown literal (a static axis) or by ``-1`` (an axis that follows an input's size).
 
-Refuses: slicing or integer indexing along a growing axis, advanced indexing, ``repeat``
-along a growing axis when the repeats differ from tiling.
+Refuses: slicing or integer indexing along a growing axis, advanced indexing (a list or
+tensor index) along a growing axis or with several advanced indices in one subscript,
+``repeat`` along a growing axis when the repeats differ from tiling, ``cat`` of a sequence
+whose pieces are not visible.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
-from lemon_fx.analysis import NodeAnalysis
+from lemon_fx.analysis import NodeAnalysis, Value
+from lemon_fx.graph_facts import tensor_shapes
 from lemon_fx.registry import Registry
 from lemon_fx.rewrite_context import NodeRewrite, Unevaluable
 from lemon_fx.rule import Rule
@@ -138,6 +142,9 @@ class ReshapeRule(Rule):
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         couple_reshape(ctx, node.args[0], node)
 
+    def rewrites_size_args(self, node: torch.fx.Node) -> bool:
+        return self.sizes_from is not None
+
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
         if self.sizes_from is None:
             if node.target in ("unflatten", torch.unflatten):
@@ -199,6 +206,9 @@ def _movedim_perm(rank: int, src: list[int], dst: list[int]) -> list[int]:
 
 class ExpandRule(Rule):
     """``x.expand(sizes)`` / ``expand_as``: broadcast size-1 axes; others keep their dim."""
+
+    def rewrites_size_args(self, node: torch.fx.Node) -> bool:
+        return node.target in _EXPANDS
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x = node.args[0]
@@ -272,10 +282,24 @@ class RepeatInterleaveRule(Rule):
 
 
 class CatRule(Rule):
-    """``torch.cat(xs, dim)``: the output axis is the inputs' axes laid end to end."""
+    """``torch.cat(xs, dim)``: the output axis is the inputs' axes laid end to end.
+
+    ``xs`` is a list of tensors, or one node returning a tuple (``torch.cat(h.chunk(2))``,
+    ``torch.cat(h.chunk(2)[::-1])``) whose items the analysis sees one by one. Refuses,
+    for every axis of the output, a ``xs`` whose pieces are not visible (a nested tuple).
+    """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
-        tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
+        arg = ctx.arg(0, "tensors")
+        tensors = _pieces(ctx, arg)
+        if tensors is None:
+            what = f"'{arg.name}'" if isinstance(arg, torch.fx.Node) else "its argument"
+            ctx.forbid_growth(ctx.dims(node), f"the pieces of this concatenation are not "
+                              f"visible: {what} is not a list of tensors or a tuple whose "
+                              "items lemon_fx can see",
+                              "pass the pieces as a list, torch.cat([a, b], dim), or keep "
+                              "this width fixed")
+            return
         rank = len(ctx.dims(node))
         dim = ctx.value(ctx.arg(1, "dim", 0)) % rank
         for t in tensors:
@@ -286,9 +310,34 @@ class CatRule(Rule):
         ctx.concatenate(ctx.dims(node)[dim], [ctx.dims(t)[dim] for t in tensors])
 
 
+def _seen(ctx: NodeAnalysis, value: Value) -> bool:
+    """Whether ``value`` (a node, or item ``i`` of a node returning a tuple) has axes."""
+    return value in ctx._a.value_dims
+
+
+def _tuple_values(ctx: NodeAnalysis, node: Any) -> list[Value] | None:
+    """The items of a node that returns a tuple, in order, or None if any is not a
+    tensor the analysis sees (a nested tuple, a None) or ``node`` returns no tuple."""
+    shapes = tensor_shapes(node) if isinstance(node, torch.fx.Node) else None
+    if shapes is None or ctx.is_tensor(node):
+        return None
+    items: list[Value] = [(node, i) for i in range(len(shapes))]
+    return items if all(_seen(ctx, v) for v in items) else None
+
+
+def _pieces(ctx: NodeAnalysis, arg: Any) -> list[Value] | None:
+    """The tensors a sequence argument holds (``torch.cat``'s), or None if not visible."""
+    if isinstance(arg, (list, tuple)):
+        return list(arg) if all(ctx.is_tensor(t) for t in arg) else None
+    return _tuple_values(ctx, arg)
+
+
 class SplitRule(Rule):
     """split / chunk / tensor_split: equal pieces factor the axis as ``[n, piece]``;
     unequal pieces make it a concatenation. ``unbind`` removes an axis (fixed)."""
+
+    def rewrites_size_args(self, node: torch.fx.Node) -> bool:
+        return node.target in _SPLITS  # chunk's count is not a size: it is not rewritten
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x = node.args[0]
@@ -343,37 +392,82 @@ class SplitRule(Rule):
 class TupleItemRule(Rule):
     """``operator.getitem``: an element of a tuple result, or tensor indexing.
 
-    Indexing keeps full slices (``:``), adds ``None`` axes, and fixes axes that are
-    sliced or indexed by an int (their entries are picked by position).
+    On a tuple (``h.chunk(2)[-1]``, ``h.split(s)[1:]``) each item picked is the source's
+    item, same axes and forms; an item the analysis cannot trace to its source (a nested
+    tuple, an index it cannot evaluate) refuses growth of its axes.
+
+    On a tensor, indexing follows PyTorch: ints are applied first (each removes its axis,
+    which is a list of things, q/k/v or tokens, and is fixed), ``None`` adds an axis, full
+    slices (``:``) keep theirs; other slices pick entries by position (see
+    ``_positional``). One *advanced* index, a list of ints (nested lists too) or an integer
+    tensor, replaces its axis, in place, by the index's axes: the others keep their dims,
+    the new axes count lookups and are fixed (so are an index tensor's), and the indexed
+    axis picks entries by position, so its growth is refused (``NotLosslessError``; fix:
+    keep that width, or index it with a full slice).
+
+    Refuses growth of every axis of the source and the result when the layout is not
+    proven: several advanced indices in one subscript (PyTorch moves their axes by rules
+    that depend on where they sit), a Python bool, a top-level list holding anything but
+    ints (PyTorch reads it as a tuple of indices), or a result whose recorded shape is not
+    the one these rules give (a boolean mask with several axes).
     """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         src, index = node.args
-        if not ctx.is_tensor(src):
-            key = (src, index)
-            if ctx.is_tensor(node) and key in ctx._a.value_dims:
-                ctx.pass_through(key, node)
-            return
-        self._index(node, ctx, src, index)
+        if ctx.is_tensor(src):
+            self._index(node, ctx, src, index)
+        else:
+            self._tuple_item(node, ctx, src, index)
+
+    def _tuple_item(self, node: torch.fx.Node, ctx: NodeAnalysis, src, index) -> None:
+        shapes = tensor_shapes(src) if isinstance(src, torch.fx.Node) else None
+        try:
+            picked = _evaluated(ctx, index)
+        except (KeyError, TypeError):
+            picked = None
+        pairs: list[tuple[Value, Value]] = []
+        if shapes is not None:
+            items: list[Value] = [(src, i) for i in range(len(shapes))]
+            if isinstance(picked, int) and not isinstance(picked, bool) \
+                    and -len(items) <= picked < len(items):
+                pairs = [(items[picked], node)]
+            elif isinstance(picked, slice):
+                pairs = [(v, (node, i)) for i, v in enumerate(items[picked])]
+        done = set()
+        for item, out in pairs:
+            if _seen(ctx, item) and _seen(ctx, out) and ctx.shape(item) == ctx.shape(out):
+                ctx.pass_through(item, out)
+                done.add(out)
+        for out in ctx.outputs():
+            if out not in done:
+                ctx.forbid_growth(ctx.dims(out), "an item of a tuple that lemon_fx cannot "
+                                  "trace to its source (a nested tuple, or an index it "
+                                  "cannot evaluate)", "index the tuple with an int or a "
+                                  "slice of ints, or keep this width fixed")
 
     def _index(self, node, ctx: NodeAnalysis, src, index) -> None:
-        items = list(index) if isinstance(index, tuple) else [index]
         in_dims, out_dims = ctx.dims(src), ctx.dims(node)
-        if any(isinstance(i, torch.fx.Node) and ctx.is_tensor(i) for i in items):
-            ctx.forbid_growth(in_dims + out_dims, "advanced (tensor) indexing",
-                              "index with ints and slices, or keep these widths fixed")
+        items, why = _read_index(ctx, index, len(in_dims))
+        if items is not None and not _same_shape(ctx.shape(node),
+                                                 _indexed_shape(ctx, ctx.shape(src), items)):
+            items, why = None, "the result's shape is not the one PyTorch's indexing " \
+                               "rules give for this subscript (a boolean mask?)"
+        if items is None:
+            index_dims = [d for t in _index_tensors(ctx, index) for d in ctx.dims(t)]
+            ctx.forbid_growth(in_dims + out_dims + index_dims, f"indexing whose axis layout "
+                              f"lemon_fx cannot prove: {why}",
+                              "index one axis at a time with ints, slices or one list "
+                              "(y[a][:, b]), or keep these widths fixed")
             return
-        n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
-        if Ellipsis in items:
-            at = items.index(Ellipsis)
-            items[at:at + 1] = [slice(None)] * (len(in_dims) - n_real)
-        items += [slice(None)] * (len(in_dims) - sum(1 for i in items if i is not None))
         a = b = 0
-        for item in items:
-            if item is None:
+        for kind, item in items:
+            if kind == "new":
                 b += 1
-                continue
-            if isinstance(item, slice):
+            elif kind == "int":
+                # an axis indexed by an int is a list of things (q/k/v, tokens), not a width
+                ctx.fix(in_dims[a], f"an axis indexed by an int at '{node.name}'")
+                a += 1
+            elif kind == "slice":
                 full = item == slice(None) or (
                     ctx.value(item.start) in (None, 0) and ctx.value(item.step) in (None, 1)
                     and ctx.value(item.stop) in (None,)
@@ -385,10 +479,19 @@ class TupleItemRule(Rule):
                     self._positional(ctx, node, in_dims[a], (item.start, item.stop, item.step))
                     ctx.fix(out_dims[b], f"an axis sliced by '{node.name}'")
                 a, b = a + 1, b + 1
-            else:
-                # an axis indexed by an int is a list of things (q/k/v, tokens), not a width
-                ctx.fix(in_dims[a], f"an axis indexed by an int at '{node.name}'")
-                a += 1
+            else:  # advanced: item is (index shape, index tensor node or None)
+                shape, tensor = item
+                ctx.forbid_growth(in_dims[a], "entries of this axis are picked by a list or "
+                                  "tensor of positions, which growth moves",
+                                  "keep this width fixed, or index it with a full slice (:)",
+                                  kind="not_lossless")
+                for d in out_dims[b:b + len(shape)]:
+                    ctx.fix(d, f"an axis of lookups made by advanced indexing at "
+                            f"'{node.name}'")
+                if tensor is not None:
+                    for d in ctx.dims(tensor):
+                        ctx.fix(d, f"an axis of an index tensor read by '{node.name}'")
+                a, b = a + 1, b + len(shape)
 
     def _positional(self, ctx: NodeAnalysis, node, dim: int, bounds: tuple) -> None:
         """An axis whose entries are picked by position cannot grow.
@@ -401,6 +504,110 @@ class TupleItemRule(Rule):
         else:
             ctx.forbid_growth(dim, "entries of this axis are picked by position, which "
                               "growth moves", "keep this width fixed", kind="not_lossless")
+
+
+def _evaluated(ctx: NodeAnalysis, index: Any) -> Any:
+    """The example value of an int or slice index (slice bounds may be nodes)."""
+    if isinstance(index, slice):
+        return slice(*(ctx.value(f) for f in (index.start, index.stop, index.step)))
+    return ctx.value(index)
+
+
+def _index_tensors(ctx: NodeAnalysis, index: Any) -> list[torch.fx.Node]:
+    items = index if isinstance(index, (tuple, list)) else [index]
+    return [i for i in items if ctx.is_tensor(i)]
+
+
+def _is_int(ctx: NodeAnalysis, arg: Any) -> bool:
+    try:
+        value = None if ctx.is_tensor(arg) else ctx.value(arg)
+    except KeyError:
+        return False
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_index(ctx: NodeAnalysis, index: Any, rank: int) -> tuple[list | None, str]:
+    """A subscript as ``(kind, item)`` per position, ``Ellipsis`` expanded and trailing
+    ``:`` added: kind is "new" (None), "int", "slice" or "adv" (item: the index's shape and
+    its tensor node or None). None and the reason when the layout is not proven."""
+    if isinstance(index, tuple):
+        raw = list(index)
+    elif isinstance(index, list) and not all(_is_int(ctx, i) for i in index):
+        return None, "a list holding more than ints as the whole subscript (PyTorch reads " \
+                     "it as a tuple of indices, a spelling it deprecates)"
+    else:
+        raw = [index]
+    items: list = []
+    for i in raw:
+        if i is None:
+            items.append(("new", None))
+        elif i is Ellipsis:
+            items.append(("...", None))
+        elif isinstance(i, slice):
+            items.append(("slice", i))
+        elif ctx.is_tensor(i):
+            items.append(("adv", (ctx.shape(i), i)))
+        else:
+            try:
+                value = ctx.value(i)
+            except KeyError:
+                return None, "an index whose value lemon_fx cannot read"
+            if isinstance(value, bool):
+                return None, "a Python bool as an index"
+            if isinstance(value, int):
+                items.append(("int", None))
+            elif isinstance(value, slice):
+                items.append(("slice", value))
+            elif isinstance(value, (list, tuple)):
+                try:
+                    positions = torch.tensor(value)
+                except (TypeError, ValueError, RuntimeError):
+                    return None, "a list index that is not a rectangular list of ints"
+                if positions.dtype != torch.int64:
+                    return None, "a list index that is not a list of ints (a mask?)"
+                items.append(("adv", (tuple(positions.shape), None)))
+            else:
+                return None, f"an index of type {type(value).__name__}"
+    if sum(1 for k, _ in items if k == "adv") > 1:
+        return None, "several list or tensor indices in one subscript (PyTorch moves " \
+                     "their axes by where they sit)"
+    if sum(1 for k, _ in items if k == "...") > 1:
+        return None, "several ellipses"
+    used = sum(1 for k, _ in items if k in ("int", "slice", "adv"))
+    if used > rank:
+        return None, "more indices than axes"
+    fill = [("slice", slice(None))] * (rank - used)
+    at = next((n for n, (k, _) in enumerate(items) if k == "..."), None)
+    if at is None:
+        items += fill
+    else:
+        items[at:at + 1] = fill
+    return items, ""
+
+
+def _indexed_shape(ctx: NodeAnalysis, shape: tuple[int, ...], items: list) -> list:
+    """The result shape PyTorch gives ``x[items]`` (ints first, one advanced index); None
+    for a slice whose bounds have no recorded value."""
+    out: list[int | None] = []
+    a = 0
+    for kind, item in items:
+        if kind == "new":
+            out.append(1)
+            continue
+        if kind == "slice":
+            try:
+                out.append(len(range(shape[a])[_evaluated(ctx, item)]))
+            except (KeyError, TypeError, ValueError):
+                out.append(None)
+        elif kind == "adv":
+            out.extend(item[0])
+        a += 1
+    return out
+
+
+def _same_shape(shape: tuple[int, ...], predicted: list) -> bool:
+    return len(shape) == len(predicted) and all(
+        p is None or p == s for s, p in zip(shape, predicted))
 
 
 class SliceRule(Rule):
