@@ -18,6 +18,7 @@ result, a ``WidthAnalysis``, holds:
 from __future__ import annotations
 
 import fnmatch
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -397,6 +398,7 @@ def analyze_width(gm: torch.fx.GraphModule, registry: Registry | None = None) ->
         rule.finalize(analysis)
     _claim_value_reads(analysis)
     _claim_unclaimed_module_params(analysis)
+    _forbid_sizes_used_as_numbers(analysis)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             for value in _values_of(node, analysis):
@@ -430,6 +432,56 @@ def _analyze_get_attr(node: torch.fx.Node, analysis: WidthAnalysis) -> None:
     for a, b in zip(analysis.value_dims[node], analysis.param_dims[name]):
         ctx.unify(a, b)
     analysis.get_attr_nodes.append(node)
+
+
+def _size_read(node: torch.fx.Node, analysis: WidthAnalysis) -> list[int] | None:
+    """The dims whose sizes a shape query reads: ``x.shape``/``x.size()`` all of them,
+    ``x.size(i)``/``aten.sym_size(x, i)`` one; None for any other node."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, torch.fx.Node) or x not in analysis.value_dims:
+        return None
+    dims = analysis.value_dims[x]
+    if node.op == "call_function" and node.target is getattr:
+        return list(dims) if node.args[1] == "shape" else None
+    index = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if (node.op == "call_method" and node.target == "size") or \
+            node.target is torch.ops.aten.sym_size.int:
+        return list(dims) if index is None else [dims[index]]
+    return None
+
+
+def _forbid_sizes_used_as_numbers(analysis: WidthAnalysis) -> None:
+    """A size read from an axis follows it when the axis grows: exact where it sizes a
+    view/reshape/expand (their rules rewrite it to the grown size), wrong anywhere it is
+    used as a number (``scores * q.size(-1) ** -0.5``, ``torch.arange(x.shape[-1])``, a
+    returned size). Sizes are followed through int arithmetic and tuple indexing to
+    their uses; growth of the axis is forbidden at each use of the other kind."""
+    pending = [(node, dims, node) for node in analysis.gm.graph.nodes
+               if (dims := _size_read(node, analysis))]
+    seen: set[torch.fx.Node] = set()
+    while pending:
+        node, dims, query = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            rule = analysis.rules.get(user)
+            if rule is not None and rule.rewrites_size_args(user) and user.args[0] is not node:
+                continue
+            if user.op in ("call_function", "call_method") and rule is None:
+                picked = dims  # int arithmetic, tuple indexing: follow the number
+                if user.target is operator.getitem and user.args[0] is node and \
+                        _size_read(node, analysis) is not None and \
+                        isinstance(user.args[1], (int, slice)) and len(dims) > 1:
+                    index = user.args[1]
+                    picked = [dims[index]] if isinstance(index, int) else dims[index]
+                pending.append((user, picked, query))
+                continue
+            NodeAnalysis(analysis, user, rule or _UnknownOp()).forbid_growth(
+                dims, f"the size of this axis, read by '{query.name}', is used as a number "
+                "here, and it would change when the axis grows",
+                "use a constant (a config value) instead of the tensor's size, or keep this "
+                "width fixed", kind="not_lossless")
 
 
 def _claim_value_reads(analysis: WidthAnalysis) -> None:

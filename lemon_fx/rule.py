@@ -34,6 +34,11 @@ class Rule:
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
         """Rewrite literals and module attributes; most elementwise rules need nothing."""
 
+    def rewrites_size_args(self, node: torch.fx.Node) -> bool:
+        """Whether ``node``'s size arguments (``view(b, t, c)``, ``expand(...)``) are
+        rewritten to the grown sizes, so a size read from a tensor may feed them."""
+        return False
+
     def finalize(self, analysis: WidthAnalysis) -> None:
         """Called once after every node was analyzed: for facts that span several nodes
         (a weight tied between an embedding and the LM head)."""

@@ -398,6 +398,16 @@ SPECS = [
     Spec("cat of a split tuple slice", case(lambda s, h: torch.cat(h.split([2, 6], -1)[1:], -1),
                                             d_out=6)),
     Spec("shape query", case(lambda s, h: h.view(h.size(0), h.shape[1], -1))),
+    # a size read from the grown axis follows the growth: right for a view/split size,
+    # wrong as a number (it grew silently lossy: error 2e-3 to 10)
+    Spec("grown size sizes a view", case(lambda s, h: h.view(h.shape[:2] + (2, h.size(-1) // 2))
+                                         .flatten(2))),
+    Spec("grown size sizes a split", case(lambda s, h: _add_pieces(
+        h.split(h.shape[-1] // 2, dim=-1)), d_out=D // 2)),
+    Spec("grown size as a number", case(lambda s, h: h * h.shape[-1] ** -0.5), at_2x=NL,
+         at_1_5x=NL),
+    Spec("grown size as a number, via size()", case(lambda s, h: h / math.sqrt(h.size(-1))),
+         at_2x=NL, at_1_5x=NL),
     Spec("arange creation", case(lambda s, h: h + torch.arange(5, dtype=h.dtype)[:, None])),
     Spec("tril mask", case(lambda s, h: h + torch.tril(torch.ones(5, 5, dtype=h.dtype))
                            .sum(-1, keepdim=True))),
