@@ -342,10 +342,18 @@ def _new_value_dims(table: DimTable, shape: tuple[int, ...]) -> list[int]:
     return [table.new(s) for s in shape]
 
 
-def _tensor_args(node: torch.fx.Node, value_dims: dict) -> list[torch.fx.Node]:
+def _tensor_args(node: torch.fx.Node, value_dims: dict) -> list[Value]:
+    """The tensor values ``node`` reads: its tensor arguments, and the items of an argument
+    that is a tuple of tensors (``torch.stack(h.chunk(2, -1)[::-1])``)."""
     found: list[torch.fx.Node] = []
     torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
-    return [n for n in found if n in value_dims]
+    values: list[Value] = []
+    for n in found:
+        if n in value_dims:
+            values.append(n)
+        else:
+            values += [k for k in value_dims if isinstance(k, tuple) and k[0] is n]
+    return values
 
 
 def analyze_width(gm: torch.fx.GraphModule, registry: Registry | None = None) -> WidthAnalysis:

@@ -50,6 +50,20 @@ def tensor_shape(node: Any) -> tuple[int, ...] | None:
     return _meta_to_shape(meta)
 
 
+def computed_dtypes(gm: torch.fx.GraphModule) -> set[torch.dtype]:
+    """The floating dtypes the graph's recorded tensors have: a float64 model that casts
+    to float32 inside (Hugging Face's RMSNorm) computes in both."""
+    dtypes = set()
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta", node.meta.get("val"))
+        for m in meta if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape") \
+                else [meta]:
+            dtype = getattr(m, "dtype", None)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                dtypes.add(dtype)
+    return dtypes
+
+
 def has_value(node: Any) -> bool:
     return not isinstance(node, torch.fx.Node) or VALUE_KEY in node.meta
 

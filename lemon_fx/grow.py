@@ -16,7 +16,7 @@ import torch.fx
 
 from lemon_fx.depth_plan import resolve_depth
 from lemon_fx.errors import PlanError, Problem, TraceError
-from lemon_fx.graph_facts import tensor_shape
+from lemon_fx.graph_facts import computed_dtypes, tensor_shape
 from lemon_fx.groups import held_note
 from lemon_fx.plan import Plan
 from lemon_fx.report import analyze
@@ -129,12 +129,38 @@ def grow(
         report.notes += [held_note(h) for h in analysis.held]
     inputs = source.meta.get(EXAMPLE_INPUTS_KEY)
     if inputs is not None:
-        record_facts(grown, inputs)
         if notes and plan.allow_inexact:
             report.measured_error = _measured_error(source, grown, inputs)
+        else:
+            _check_on_example(source, grown, inputs)
+        record_facts(grown, inputs)
     grown.meta[REPORT_KEY] = report
     grown.meta["lemon_fx.plan"] = plan
     return grown
+
+
+def _check_on_example(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,
+                      inputs: tuple) -> None:
+    """The last guard of "never silently lossy".
+
+    Every refusal is meant to come from the analysis, before anything is built; this
+    catches a rule that is wrong about its op instead of handing out a different model.
+    Both models run once on the example inputs in the dtype their weights are stored in
+    (no float64 copy of a big model), held to ``verify``'s tolerance for the coarsest
+    dtype the weights have or the graph computes in (a float64 model that casts to
+    float32 inside, as Hugging Face's RMSNorm does, is float32-accurate); a difference
+    raises ``VerificationError`` asking for a bug report. It proves nothing about other
+    inputs: ``verify`` on fresh inputs is still the user's check.
+    """
+    from lemon_fx.verification import DEFAULT_TOLERANCES, verify
+
+    def coarsest(dtypes: set[torch.dtype]) -> torch.dtype:
+        return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
+
+    stored = {t.dtype for t in source.parameters() if t.is_floating_point()}
+    rtol, atol = DEFAULT_TOLERANCES.get(coarsest(stored | computed_dtypes(source)),
+                                        DEFAULT_TOLERANCES[torch.float32])
+    verify(source, grown, inputs, dtype=coarsest(stored), rtol=rtol, atol=atol)
 
 
 def _measured_error(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,

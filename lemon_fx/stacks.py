@@ -51,6 +51,7 @@ _PASS_THROUGH_FUNCTIONS = {F.dropout, torch.reshape, torch.transpose, torch.flat
                            aten.dropout.default, aten.clone.default, aten.view.default,
                            aten.reshape.default, aten._unsafe_view.default,
                            aten.transpose.int, aten.permute.default}
+_DIVS = {operator.truediv, torch.div, "div", aten.div.Tensor}
 _MULS = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", aten.mul.Tensor,
          aten.div.Tensor}
 _NOT_BLOCKS = (nn.Linear, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Dropout, nn.LayerNorm,
@@ -372,7 +373,9 @@ def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
         if node.op in ("call_function", "call_method") and node.target in _MULS:
             tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)
                        and a.op != "get_attr"]
-            if len(tensors) == 1:  # layer scale or a constant factor: zero stays zero
+            # layer scale or a constant factor: zero stays zero; but c / branch does not
+            divides_by_branch = node.target in _DIVS and tensors[:1] != list(node.args[:1])
+            if len(tensors) == 1 and not divides_by_branch:
                 node = tensors[0]
                 continue
         if _passes_through(gm, node):

@@ -461,6 +461,22 @@ def test_a_branch_without_a_last_weighted_layer_keeps_its_fix():
                            "ends in a Linear/Conv layer")
 
 
+def test_a_constant_divided_by_the_branch_is_not_a_branch_that_writes_zero():
+    """``x + 2 / f(x)``: a new block's zeroed branch would divide by zero (it grew with
+    NaN outputs); ``x + f(x) / 2`` scales a zero and stays exact."""
+    model, gm = _joined(lambda s, x: x + 2.0 / s.branch(x))
+    with pytest.raises(UnsupportedOpError) as info:
+        lemon_fx.grow(gm, Plan(depth=2.0))
+    assert info.value.problems[0].node == "truediv"
+    model, gm = _joined(lambda s, x: x + s.branch(x) / 2.0)
+    big = lemon_fx.grow(gm, Plan(depth=2.0))
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(_first(big(x)), want, rtol=0,
+                                   atol=1e-10 * (1 + want.abs().max().item()))
+
+
 @pytest.mark.parametrize("order", [lemon_fx.depth_plan.interleave_order,
                                    lemon_fx.depth_plan.stack_order])
 def test_orders_with_no_copyable_block_are_refused(order):

@@ -87,3 +87,34 @@ def test_registering_an_op_twice_is_an_error():
     with pytest.raises(ValueError, match="already has the rule ChannelScaleRule"):
         registry.add(ChannelScaleRule(), [ChannelScale])
     registry.add(ChannelScaleRule(), [ChannelScale], replace=True)
+
+
+class CumulativeScale(nn.Module):
+    """A user's layer that mixes channels (a cumulative sum), so no per-channel rule fits."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return torch.cumsum(x * self.weight, dim=-1)
+
+
+def test_a_wrong_user_rule_is_caught_before_grow_returns():
+    """The rule claims a per-channel product, but the layer sums over channels: grow must
+    not hand out the grown model (its last guard runs both on the example inputs)."""
+    registry = default_registry()
+    lemon_fx.register(CumulativeScale)(ChannelScaleRule)
+    try:
+        class Wrong(Net):
+            def __init__(self):
+                super().__init__()
+                self.scale = CumulativeScale(8)
+
+        gm = lemon_fx.trace(Wrong().double(), (torch.randn(3, 4, dtype=torch.float64),))
+        with pytest.raises(lemon_fx.VerificationError,
+                           match="does not compute the source model's function") as info:
+            lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))
+        assert "custom rule registered with lemon_fx.register" in info.value.problems[0].fix
+    finally:
+        registry._modules.pop(CumulativeScale)

@@ -522,6 +522,19 @@ def test_tuple_item_by_negative_index_follows_its_source():
         torch.testing.assert_close(big(*fresh), model(*fresh), rtol=0, atol=1e-10)
 
 
+def test_an_unknown_op_reading_a_tuple_blocks_every_group_it_reads():
+    """``torch.stack`` has no rule; it reads the chunk's items through a tuple, which the
+    unknown-op guard missed: growing the chunk's group alone crashed in the grown graph."""
+    model = Case(lambda s, h: torch.stack(h.chunk(2, dim=-1)[::-1], -1).flatten(-2))
+    spec = Spec("stack of a tuple", lambda: model)
+    gm = lemon_fx.trace(model.double().eval(), _inputs(spec, 0))
+    groups = [g.name for g in lemon_fx.inspect(gm).analysis.groups]
+    assert groups
+    for name in groups:
+        with pytest.raises(UN, match="no rule for this op"):
+            lemon_fx.grow(gm, lemon_fx.Plan(width={name: 2.0}))
+
+
 @pytest.mark.parametrize("op, error, words", [
     (lambda s, h: h[..., [7, 6, 5, 4, 3, 2, 1, 0]], NL,
      ["picked by a list or tensor of positions", "index it with a full slice"]),
