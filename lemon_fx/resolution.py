@@ -108,6 +108,19 @@ def _target_for(group: WidthGroup, value: float | int) -> int:
     return int(value)
 
 
+def _fixed_examples(analysis: WidthAnalysis, count: int = 3) -> str:
+    """A few reasons axes were fixed, those made by ops before the model's inputs/outputs:
+    "every axis is an input or output" is rarely the whole story (``y @ y.T``, a Falcon
+    ``weight.T`` without a rule)."""
+    blocked = sorted({f"{b.problem.reason} (at '{b.problem.node}')"
+                      for b in analysis.blockers})
+    reasons = set(analysis.dims.fixed_leaves().values())
+    by_ops = sorted(r for r in reasons if "of model input" not in r
+                    and "of model output" not in r)
+    ends = sorted(reasons - set(by_ops))
+    return "; ".join((blocked + by_ops + ends)[:count]) or "an input or output axis"
+
+
 def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
     groups = analysis.groups
     targets: dict[int, int] = {}
@@ -132,6 +145,15 @@ def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
                     fix=f"use a group name or glob; the groups are: {names}"))
             for g in chosen:
                 targets[g.leaf] = _target_for(g, value)
+        # a role selector may name a role this model lacks (one plan for many models),
+        # but a plan whose every selector misses would hand back the same model
+        if width and not problems and not targets:
+            roles = ", ".join(sorted({"@" + g.role for g in groups})) or "(none)"
+            problems.append(Problem(
+                reason=f"the width plan grows nothing: {', '.join(map(repr, width))} match "
+                "no width group of this model", node="width",
+                fix=f"use a role this model has ({roles}) or a group name; the groups are: "
+                f"{names}"))
     else:  # a bare number scales, int or float
         for g in groups:
             if g.role != "head_dim":
@@ -143,8 +165,8 @@ def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
                                  source=h.problem.source) for h in analysis.held]
             if not problems:
                 problems.append(Problem(
-                    reason="this model has no growable width group (every axis is tied "
-                    "to an input or output)", node="width",
+                    reason="this model has no growable width group: every axis is kept at "
+                    f"its size, for example as {_fixed_examples(analysis)}", node="width",
                     fix="check lemon_fx.inspect(gm); grow depth only"))
     for g in groups:
         t = targets.get(g.leaf, g.size)

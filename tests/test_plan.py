@@ -63,6 +63,36 @@ def test_unknown_role_is_a_plan_error(gm):
         lemon_fx.grow(gm, Plan(width={"@mlp": 2.0}))
 
 
+def test_a_role_this_model_lacks_is_skipped_but_a_plan_that_grows_nothing_is_refused(gm):
+    """One role plan serves many models; a plan matching nothing here returned the same
+    model before, silently."""
+    big = lemon_fx.grow(gm, Plan(width={"@heads": 2.0, "@ffn": 2.0}))
+    assert _sizes(big) == {"residual": 8, "ffn": 32}
+    with pytest.raises(PlanError) as info:
+        lemon_fx.grow(gm, Plan(width={"@heads": 2.0, "@channels": 2.0}))
+    (problem,) = info.value.problems
+    assert "the width plan grows nothing: '@heads', '@channels'" in problem.reason
+    assert "@ffn, @residual" in problem.fix
+
+
+def test_no_growable_group_names_the_op_that_keeps_the_width():
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.h = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.h(y @ y.transpose(-1, -2) @ y)
+
+    gm = lemon_fx.trace(Mixer(), (torch.randn(2, 5, 4),))
+    with pytest.raises(PlanError) as info:
+        lemon_fx.grow(gm, Plan(width=2.0))
+    (problem,) = info.value.problems
+    assert "no growable width group" in problem.reason
+    assert "a matmul of two activations sums over this axis" in problem.reason
+
+
 def test_shrinking_is_refused(gm):
     with pytest.raises(PlanError, match="would shrink from 16 to 10"):
         lemon_fx.grow(gm, Plan(width={"@ffn": 10}))
