@@ -165,6 +165,13 @@ def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
         growths.append(StackGrowth(stack, order))
     if problems:
         raise PlanError("the depth plan does not fit this model", problems)
+    if blocked and not isinstance(plan.depth, dict):
+        # a bare depth reaches every stack; say which ones a mapping could still grow
+        growable = {g.stack.name: len(g.order) for g in growths}
+        hint = (f"depth={growable!r} grows only the stacks that can" if growable
+                else "no stack of this model can grow in depth")
+        blocked = [Problem(reason=p.reason, node=p.node, op=p.op, source=p.source,
+                           fix=f"{p.fix}; {hint}") for p in blocked]
     if blocked:
         raise UnsupportedOpError("some stacks cannot grow in depth", blocked + inexact)
     if inexact:

@@ -68,6 +68,24 @@ def _held_widths(analysis: WidthAnalysis, owned: set[int]) -> list[HeldWidth]:
     return held
 
 
+def returned_width_notes(analysis: WidthAnalysis) -> list[str]:
+    """Normalized feature widths kept because the model returns them.
+
+    A base model (``BertModel``, ``ViTModel``) returns its residual stream: that width is
+    fixed by the output, so a bare width grows the heads and FFNs around it, and nothing
+    else would tell the user that the hidden size stayed."""
+    table = analysis.dims
+    hinted = {leaf for d, roles in analysis.hints.items() if "norm" in roles
+              for leaf in table.leaves(d)}
+    notes = {}
+    for leaf, reason in table.fixed_leaves().items():
+        if leaf in hinted and "of model output" in reason and table.size(leaf) > 1:
+            notes[reason] = (f"width {table.size(leaf)} is kept at its size: it is the "
+                             f"model's hidden width and {reason} returns it; grow a model "
+                             "with a head on top (e.g. ...ForMaskedLM) to grow it")
+    return sorted(notes.values())
+
+
 def _role(hints: set[str]) -> str:
     if "heads" in hints:
         return "kv_heads" if "kv" in hints else "heads"

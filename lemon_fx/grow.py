@@ -17,7 +17,7 @@ import torch.fx
 from lemon_fx.depth_plan import resolve_depth
 from lemon_fx.errors import PlanError, Problem, TraceError
 from lemon_fx.graph_facts import computed_dtypes, tensor_shape
-from lemon_fx.groups import held_note
+from lemon_fx.groups import held_note, returned_width_notes
 from lemon_fx.plan import Plan
 from lemon_fx.report import analyze
 from lemon_fx.resolution import resolve_width
@@ -127,6 +127,7 @@ def grow(
     report = GrowthReport(plan, new_blocks, list(notes))
     if plan.width is not None:
         report.notes += [held_note(h) for h in analysis.held]
+        report.notes += returned_width_notes(analysis)
     inputs = source.meta.get(EXAMPLE_INPUTS_KEY)
     if inputs is not None:
         if notes and plan.allow_inexact:

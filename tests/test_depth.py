@@ -457,8 +457,8 @@ def test_a_branch_without_a_last_weighted_layer_keeps_its_fix():
     (problem,) = info.value.problems
     assert problem.node == "tanh"
     assert "does not end in a layer with weights" in problem.reason
-    assert problem.fix == ("keep its depth, or restructure the block so every residual branch "
-                           "ends in a Linear/Conv layer")
+    assert problem.fix.startswith("keep its depth, or restructure the block so every "
+                                  "residual branch ends in a Linear/Conv layer; ")
 
 
 def test_a_constant_divided_by_the_branch_is_not_a_branch_that_writes_zero():
@@ -507,3 +507,53 @@ def test_an_in_place_aten_add_with_alpha_is_judged_by_its_operand_order():
     with pytest.raises(UnsupportedOpError, match="residual stream is scaled by alpha") as info:
         lemon_fx.grow(gm, Plan(depth=2.0, placement="stack"))
     assert info.value.problems[0].op == "aten.add_.Tensor"
+
+
+class _Stage(nn.Module):
+    """A stage of residual blocks; the stage itself is no residual block (ConvNeXt, RegNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_PreLNBlockForStages() for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return torch.tanh(x)
+
+
+class _PreLNBlockForStages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(self.ln(x))
+
+
+class _Staged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.stages = nn.ModuleList(_Stage() for _ in range(2))
+
+    def forward(self, x):
+        x = self.inp(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.out(x)
+
+
+def test_a_bare_depth_blocked_by_an_outer_stack_names_the_mapping_that_grows():
+    torch.manual_seed(0)
+    model = _Staged().double().eval()
+    gm = lemon_fx.trace(model, (torch.randn(2, 5, 4, dtype=torch.float64),))
+    with pytest.raises(UnsupportedOpError) as info:
+        lemon_fx.grow(gm, Plan(depth=2.0))
+    hint = "depth={'stages.0.layers': 4, 'stages.1.layers': 4} grows only the stacks that can"
+    assert hint in info.value.problems[0].fix
+    big = lemon_fx.grow(gm, Plan(depth={"stages.0.layers": 4, "stages.1.layers": 4}))
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(big(x), want, rtol=0, atol=1e-10 * (1 + want.abs().max()))

@@ -218,3 +218,21 @@ def test_phi3_with_an_empty_rotary_remainder_grows_in_depth():
     _check(model, lemon_fx.grow(gm, Plan(depth=2.0)), 1e-10)
     with pytest.raises(lemon_fx.LemonError, match="picked by position"):
         lemon_fx.grow(gm, Plan(width=2.0))  # partial slices of q/k: refused, not a crash
+
+
+def test_a_base_model_says_its_returned_hidden_width_stays():
+    """BertModel returns its residual stream, so a bare width cannot grow it: the growth
+    report says so instead of silently growing only the heads and FFNs."""
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=32)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = transformers.BertModel(config).double().eval()
+        gm = lemon_fx.trace(base, (torch.randint(0, VOCAB, (2, 6)),))
+    big = lemon_fx.grow(gm, Plan(width=2.0))
+    (note,) = lemon_fx.growth_report(big).notes
+    assert note.startswith("width 32 is kept at its size: it is the model's hidden width")
+    _, gm_mlm, _ = _traced("bert")
+    assert lemon_fx.growth_report(lemon_fx.grow(gm_mlm, Plan(width=2.0))).notes == []
