@@ -96,6 +96,7 @@ _BUILTIN_RULE_MODULES = (
     "passes.rules.conv",
     "passes.rules.channel_norm",
     "passes.rules.pooling",
+    "passes.rules.padding",
 )
 
 

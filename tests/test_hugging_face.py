@@ -58,6 +58,8 @@ STACKS = {"llama": "model.layers", "qwen2": "model.layers", "gpt2": "transformer
 
 
 def _logits(output):
+    if isinstance(output, dict):
+        return output["logits"]
     return output[0] if isinstance(output, (tuple, list)) else output.logits
 
 
@@ -147,9 +149,11 @@ def _resnet(layer_type: str, scale: float = 1, depths=(2, 1)):
     return transformers.ResNetForImageClassification(config)
 
 
-def _traced_resnet(layer_type: str):
+def _traced_cnn(build):
     torch.manual_seed(0)
-    model = _resnet(layer_type).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build().double().eval()
     with torch.no_grad():  # trained-looking statistics: the rule must carry all four tensors
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -163,11 +167,15 @@ def _traced_resnet(layer_type: str):
     return model, gm
 
 
+def _traced_resnet(layer_type: str):
+    return _traced_cnn(lambda: _resnet(layer_type))
+
+
 def _check_images(model, big, tol=1e-10):
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = model(x).logits
+        want = _logits(model(x))
         got = _logits(big(x))
     torch.testing.assert_close(got, want, rtol=0, atol=tol * (1 + want.abs().max().item()))
 
@@ -236,3 +244,28 @@ def test_a_base_model_says_its_returned_hidden_width_stays():
     assert note.startswith("width 32 is kept at its size: it is the model's hidden width")
     _, gm_mlm, _ = _traced("bert")
     assert lemon_fx.growth_report(lemon_fx.grow(gm_mlm, Plan(width=2.0))).notes == []
+
+
+VISION_CNNS = {
+    # ReLU6 (aten.hardtanh), in-place dropout, depthwise convs
+    "mobilenet_v2": lambda: transformers.MobileNetV2ForImageClassification(
+        transformers.MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.25,
+                                       num_labels=5)),
+    # "same" padding with F.pad, squeeze-excitation, SiLU
+    "efficientnet": lambda: transformers.EfficientNetForImageClassification(
+        transformers.EfficientNetConfig(num_channels=3, image_size=32, width_coefficient=0.25,
+                                        depth_coefficient=0.25, hidden_dim=320, num_labels=5)),
+}
+
+
+@pytest.mark.parametrize("width", [2.0, 1.5])
+@pytest.mark.parametrize("name", sorted(VISION_CNNS))
+def test_vision_cnns_grow_in_width(name, width):
+    model, gm = _traced_cnn(VISION_CNNS[name])
+    big = lemon_fx.grow(gm, Plan(width=width))
+    assert sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in model.parameters())
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = _logits(model(x))
+    assert want.abs().max() > 1e-3  # a check of numbers, not of zeros
+    _check_images(model, big)

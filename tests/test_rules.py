@@ -452,6 +452,25 @@ SPECS = [
     Spec("F.hardtanh(x, 0.5, 1) on an RMSNorm output", case(
         lambda s, h: F.hardtanh(s.mods["n"](h), 0.5, 1.0), n=nn.RMSNorm(D, eps=1e-6)),
          at_1_5x=NL),
+    Spec("F.pad spatial, constant 0.5", conv_case(lambda s, h: F.pad(h, (1, 1, 2, 0), value=0.5)),
+         shape=(2, 3, 6, 6)),
+    Spec("padding modules", conv_case(lambda s, h: s.mods["r"](s.mods["z"](h)),
+                                      z=nn.ZeroPad2d(1), r=nn.ReflectionPad2d((1, 0, 1, 0))),
+         shape=(2, 3, 6, 6)),
+    Spec("F.pad on the grown axis", conv_case(lambda s, h: F.pad(h, (0, 0, 0, 0, 0, 2)),
+                                              d_out=D + 2), shape=(2, 3, 6, 6),
+         at_2x=lemon_fx.PlanError, at_1_5x=lemon_fx.PlanError),
+    # an RMSNorm output is in the zero form: padding with 0 keeps it, with 0.5 cannot
+    Spec("F.pad tokens with 0 after RMSNorm", case(
+        lambda s, h: F.pad(s.mods["n"](h), (0, 0, 1, 0)), n=nn.RMSNorm(D, eps=1e-6))),
+    Spec("F.pad tokens with 0.5 after RMSNorm", case(
+        lambda s, h: F.pad(s.mods["n"](h), (0, 0, 1, 0), value=0.5),
+        n=nn.RMSNorm(D, eps=1e-6)), at_1_5x=NL),
+    Spec("export: ReLU6 and Hardtanh(0.5, 1) (aten.hardtanh)", case(
+        lambda s, h: s.mods["a"](s.mods["n"](s.mods["r"](h))), r=nn.ReLU6(),
+        n=nn.RMSNorm(D, eps=1e-6), a=nn.Hardtanh(0.5, 1.0)), frontend="export", at_1_5x=NL),
+    Spec("export: F.pad", conv_case(lambda s, h: F.pad(h, (1, 1, 2, 0), mode="replicate")),
+         shape=(2, 3, 6, 6), frontend="export"),
     Spec("unknown op", case(lambda s, h: torch.cumsum(h, -1)), at_2x=UN, at_1_5x=UN),
 ]
 

@@ -215,9 +215,11 @@ def register_rules(registry: Registry) -> None:
     registry.add(passthrough, [
         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, F.dropout, F.alpha_dropout,
         "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
-        "type", torch.clone, torch.zeros_like, aten.dropout.default, aten.clone.default,
+        "type", torch.clone, torch.zeros_like, aten.dropout.default, aten.dropout_.default,
+        aten.clone.default,
         aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
         aten.alias.default, aten.detach.default, aten.zeros_like.default,
+        aten.type_as.default,
     ])
     activations = {
         nn.ReLU: F.relu, nn.GELU: F.gelu, nn.SiLU: F.silu, nn.Tanh: torch.tanh,
@@ -245,7 +247,8 @@ def register_rules(registry: Registry) -> None:
     # torch.export keeps in-place activations (nn.ReLU(inplace=True)) as their _ spelling.
     zero_ops += [aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
                  aten.sin.default, aten.abs.default, aten.sqrt.default, aten.erf.default,
-                 aten.relu_.default, aten.silu_.default]
+                 aten.relu_.default, aten.silu_.default,
+                 aten.hardtanh.default, aten.hardtanh_.default]  # ReLU6; f(0) per node
     other_ops += [aten.sigmoid.default, aten.exp.default, aten.rsqrt.default, aten.cos.default,
                   aten.log.default]
     registry.add(with_zero, zero_ops)
