@@ -469,10 +469,36 @@ SPECS = [
     Spec("export: ReLU6 and Hardtanh(0.5, 1) (aten.hardtanh)", case(
         lambda s, h: s.mods["a"](s.mods["n"](s.mods["r"](h))), r=nn.ReLU6(),
         n=nn.RMSNorm(D, eps=1e-6), a=nn.Hardtanh(0.5, 1.0)), frontend="export", at_1_5x=NL),
+    Spec("export: a table gathered by an index buffer (aten.index)", lambda: _TableLookup(),
+         frontend="export"),
+    Spec("export: table lookup on the grown axis (aten.index)",
+         lambda: _TableLookup(on_width=True), frontend="export", at_2x=NL, at_1_5x=NL),
+    Spec("export: F.interpolate (aten.upsample_*)", conv_case(
+        lambda s, h: F.interpolate(h, scale_factor=2.0, mode="bilinear")), shape=(2, 3, 6, 6),
+         frontend="export"),
     Spec("export: F.pad", conv_case(lambda s, h: F.pad(h, (1, 1, 2, 0), mode="replicate")),
          shape=(2, 3, 6, 6), frontend="export"),
     Spec("unknown op", case(lambda s, h: torch.cumsum(h, -1)), at_2x=UN, at_1_5x=UN),
 ]
+
+
+class _TableLookup(nn.Module):
+    """BEiT/Swin's relative position bias: ``table[index]`` rows picked by a buffer."""
+
+    def __init__(self, on_width: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(4, D)
+        self.table = nn.Parameter(torch.randn(9, D))
+        self.register_buffer("index", torch.randint(0, 9, (5, 5)))
+        self.register_buffer("columns", torch.arange(D - 1, -1, -1))
+        self.on_width = on_width
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.on_width:  # columns picked by position: growth would move them
+            return self.out(h[:, :, self.columns])
+        return self.out(h + self.table[self.index].mean(1))
 
 
 def _inplace_residual(h: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,12 @@ CIRC_OR_ZERO = frozenset({"circ", "zero"})
 def _ops() -> dict:
     """op -> (number of spatial axes, "max" | "avg" | "lp"); None: all axes after 1."""
     table: dict = {nn.Upsample: (None, "avg"), F.interpolate: (None, "avg")}
+    for name in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                 "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+                 "upsample_trilinear3d"):  # torch.export's spellings of F.interpolate
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None and hasattr(packet, "vec"):
+            table[packet.vec] = (None, "avg")
     for n in (1, 2, 3):
         for kind, modules, functions in (
             ("max", (f"MaxPool{n}d", f"AdaptiveMaxPool{n}d"),

@@ -413,7 +413,11 @@ class TupleItemRule(Rule):
     """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
-        src, index = node.args
+        src, index = node.args[:2]
+        if node.target is aten.index.Tensor:
+            # torch.export's spelling of advanced indexing: one entry per leading axis,
+            # None where the subscript had a full slice (``table[index]``, ``h[:, idx]``)
+            index = tuple(slice(None) if i is None else i for i in index)
         if ctx.is_tensor(src):
             self._index(node, ctx, src, index)
         else:
@@ -702,7 +706,7 @@ def register_rules(registry: Registry) -> None:
     registry.add(RepeatInterleaveRule(), ["repeat_interleave", torch.repeat_interleave])
     registry.add(CatRule(), [torch.cat, torch.concat, torch.concatenate, aten.cat.default])
     registry.add(SplitRule(), ["chunk", torch.chunk, aten.chunk.default, *_SPLITS, *_UNBINDS])
-    registry.add(TupleItemRule(), [operator.getitem])
+    registry.add(TupleItemRule(), [operator.getitem, aten.index.Tensor])
     registry.add(SliceRule(), [aten.slice.Tensor])
     registry.add(SelectRule(), [aten.select.int])
     registry.add(ShapeQueryRule(), [getattr, "size", "dim", aten.sym_size.int])
