@@ -312,7 +312,11 @@ def _one_line(exc: BaseException) -> str:
             return f"{head}{p.reason}{where}{at}; fix: {p.fix}"
         return f"{exc.message} ({len(problems)} problems; --debug lists them): " \
                f"{problems[0].reason}; fix: {problems[0].fix}" if problems else exc.message
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if isinstance(exc, OSError):
+        return (f"{text}; fix: give --out a path that can be written (grow: a folder, "
+                "export: a file whose folder exists)")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,11 @@ def _blocked(stack: BlockStack) -> Problem:
                                                 "residual branch ends in a Linear/Conv layer"))
 
 
+# Far beyond any trained model: a plan asking for more is a typo, and building its order
+# alone would run for minutes.
+MAX_BLOCKS = 10_000
+
+
 def _target(stack: BlockStack, value: float | int, bare: bool) -> int:
     if bare or isinstance(value, float):
         return int(round(stack.count * float(value)))
@@ -130,6 +135,12 @@ def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
             continue
         if target == stack.count:
             continue
+        if target > MAX_BLOCKS:
+            problems.append(Problem(
+                reason=f"stack {name!r} would grow from {stack.count} to {target} blocks",
+                node=f"depth[{name!r}]", fix=f"check the plan's numbers: lemon_fx builds at "
+                f"most {MAX_BLOCKS} blocks per stack (a multiplier, not a count?)"))
+            continue
         if isinstance(plan.placement, tuple):
             if len(plan.placement) != target:
                 problems.append(Problem(
@@ -163,6 +174,17 @@ def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
                 "report states the measured error)"))
             continue
         growths.append(StackGrowth(stack, order))
+    grown_names = [g.stack.name for g in growths]
+    for outer in grown_names:
+        for inner in grown_names:
+            if inner.startswith(outer + "."):
+                # copies of an outer block would have to copy its inner stack as grown,
+                # and the inner growth is planned on the source's blocks only
+                problems.append(Problem(
+                    reason=f"stacks {outer!r} and {inner!r} are nested, and this plan grows "
+                    "both", node=f"depth[{inner!r}]",
+                    fix=f"grow one level per plan: depth={{{outer!r}: ...}}, or the inner "
+                    "stacks only; grow the result again for the other level"))
     if problems:
         raise PlanError("the depth plan does not fit this model", problems)
     if blocked and not isinstance(plan.depth, dict):

@@ -7,6 +7,7 @@ trace -> analysis -> resolution -> passes (widen, deepen, cleanup) -> the caller
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,8 @@ import torch.fx
 
 from lemon_fx.depth_plan import resolve_depth
 from lemon_fx.errors import PlanError, Problem, TraceError
-from lemon_fx.graph_facts import computed_dtypes, tensor_shape
+from lemon_fx.example_check import check_on_example
+from lemon_fx.graph_facts import tensor_shape
 from lemon_fx.groups import held_note, returned_width_notes
 from lemon_fx.plan import Plan
 from lemon_fx.report import analyze
@@ -118,6 +120,7 @@ def grow(
     analysis = analyze(source)
     resolution = resolve_width(analysis, plan)
     growths = resolve_depth(find_stacks(source), plan)
+    _check_size(analysis, resolution, growths)
     edits = plan_edits(resolution)
     # widen first, so that new blocks copy widened sources (the order that is lossless)
     private = copy.deepcopy(source)
@@ -133,35 +136,34 @@ def grow(
         if notes and plan.allow_inexact:
             report.measured_error = _measured_error(source, grown, inputs)
         else:
-            _check_on_example(source, grown, inputs)
+            report.notes += check_on_example(source, grown, inputs)
         record_facts(grown, inputs)
     grown.meta[REPORT_KEY] = report
     grown.meta["lemon_fx.plan"] = plan
     return grown
 
 
-def _check_on_example(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,
-                      inputs: tuple) -> None:
-    """The last guard of "never silently lossy".
+# 10^12 parameters (4 TB in float32): a plan beyond it is a typo (width=1e6), and
+# building it would end in an allocator error from deep inside the width pass.
+MAX_PARAMETERS = 10**12
 
-    Every refusal is meant to come from the analysis, before anything is built; this
-    catches a rule that is wrong about its op instead of handing out a different model.
-    Both models run once on the example inputs in the dtype their weights are stored in
-    (no float64 copy of a big model), held to ``verify``'s tolerance for the coarsest
-    dtype the weights have or the graph computes in (a float64 model that casts to
-    float32 inside, as Hugging Face's RMSNorm does, is float32-accurate); a difference
-    raises ``VerificationError`` asking for a bug report. It proves nothing about other
-    inputs: ``verify`` on fresh inputs is still the user's check.
-    """
-    from lemon_fx.verification import DEFAULT_TOLERANCES, verify
 
-    def coarsest(dtypes: set[torch.dtype]) -> torch.dtype:
-        return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
-
-    stored = {t.dtype for t in source.parameters() if t.is_floating_point()}
-    rtol, atol = DEFAULT_TOLERANCES.get(coarsest(stored | computed_dtypes(source)),
-                                        DEFAULT_TOLERANCES[torch.float32])
-    verify(source, grown, inputs, dtype=coarsest(stored), rtol=rtol, atol=atol)
+def _check_size(analysis: Any, resolution: Any, growths: list) -> None:
+    """Refuse a plan whose grown model would have more than ``MAX_PARAMETERS``."""
+    grown = {name: math.prod(resolution.grown(d) for d in dims)
+             for name, dims in analysis.param_dims.items()}
+    total = sum(grown.values())
+    for growth in growths:
+        in_stack = sum(n for name, n in grown.items()
+                       if name.startswith(growth.stack.name + "."))
+        total += in_stack // max(growth.stack.count, 1) * (len(growth.order)
+                                                         - growth.stack.count)
+    if total > MAX_PARAMETERS:
+        raise PlanError("the plan does not fit this model", [Problem(
+            reason=f"the grown model would have about {total:.3g} parameters",
+            node="width" if analysis.param_dims else "depth",
+            fix=f"check the plan's numbers: lemon_fx builds at most {MAX_PARAMETERS:.0e} "
+            "parameters (an absolute size where a multiplier was meant?)")])
 
 
 def _measured_error(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,

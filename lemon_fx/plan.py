@@ -82,8 +82,15 @@ class Plan:
                 problems.append(Problem(reason=f"placement {self.placement!r} is unknown",
                                         fix=f"use one of {PLACEMENTS} or a list of source "
                                         "indices", node="placement"))
-        elif isinstance(self.placement, (list, tuple)):
+        elif isinstance(self.placement, (list, tuple)) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.placement):
             object.__setattr__(self, "placement", tuple(self.placement))
+        else:  # a mapping, a number, None: it used to be taken as "interleave", silently
+            problems.append(Problem(reason=f"placement {self.placement!r} is neither "
+                                    f"{' nor '.join(map(repr, PLACEMENTS))} nor a list of "
+                                    "source block indices", node="placement",
+                                    fix="use 'interleave', 'stack' or a list such as "
+                                    "[0, 0, 1, 1]; one placement serves every stack"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             problems.append(Problem(reason=f"seed {self.seed!r} is not an int",
                                     fix="use an integer seed", node="seed"))

@@ -35,6 +35,8 @@ def lemon_lr_factor(step: int, warmup_steps: int, total_steps: int, floor: float
     ``floor`` is a fraction of the peak (0.1: never below 10% of it). Past ``total_steps``
     the factor stays at ``floor``.
     """
+    if step >= total_steps:  # also when warmup fills the budget: no step left to decay
+        return floor
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -47,6 +49,9 @@ class LemonSchedule(LambdaLR):
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                  floor: float = 0.0, last_epoch: int = -1):
+        for name, value in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} counts optimizer steps: an int, got {value!r}")
         if total_steps <= 0 or warmup_steps < 0 or warmup_steps > total_steps:
             raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps "
                              f"({total_steps}) and total_steps > 0")

@@ -33,6 +33,10 @@ def _fail(reason: str, fix: str) -> TargetError:
     return TargetError(reason, [Problem(reason=reason, fix=fix)])
 
 
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 def load_target(target: str) -> nn.Module:
     """Import ``file.py:factory`` or ``package.module:factory`` and call the factory."""
     where, sep, name = target.rpartition(":")
@@ -48,6 +52,9 @@ def load_target(target: str) -> nn.Module:
         sys.path.insert(0, str(path.parent.resolve()))
         try:
             spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: a SyntaxError, a failing import
+            raise _fail(f"{where} failed to load: {_first_line(exc)}",
+                        f"fix {where} so that `python {where}` runs") from exc
         finally:
             sys.path.pop(0)
     else:
@@ -60,7 +67,11 @@ def load_target(target: str) -> nn.Module:
     if not callable(factory):
         raise _fail(f"{where} has no callable {name!r}", "name a function or class that "
                     "returns the model")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:
+        raise _fail(f"{target} raised {_first_line(exc)}",
+                    f"make {name}() build the model with no arguments") from exc
     if not isinstance(model, nn.Module):
         raise _fail(f"{target} returned {type(model).__name__}, not an nn.Module",
                     "make the factory return the model")
@@ -72,13 +83,18 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise _fail(f"no checkpoint file {path}", "check the --checkpoint path")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+            state = load_file(str(file))
+        else:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as exc:  # not a checkpoint, a truncated file, a pickle of objects
+        raise _fail(f"cannot read checkpoint {path}: {_first_line(exc)}",
+                    "pass a .safetensors file or a .pt file holding a state_dict of "
+                    "tensors") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -97,6 +113,8 @@ def parse_spec(spec: str) -> tuple[tuple[int, ...], torch.dtype, int | None]:
     except ValueError:
         raise _fail(f"input shape {parts[0]!r} is not sizes joined by 'x'",
                     "write e.g. 2x3x224x224") from None
+    if any(size < 0 for size in shape):
+        raise _fail(f"input shape {parts[0]!r} has a negative size", "write e.g. 2x3x224x224")
     dtype_name = parts[1] if len(parts) > 1 and parts[1] else "float32"
     if dtype_name not in DTYPES:
         raise _fail(f"unknown dtype {dtype_name!r} in {spec!r}",
@@ -112,6 +130,9 @@ def parse_spec(spec: str) -> tuple[tuple[int, ...], torch.dtype, int | None]:
     if not dtype.is_floating_point and high is None and dtype is not torch.bool:
         raise _fail(f"integer input {spec!r} needs HIGH (exclusive upper bound)",
                     "append it, e.g. 2x128:int64:50000")
+    if high is not None and high <= 0:
+        raise _fail(f"HIGH {high} in {spec!r} leaves no integer to draw (ids are drawn "
+                    "from 0 to HIGH - 1)", "use the vocabulary size, e.g. 2x128:int64:50000")
     return shape, dtype, high
 
 

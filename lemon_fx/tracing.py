@@ -9,10 +9,11 @@ frontend keeps its own ``node.meta["val"]`` and needs no other change to the ana
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect as pyinspect
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -55,10 +56,34 @@ def _record(node: torch.fx.Node, result: Any) -> None:
 
 
 def record_facts(gm: torch.fx.GraphModule, example_inputs: Iterable[Any]) -> None:
-    """Run ``gm`` once on ``example_inputs`` (no grad) and store shapes and values on nodes."""
-    with torch.no_grad():
+    """Run ``gm`` once on ``example_inputs`` (no grad) and store shapes and values on nodes.
+
+    The run leaves no other trace: a BatchNorm in train mode updates its running statistics
+    (and ``num_batches_tracked``) on every forward, which would make the traced and the
+    grown model differ from the user's; every buffer is put back afterwards.
+    """
+    with torch.no_grad(), preserved_state(gm):
         _FactRecorder(gm).run(*example_inputs)
     gm.meta[EXAMPLE_INPUTS_KEY] = tuple(example_inputs)
+
+
+@contextlib.contextmanager
+def preserved_state(module: nn.Module, *, eval_mode: bool = False) -> Iterator[nn.Module]:
+    """Run ``module`` and leave it as it was: its buffers (running statistics, counters)
+    and, with ``eval_mode``, the train/eval flag of every submodule are put back."""
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    flags = [(m, m.training) for m in module.modules()]
+    if eval_mode:  # the flags themselves: a torch.export module refuses .eval()
+        for m, _ in flags:
+            m.training = False
+    try:
+        yield module
+    finally:
+        for m, training in flags:
+            m.training = training
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(saved[name])
 
 
 def _user_frame(exc: BaseException) -> str | None:

@@ -123,10 +123,31 @@ def test_verify_and_export(workdir):
      "failed on the example inputs"),
     (["grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8", "--out", "g",
       "--dynamic-batch"], "--dynamic-batch without --onnx"),
+    # these ended in a traceback (rc 1) before
+    (["grow", "models.py:build", "--plan", "plan.yaml", "--input", "2x-5x8", "--out", "g"],
+     "has a negative size"),
+    (["grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8:int64:0", "--out", "g"],
+     "leaves no integer to draw"),
+    (["grow", "models.py:broken", "--plan", "plan.yaml", "--input", "4x8", "--out", "g"],
+     "raised ValueError: no such config"),
+    (["grow", "syntax.py:build", "--plan", "plan.yaml", "--input", "4x8", "--out", "g"],
+     "syntax.py failed to load: SyntaxError"),
+    (["grow", "models.py:build", "--checkpoint", "bad.pt", "--plan", "plan.yaml", "--input",
+      "4x8", "--out", "g"], "cannot read checkpoint bad.pt"),
+    (["grow", "models.py:build", "--checkpoint", "bad.safetensors", "--plan", "plan.yaml",
+      "--input", "4x8", "--out", "g"], "cannot read checkpoint bad.safetensors"),
+    (["grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8", "--out", "afile/g"],
+     "give --out a path that can be written"),
 ])
 def test_user_mistakes_give_one_line_and_no_output(workdir, args, message):
     (workdir / "bad.yaml").write_text("width: 2.0\nseed: [1,\n")
     (workdir / "shrink.yaml").write_text("width: {'@ffn': 4}\n")
+    (workdir / "syntax.py").write_text("def build(:\n")
+    (workdir / "bad.pt").write_text("not a checkpoint")
+    (workdir / "bad.safetensors").write_text("not a checkpoint either")
+    (workdir / "afile").write_text("a file where a folder should be")
+    with (workdir / "models.py").open("a") as models:
+        models.write("\ndef broken():\n    raise ValueError('no such config')\n")
     done = run(*args, cwd=workdir)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]  # earlier lines are progress

@@ -557,3 +557,38 @@ def test_a_bare_depth_blocked_by_an_outer_stack_names_the_mapping_that_grows():
     with torch.no_grad():
         want = model(x)
         torch.testing.assert_close(big(x), want, rtol=0, atol=1e-10 * (1 + want.abs().max()))
+
+
+class _ResidualStage(_Stage):
+    """A stage that is itself a residual block: x + proj(its inner stack on x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = x
+        for layer in self.layers:
+            h = layer(h)
+        return x + self.proj(h)
+
+
+def test_growing_nested_stacks_in_one_plan_is_refused_and_each_level_grows():
+    """Both levels at once built a model that differed by 0.45 (grow's guard caught it as
+    a bug); each level alone is exact, and the message says so."""
+    torch.manual_seed(0)
+    model = _Staged()
+    model.stages = nn.ModuleList(_ResidualStage() for _ in range(2))
+    model = model.double().eval()
+    gm = lemon_fx.trace(model, (torch.randn(2, 5, 4, dtype=torch.float64),))
+    for plan in (Plan(depth=2.0), Plan(depth={"stages": 3, "stages.0.layers": 3})):
+        with pytest.raises(PlanError, match="are nested, and this plan grows both") as info:
+            lemon_fx.grow(gm, plan)
+        assert "grow one level per plan" in info.value.problems[0].fix
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    for depth in ({"stages": 3}, {"stages.0.layers": 3, "stages.1.layers": 4}):
+        big = lemon_fx.grow(gm, Plan(depth=depth))
+        with torch.no_grad():
+            want = model(x)
+            torch.testing.assert_close(big(x), want, rtol=0,
+                                       atol=1e-10 * (1 + want.abs().max()))

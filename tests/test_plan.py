@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from zoo import ResidualMLP
 
 import lemon_fx
 from lemon_fx import Plan, PlanError
@@ -150,3 +151,22 @@ def test_the_plan_examples_in_the_docs_are_valid_plans():
     assert len(blocks) == 3
     for block in blocks:
         assert isinstance(Plan.from_dict(yaml.safe_load(block)), Plan)
+
+
+@pytest.mark.parametrize("placement", [{"blocks": [0, 1, 0, 1]}, 5, None, [0, True, 1]])
+def test_a_placement_that_is_not_a_mode_or_a_list_of_indices_is_refused(placement):
+    """These were taken as "interleave", silently."""
+    with pytest.raises(PlanError, match="is neither 'interleave' nor 'stack' nor a list"):
+        Plan(depth=2.0, placement=placement)
+
+
+def test_plans_far_beyond_any_model_are_refused_before_anything_is_built(gm):
+    """width=1e6 ended in an allocator RuntimeError; depth=1e9 ran for minutes."""
+    with pytest.raises(PlanError, match=r"would have about \d\.\d+e\+\d+ parameters"):
+        lemon_fx.grow(gm, Plan(width=1e6))
+
+
+def test_a_stack_of_a_billion_blocks_is_refused():
+    gm = lemon_fx.trace(ResidualMLP(), (torch.randn(2, 12),))
+    with pytest.raises(PlanError, match="would grow from 2 to 2000000000 blocks"):
+        lemon_fx.grow(gm, Plan(depth=1e9))

@@ -94,8 +94,17 @@ def test_the_schedule_round_trips_through_its_state_dict():
                                     dict(warmup_steps=11, total_steps=10),
                                     dict(warmup_steps=-1, total_steps=10),
                                     dict(warmup_steps=1, total_steps=10, floor=1.5),
-                                    dict(warmup_steps=1, total_steps=10, floor=-0.1)])
+                                    dict(warmup_steps=1, total_steps=10, floor=-0.1),
+                                    dict(warmup_steps=2.5, total_steps=5),
+                                    dict(warmup_steps=0, total_steps=float("nan")),
+                                    dict(warmup_steps=True, total_steps=5)])
 def test_invalid_arguments_are_refused(kwargs):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.raises(ValueError, match="warmup_steps|floor"):
+    with pytest.raises(ValueError, match="warmup_steps|total_steps|floor"):
         LemonSchedule(optimizer, **kwargs)
+
+
+def test_a_warmup_that_fills_the_budget_ends_at_the_floor():
+    """warmup == total left the rate at the peak on step ``total`` (1.0, then 0.0)."""
+    factors = [lemon_lr_factor(step, 4, 4, floor=0.1) for step in range(6)]
+    assert factors == [0.25, 0.5, 0.75, 1.0, 0.1, 0.1]
