@@ -478,8 +478,7 @@ def _forbid_sizes_used_as_numbers(analysis: WidthAnalysis) -> None:
                 continue
             if user.op in ("call_function", "call_method") and rule is None:
                 picked = dims  # int arithmetic, tuple indexing: follow the number
-                if user.target is operator.getitem and user.args[0] is node and \
-                        _size_read(node, analysis) is not None and \
+                if user.target is operator.getitem and node is query and \
                         isinstance(user.args[1], (int, slice)) and len(dims) > 1:
                     index = user.args[1]
                     picked = [dims[index]] if isinstance(index, int) else dims[index]

@@ -24,12 +24,10 @@ import torch.fx
 from lemon_fx.errors import Problem, VerificationError
 from lemon_fx.graph_facts import computed_dtypes
 from lemon_fx.tracing import preserved_state
-from lemon_fx.verification import DEFAULT_TOLERANCES, compare_outputs
+from lemon_fx.verification import BUG_FIX, DEFAULT_TOLERANCES, compare_outputs
 
 __all__ = ["check_on_example"]
 
-_BUG_FIX = ("report this as a bug with the plan and the model: lemon_fx promised a lossless "
-            "model (a custom rule registered with lemon_fx.register is the first suspect)")
 RANDOM_NOTE = ("not checked on the example inputs: the source model gives different outputs "
                "on the same inputs in eval mode (it draws random numbers); check the grown "
                "model with lemon_fx.verify under a fixed seed")
@@ -55,7 +53,7 @@ def check_on_example(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,
         "the grown model does not compute the source model's function on the example "
         f"inputs (checked by grow before returning it; rtol={rtol:g}, atol={atol:g})",
         [Problem(reason=c.reason or f"{c.name} (shape {list(c.shape)}): max abs error "
-                 f"{c.max_abs_error:.3e}, allowed {c.tolerance:.3e}", fix=_BUG_FIX)
+                 f"{c.max_abs_error:.3e}, allowed {c.tolerance:.3e}", fix=BUG_FIX)
          for c in failed])
 
 
@@ -67,4 +65,4 @@ def _outputs(module: torch.nn.Module, inputs: tuple[Any, ...], role: str) -> Any
         first = (str(exc).strip().splitlines() or [""])[0]
         raise VerificationError(
             f"the {role} model failed to run on the example inputs",
-            [Problem(reason=f"{type(exc).__name__}: {first}", fix=_BUG_FIX)]) from exc
+            [Problem(reason=f"{type(exc).__name__}: {first}", fix=BUG_FIX)]) from exc

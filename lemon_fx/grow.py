@@ -15,14 +15,15 @@ from typing import Any
 import torch
 import torch.fx
 
-from lemon_fx.depth_plan import resolve_depth
+from lemon_fx.analysis import WidthAnalysis
+from lemon_fx.depth_plan import StackGrowth, resolve_depth
 from lemon_fx.errors import PlanError, Problem, TraceError
 from lemon_fx.example_check import check_on_example
 from lemon_fx.graph_facts import tensor_shape
 from lemon_fx.groups import held_note, returned_width_notes
 from lemon_fx.plan import Plan
 from lemon_fx.report import analyze
-from lemon_fx.resolution import resolve_width
+from lemon_fx.resolution import Resolution, resolve_width
 from lemon_fx.stacks import find_stacks
 from lemon_fx.tracing import EXAMPLE_INPUTS_KEY, record_facts
 
@@ -148,7 +149,8 @@ def grow(
 MAX_PARAMETERS = 10**12
 
 
-def _check_size(analysis: Any, resolution: Any, growths: list) -> None:
+def _check_size(analysis: WidthAnalysis, resolution: Resolution,
+                growths: list[StackGrowth]) -> None:
     """Refuse a plan whose grown model would have more than ``MAX_PARAMETERS``."""
     grown = {name: math.prod(resolution.grown(d) for d in dims)
              for name, dims in analysis.param_dims.items()}

@@ -52,8 +52,7 @@ _PASS_THROUGH_FUNCTIONS = {F.dropout, torch.reshape, torch.transpose, torch.flat
                            aten.reshape.default, aten._unsafe_view.default,
                            aten.transpose.int, aten.permute.default}
 _DIVS = {operator.truediv, torch.div, "div", aten.div.Tensor}
-_MULS = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", aten.mul.Tensor,
-         aten.div.Tensor}
+_MULS = {operator.mul, torch.mul, "mul", aten.mul.Tensor} | _DIVS
 _NOT_BLOCKS = (nn.Linear, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Dropout, nn.LayerNorm,
                nn.Identity, nn.Embedding, nn.Conv1d, nn.Conv2d)
 

@@ -50,7 +50,7 @@ DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 ONNX_TOLERANCE: tuple[float, float] = (1e-5, 1e-6)
 
-_BUG_FIX = (
+BUG_FIX = (
     "report this as a bug with the plan and the model: lemon_fx promised a lossless model "
     "(a custom rule registered with lemon_fx.register is the first suspect)"
 )
@@ -474,7 +474,7 @@ def _run(
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         fix = (
-            _BUG_FIX
+            BUG_FIX
             if role == "grown"
             else "check that example_inputs (and example_kwargs) are what the model's "
             "forward takes, and that the model runs in " + _dtype_name(dtype)
@@ -521,7 +521,7 @@ def _onnx_check(
         first = (str(exc).strip().splitlines() or [""])[0]
         raise VerificationError(
             "onnxruntime could not run the exported model",
-            [Problem(reason=f"{type(exc).__name__}: {first}", fix=_BUG_FIX)],
+            [Problem(reason=f"{type(exc).__name__}: {first}", fix=BUG_FIX)],
         ) from exc
 
     ref_tensors = [(n, t) for n, t in flatten_outputs(reference) if isinstance(t, torch.Tensor)]
@@ -566,9 +566,9 @@ def _failure(
                 f"{out.name} (shape {list(out.shape)}): max abs error {out.max_abs_error:.3e}, "
                 f"max rel error {out.max_rel_error:.3e}, allowed abs error {out.tolerance:.3e}"
             )
-        problems.append(Problem(reason=reason, fix=_BUG_FIX))
+        problems.append(Problem(reason=reason, fix=BUG_FIX))
     if not outputs:
-        problems.append(Problem(reason="the model returned no tensors to compare", fix=_BUG_FIX))
+        problems.append(Problem(reason="the model returned no tensors to compare", fix=BUG_FIX))
     if check == "torch check":
         what = f"torch check in {report.dtype}, rtol={report.rtol:g}, atol={report.atol:g}"
     else:
