@@ -19,12 +19,25 @@ is the same rule spread over six nodes; ``DecomposedRMSNorm`` recognizes it from
 the ``eps`` literal to ``alpha * eps`` and scales ``w`` by ``eta``.
 
 For whole multiples (``r = 0``) every form is plain tiling and ``alpha = eta = 1``.
-Refuses: normalization over several axes when one of them grows; a normalized axis that
-is not a single width group at a non-multiple width (the forms conflict).
+A normalized axis made of several width groups (``cat`` of slices of the stream, as in
+Swin's PatchMerging, or a flattened ``[H, Dh]``) grows as its own layout: each part's
+gamma and beta go with that part's copies. Its mean and variance stay exact only when
+every entry is copied the same number of times ``K`` (then ``alpha = eta = 1``).
+
+Refuses:
+- normalization over several axes when one of them grows;
+- a normalized axis of several width groups whose entries are not all copied equally
+  (parts grown by different factors, or any part by a non-multiple);
+- a non-multiple width where another op on the axis needs another form (no exact answer);
+- a non-multiple width without an affine weight (nowhere to put ``eta``), or with the
+  default eps of a module or functional call that does not state it (``eps`` cannot be
+  scaled by ``alpha``);
+- an affine weight computed at run time (not an ``nn.Parameter``) on a growing axis.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -34,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemon_fx.analysis import AxisUse, NodeAnalysis
-from lemon_fx.expansion import LeafGrowth, embed
+from lemon_fx.expansion import AxisGrowth, LeafGrowth, embed
 from lemon_fx.registry import Registry
 from lemon_fx.rewrite_context import NodeRewrite
 from lemon_fx.rule import Rule
@@ -42,21 +55,66 @@ from lemon_fx.rule import Rule
 __all__ = ["DecomposedRMSNorm", "LayerNormRule", "RMSNormRule", "register_rules"]
 
 
+def _uniform_copies(layout: AxisGrowth) -> int | None:
+    """``K`` when every entry of a normalized axis appears exactly ``K`` times in the grown
+    axis (each leaf a whole multiple, the parts of a concatenation by the same factor),
+    else ``None``. Only then are a composite axis' mean and variance those of the source.
+    """
+    if isinstance(layout, LeafGrowth):
+        return layout.k if layout.r == 0 else None
+    kind, children = layout
+    counts = [_uniform_copies(child) for child in children]
+    if any(c is None for c in counts):
+        return None
+    if kind == "prod":
+        return math.prod(counts)
+    return counts[0] if len(set(counts)) == 1 else None
+
+
+def norm_growth(ctx: NodeRewrite, dim: int) -> LeafGrowth | None:
+    """The growth that a norm over ``dim`` sees: alpha, eta and whether ``r != 0``.
+
+    A single width group may grow by any amount (the forms carry it). An axis made of
+    several groups (``cat`` of slices, a flattened ``[H, Dh]``) is exact only when every
+    entry is copied the same number of times ``K``: then it counts as a whole multiple
+    (``alpha = 1``). ``None`` when it is not.
+    """
+    if len(ctx.res.analysis.dims.leaves(dim)) == 1:
+        return ctx.leaf_growth(dim)
+    copies = _uniform_copies(ctx.res.axis_growth(dim, "circ"))
+    if copies is None:
+        return None
+    size = ctx.res.analysis.dims.size(dim)
+    return LeafGrowth(size, size * copies)
+
+
+def _layout(ctx: NodeRewrite, dim: int, form: str) -> AxisGrowth:
+    """Where each source entry of the normalized axis lands: the axis' own layout, so a
+    norm over ``cat([a, b])`` places ``a``'s gamma with ``a``'s copies."""
+    if len(ctx.res.analysis.dims.leaves(dim)) == 1:
+        return ctx.leaf_growth(dim, form)
+    return ctx.res.axis_growth(dim, form)
+
+
 def _scaled_gamma(dim: int):
     def transform(gamma: torch.Tensor, _generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
-        growth = ctx.leaf_growth(dim)
-        tiled = embed(gamma, 0, LeafGrowth(growth.source, growth.target, "circ"))
-        return tiled * growth.eta
+        growth = norm_growth(ctx, dim)
+        return embed(gamma, 0, _layout(ctx, dim, "circ")) * growth.eta
 
     return transform
 
 
 def _zero_padded(dim: int):
     def transform(beta: torch.Tensor, _generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
-        growth = ctx.leaf_growth(dim)
-        return embed(beta, 0, LeafGrowth(growth.source, growth.target, "zero"))
+        return embed(beta, 0, _layout(ctx, dim, "zero"))
 
     return transform
+
+
+_UNEQUAL_COPIES = ("the normalized axis is made of several width groups (a concatenation, "
+                   "a flattened [heads, head_dim]) that grow by different or non-whole "
+                   "factors, so its mean and variance change",
+                   "grow every width group of this axis by the same whole multiple (2x, 3x)")
 
 
 class _FeatureNormRule(Rule):
@@ -126,7 +184,10 @@ class _FeatureNormRule(Rule):
         dim = ctx.dims(x)[-1]
         if not ctx.grows(dim):
             return
-        growth = ctx.leaf_growth(dim)
+        growth = norm_growth(ctx, dim)
+        if growth is None:
+            ctx.refuse(*_UNEQUAL_COPIES)
+            return
         width = ctx.grown(dim)
         if growth.r and not self._has_gamma(ctx):
             ctx.refuse("without an affine weight there is nowhere to put the factor "
@@ -240,7 +301,10 @@ class DecomposedRMSNorm:
         dim = ctx.dims(self.mean.args[0])[-1]
         if not ctx.grows(dim):
             return
-        growth = ctx.leaf_growth(dim)
+        growth = norm_growth(ctx, dim)
+        if growth is None:
+            ctx.refuse(*_UNEQUAL_COPIES)
+            return
         if growth.r and self.weight is None:
             ctx.refuse("without a weight there is nowhere to put the factor eta = "
                        "sqrt(alpha) that a non-multiple width needs",
