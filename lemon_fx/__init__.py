@@ -7,7 +7,12 @@ function (LEMON, Wang et al. 2024), as a torch.fx graph rewrite verified with on
     lemon_fx.verify(gm, big, fresh_inputs, onnx=True)
 """
 
-from lemon_fx.analysis import AxisUse
+from lemon_fx.analysis.groups import WidthGroup
+from lemon_fx.analysis.report import InspectReport
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.stacks import BlockStack
+from lemon_fx.analysis.width import AxisUse
+from lemon_fx.api import GrowthReport, grow, growth_report, inspect, register, trace
 from lemon_fx.errors import (
     LemonError,
     NotLosslessError,
@@ -17,15 +22,10 @@ from lemon_fx.errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from lemon_fx.groups import WidthGroup
-from lemon_fx.grow import GrowthReport, grow, growth_report
 from lemon_fx.plan import Plan
-from lemon_fx.registry import register
-from lemon_fx.report import InspectReport, inspect
-from lemon_fx.rule import Rule
-from lemon_fx.schedule import LemonSchedule, lemon_lr_factor
-from lemon_fx.stacks import BlockStack
-from lemon_fx.tracing import trace
+from lemon_fx.training.schedule import LemonSchedule, lemon_lr_factor
+from lemon_fx.verification.onnx_export import export_onnx
+from lemon_fx.verification.verify import verify
 
 __all__ = [
     "AxisUse",
@@ -53,16 +53,3 @@ __all__ = [
     "verify",
 ]
 
-
-def verify(*args, **kwargs):
-    """See ``lemon_fx.verification.verify``."""
-    from lemon_fx.verification import verify as _verify
-
-    return _verify(*args, **kwargs)
-
-
-def export_onnx(*args, **kwargs):
-    """See ``lemon_fx.onnx_export.export_onnx``."""
-    from lemon_fx.onnx_export import export_onnx as _export
-
-    return _export(*args, **kwargs)

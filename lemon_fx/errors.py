@@ -17,7 +17,15 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "VerificationError",
+    "first_line",
 ]
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``, or the type alone for an empty message
+    (a user's ``raise ValueError()`` must not turn into an IndexError while reporting)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lemon_fx.errors import PlanError, Problem
+from lemon_fx.errors import PlanError, Problem, first_line
 
 __all__ = ["Plan", "METHODS", "PLACEMENTS"]
 
@@ -135,7 +135,7 @@ class Plan:
             line = mark.line + 1 if mark is not None else getattr(exc, "lineno", None)
             raise PlanError(
                 f"cannot read plan file {path}",
-                [Problem(reason=str(exc).splitlines()[0],
+                [Problem(reason=first_line(exc),
                          source=f"{path}:{line}" if line else str(path),
                          fix="fix the syntax at that line")],
             ) from exc

@@ -31,11 +31,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from lemon_fx.analysis import AxisUse
-from lemon_fx.depth_plan import StackGrowth
-from lemon_fx.expansion import LeafGrowth, source_size, split_lemon
-from lemon_fx.resolution import Resolution
-from lemon_fx.stacks import Block, BlockStack
+from lemon_fx.analysis.stacks import Block, BlockStack
+from lemon_fx.analysis.width import AxisUse
+from lemon_fx.axes.expansion import LeafGrowth, source_size, split_lemon
+from lemon_fx.resolution.depth import StackGrowth
+from lemon_fx.resolution.width import Resolution
+from lemon_fx.tracing.graph_facts import module_stack, set_module_stack
 from passes.result import PassResult
 from passes.widen import noise_bound
 
@@ -238,11 +239,11 @@ def _rename(gm: torch.fx.GraphModule, stack: BlockStack, slots: list[_Slot],
                 target = str(node.target)
                 if target == old or target.startswith(old + "."):
                     node.target = new + target[len(old):]
-            stack_meta = node.meta.get("nn_module_stack")
+            stack_meta = module_stack(node)
             if stack_meta:
-                node.meta["nn_module_stack"] = type(stack_meta)(
+                set_module_stack(node, type(stack_meta)(
                     (_renamed(k, old, new), (_renamed(p, old, new), c))
-                    for k, (p, c) in stack_meta.items())
+                    for k, (p, c) in stack_meta.items()))
     parent_name, _, attr = stack.name.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     setattr(parent, attr, container)

@@ -19,11 +19,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from lemon_fx.analysis import AxisUse, Claim
+from lemon_fx.analysis.width import AxisUse, Claim
+from lemon_fx.axes.expansion import embed, split_equal, split_lemon
 from lemon_fx.errors import NotLosslessError
-from lemon_fx.expansion import embed, split_equal, split_lemon
-from lemon_fx.resolution import Resolution
-from lemon_fx.rewrite_context import Edits, NodeRewrite
+from lemon_fx.resolution.rewrite import Edits, NodeRewrite
+from lemon_fx.resolution.width import Resolution
 from passes.result import PassResult
 
 __all__ = ["grow_parameter", "plan_edits", "widen"]

@@ -22,7 +22,7 @@ from torch import nn
 
 import lemon_fx
 from lemon_fx import Plan
-from lemon_fx.expansion import LeafGrowth, embed
+from lemon_fx.axes.expansion import LeafGrowth, embed
 
 FRESH_BATCH = 3
 ONNX_CHECKED = sorted({e.family: name for name, e in reversed(CNN_ZOO.items())}.values())

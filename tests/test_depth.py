@@ -477,8 +477,8 @@ def test_a_constant_divided_by_the_branch_is_not_a_branch_that_writes_zero():
                                    atol=1e-10 * (1 + want.abs().max().item()))
 
 
-@pytest.mark.parametrize("order", [lemon_fx.depth_plan.interleave_order,
-                                   lemon_fx.depth_plan.stack_order])
+@pytest.mark.parametrize("order", [lemon_fx.resolution.depth.interleave_order,
+                                   lemon_fx.resolution.depth.stack_order])
 def test_orders_with_no_copyable_block_are_refused(order):
     assert order(2, 2, []) == [0, 1]
     with pytest.raises(PlanError, match="none may be copied"):

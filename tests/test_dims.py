@@ -2,7 +2,7 @@
 
 import pytest
 
-from lemon_fx.dims import DimTable, FactorMismatch
+from lemon_fx.axes.dims import DimTable, FactorMismatch
 
 
 def test_unify_merges_classes_and_keeps_fixed_reason():

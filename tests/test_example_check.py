@@ -1,4 +1,4 @@
-"""grow's last guard (lemon_fx.example_check) and the state it must leave alone.
+"""grow's last guard (lemon_fx.verification.guard) and the state it must leave alone.
 
 The guard runs source and grown model once on the example inputs; the models must come
 out of it, and out of tracing, as they went in (running statistics, train/eval flags).
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lemon_fx
-from lemon_fx.example_check import RANDOM_NOTE
+from lemon_fx.verification.guard import RANDOM_NOTE
 
 
 class _BNBlock(nn.Module):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lemon_fx.expansion import LeafGrowth, embed, gather, split_equal, split_lemon
+from lemon_fx.axes.expansion import LeafGrowth, embed, gather, split_equal, split_lemon
 
 FORMS = ["circ", "avg", "zero"]
 SIZES = [(4, 4), (4, 8), (4, 6), (4, 11), (3, 7), (5, 15)]

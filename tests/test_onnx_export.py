@@ -20,9 +20,9 @@ from cnn_zoo import ResNet, randomize_norms
 from torch import nn
 
 import lemon_fx
-import lemon_fx.onnx_export as onnx_export
+import lemon_fx.verification.onnx_export as onnx_export
 from lemon_fx.errors import VerificationError
-from lemon_fx.onnx_export import export_onnx, onnx_input_feed
+from lemon_fx.verification.onnx_export import export_onnx, onnx_input_feed
 
 
 class MLP(nn.Module):

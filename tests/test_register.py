@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import lemon_fx
-from lemon_fx.registry import Registry, default_registry
+from lemon_fx.analysis.registry import Registry
+from passes.rules import default_registry
 
 
 class ChannelScale(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lemon_fx
-from lemon_fx.registry import default_registry
+from passes.rules import default_registry
 
 D = 8  # the growable width in every case
 

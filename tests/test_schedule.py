@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lemon_fx.schedule import LemonSchedule, lemon_lr_factor
+from lemon_fx.training.schedule import LemonSchedule, lemon_lr_factor
 
 PEAK = 3e-3
 

@@ -73,7 +73,7 @@ def test_names_are_readable_and_address_free():
 def test_output_ignores_rules_registered_at_run_time():
     """User rules (tests register some in the default registry) never reach the docs."""
     import lemon_fx
-    from lemon_fx.registry import default_registry
+    from passes.rules import default_registry
 
     class Scale(nn.Module):
         pass

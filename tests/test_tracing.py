@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 import lemon_fx
-from lemon_fx.graph_facts import plain_value, source_line, tensor_shape
-from lemon_fx.tracing import EXAMPLE_INPUTS_KEY
+from lemon_fx.tracing.graph_facts import EXAMPLE_INPUTS_KEY, plain_value, source_line, tensor_shape
 
 
 class _Net(nn.Module):

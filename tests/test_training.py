@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lemon_fx.schedule import lemon_lr_factor
-from lemon_fx.training import TrainConfig, build_optimizer, latest_checkpoint, shard, train
+from lemon_fx.training.loop import TrainConfig, build_optimizer, latest_checkpoint, shard, train
+from lemon_fx.training.schedule import lemon_lr_factor
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8

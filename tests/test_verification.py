@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lemon_fx.onnx_export
+import lemon_fx.verification.onnx_export
 from lemon_fx.errors import VerificationError
-from lemon_fx.verification import VerificationReport, flatten_outputs, verify
+from lemon_fx.verification.verify import VerificationReport, flatten_outputs, verify
 
 
 class MLP(nn.Module):
@@ -336,7 +336,7 @@ def test_onnx_check_with_tuple_outputs_and_two_inputs(tmp_path: pathlib.Path) ->
 
 def test_onnx_mismatch_is_a_verification_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """An exported file that disagrees with the source must fail the ONNX check."""
-    real_export = lemon_fx.onnx_export.export_onnx
+    real_export = lemon_fx.verification.onnx_export.export_onnx
 
     def export_perturbed(module: nn.Module, *args: object, **kwargs: object) -> pathlib.Path:
         broken = copy.deepcopy(module)
@@ -344,7 +344,7 @@ def test_onnx_mismatch_is_a_verification_error(monkeypatch: pytest.MonkeyPatch) 
             broken.fc2.bias.add_(0.5)
         return real_export(broken, *args, **kwargs)
 
-    monkeypatch.setattr(lemon_fx.onnx_export, "export_onnx", export_perturbed)
+    monkeypatch.setattr(lemon_fx.verification.onnx_export, "export_onnx", export_perturbed)
     small = MLP()
     with pytest.raises(VerificationError, match="onnxruntime check in float32") as caught:
         verify(small, widened_mlp(small), (torch.randn(5, 6),), onnx=True)

@@ -4,7 +4,7 @@ Data: the source text of Python's standard library (present on every machine), r
 bytes from a fixed, sorted list of modules that every CPython 3.10+ ships; the first 90% of
 the bytes train, the last 10% validate. Two tasks of different kinds, measured the same way:
 
-- ``lm``: byte-level causal language modelling with a Pre-LN GPT (``lemon_fx.demo.TinyGPT``);
+- ``lm``: byte-level causal language modelling with a Pre-LN GPT (``lemon_fx.cli.demo.TinyGPT``);
 - ``mlm``: masked-byte modelling with a Pre-LN encoder (``TinyGPT(causal=False)``):
   15% of the positions are replaced by a mask token (id 256), the loss is the cross-entropy
   on those positions only.
@@ -64,8 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lemon_fx
-from lemon_fx.demo import TinyGPT
-from lemon_fx.depth_plan import interleave_order, stack_order
+from lemon_fx.cli.demo import TinyGPT
+from lemon_fx.resolution.depth import interleave_order, stack_order
 
 # Modules present in every CPython 3.10+ (pure Python, stable names); read in sorted order.
 MODULES = sorted(["argparse", "ast", "bisect", "calendar", "codecs", "collections/__init__",

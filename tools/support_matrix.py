@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import importlib
 import inspect
 import math
 import operator
@@ -28,9 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lemon_fx import registry as registry_module
-from lemon_fx.analysis import FORMS
-from lemon_fx.registry import Registry
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.axes.vocabulary import FORMS
+from passes.rules import build_registry
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "docs" / "support.md"
@@ -86,11 +85,8 @@ class Row:
 
 
 def builtin_registry() -> Registry:
-    """A fresh registry holding only the built-in rules, as ``default_registry`` loads them."""
-    fresh = Registry()
-    for name in registry_module._BUILTIN_RULE_MODULES:
-        importlib.import_module(name).register_rules(fresh)
-    return fresh
+    """A fresh registry holding only the built-in rules (no user rule registered since)."""
+    return build_registry()
 
 
 # -- stable names ------------------------------------------------------------------------
@@ -197,7 +193,7 @@ def header(table: list[Row]) -> list[str]:
     """The explanation above the tables: columns, forms, refusals, families."""
     unknown = set(FORMS) ^ set(FORM_LINES)
     if unknown:
-        raise RuntimeError(f"FORM_LINES and lemon_fx.analysis.FORMS disagree on {sorted(unknown)}")
+        raise RuntimeError(f"FORM_LINES and the vocabulary's FORMS disagree on {sorted(unknown)}")
     counts: dict[str, int] = {}
     for row in table:
         counts[row.family] = counts.get(row.family, 0) + 1

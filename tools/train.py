@@ -5,7 +5,7 @@
     python tools/train.py --model models.py:gpt --checkpoint small.safetensors \\
         --width 2 --depth 2 --data corpus.txt --steps 2000 --lr 3e-3 --out runs/grown
 
-``--demo`` trains ``lemon_fx.demo.TinyGPT`` on the bytes of a few Python standard library
+``--demo`` trains ``lemon_fx.cli.demo.TinyGPT`` on the bytes of a few Python standard library
 files (on every machine, read in a fixed order). ``--model FILE.py:FACTORY`` trains your
 model instead: it maps ``(batch, context)`` int64 bytes to ``(batch, context, vocab >= 256)``
 logits. ``--width``/``--depth`` grow the model with lemon_fx first (after ``--checkpoint``
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lemon_fx.training import TrainConfig, train
+from lemon_fx.training.loop import TrainConfig, train
 
 # present in every CPython 3.10+ source tree; read in this order
 DEMO_MODULES = ["argparse", "ast", "csv", "dataclasses", "functools", "inspect",
@@ -59,11 +59,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def build_model(args) -> torch.nn.Module:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if args.demo:
-        from lemon_fx.demo import TinyGPT
+        from lemon_fx.cli.demo import TinyGPT
 
         model = TinyGPT(vocab=256, dim=64, depth=2, num_heads=4, max_len=args.context)
     else:
-        from lemon_fx.targets import load_checkpoint, load_target
+        from lemon_fx.cli.targets import load_checkpoint, load_target
 
         model = load_target(args.model)
         if args.checkpoint:

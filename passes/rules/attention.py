@@ -25,15 +25,15 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lemon_fx.analysis import AxisUse, NodeAnalysis
-from lemon_fx.registry import Registry
-from lemon_fx.rewrite_context import NodeRewrite
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import AxisUse, NodeAnalysis
+from lemon_fx.axes.vocabulary import HEAD_DIM_HINT, HEADS_HINT, KV_HINT, ONLY_CIRC
+from lemon_fx.resolution.rewrite import NodeRewrite
 from passes.rules.linear import couple_affine
 
 __all__ = ["MatmulRule", "MultiheadAttentionRule", "SDPARule", "register_rules"]
 
-CIRC = frozenset({"circ"})
 HEAD_DIM_FIX = ("grow the number of heads instead (LEMON keeps head_dim): leave "
                 "'@head_dim' out of the plan")
 
@@ -52,9 +52,9 @@ def _batch_axes(ctx: NodeAnalysis, operands: list, out, core: int) -> None:
                 ctx.same_form(ctx.slot(t, axis), ctx.slot(out, o_axis))
     for axis in range(n_batch):
         if ctx.shape(out)[axis] > 1:
-            ctx.require_form(ctx.slot(out, axis), CIRC, "attention heads need the circ form")
+            ctx.require_form(ctx.slot(out, axis), ONLY_CIRC, "attention heads need the circ form")
             if axis == n_batch - 1 and n_batch >= 2:
-                ctx.hint(out_dims[axis], "heads")
+                ctx.hint(out_dims[axis], HEADS_HINT)
 
 
 class MatmulRule(Rule):
@@ -80,7 +80,7 @@ class MatmulRule(Rule):
         ctx.unify(bd[-1], od[-1])
         ctx.same_form(ctx.slot(a, -2), ctx.slot(node, -2))
         ctx.same_form(ctx.slot(b, -1), ctx.slot(node, -1))
-        ctx.hint(ad[-1], "head_dim")
+        ctx.hint(ad[-1], HEAD_DIM_HINT)
         ctx.forbid_growth(ad[-1], "a matmul of two activations sums over this axis, and "
                           "growing it changes the sum", HEAD_DIM_FIX, kind="not_lossless")
         _batch_axes(ctx, [a, b], node, core=2)
@@ -98,7 +98,7 @@ class SDPARule(Rule):
         ctx.unify(vd[-1], od[-1])
         ctx.same_form(ctx.slot(v, -1), ctx.slot(node, -1))
         for d in (qd[-1], vd[-1]):
-            ctx.hint(d, "head_dim")
+            ctx.hint(d, HEAD_DIM_HINT)
         ctx.forbid_growth(qd[-1], "the attention logits sum over head_dim, and the scale "
                           "1/sqrt(head_dim) depends on it", HEAD_DIM_FIX, kind="not_lossless")
         ctx.forbid_growth(kd[-2], "attention sums over the keys", "keep the sequence fixed",
@@ -109,7 +109,7 @@ class SDPARule(Rule):
             ctx.fix(group, "query heads per kv head (enable_gqa)")
             ctx.factor(qd[-3], [kd[-3], group])
             ctx.unify(kd[-3], vd[-3])
-            ctx.hint(kd[-3], "kv")
+            ctx.hint(kd[-3], KV_HINT)
             _batch_axes(ctx, [q], node, core=2)
             _batch_axes(ctx, [k, v], k, core=2)
         else:
@@ -117,7 +117,7 @@ class SDPARule(Rule):
             if len(qd) >= 3 and len(ctx._a.dims.leaves(qd[-3])) > 1:
                 # query heads [kv_heads, g] from repeat_kv's expand + reshape
                 for leaf in ctx._a.dims.leaves(qd[-3]):
-                    ctx.hint(leaf, "kv")
+                    ctx.hint(leaf, KV_HINT)
         mask = ctx.arg(3, "attn_mask")
         if ctx.is_tensor(mask):
             m_dims, m_shape = ctx.dims(mask), ctx.shape(mask)
@@ -151,8 +151,8 @@ class MultiheadAttentionRule(Rule):
         heads, head_dim, three = (ctx.new_dim(m.num_heads), ctx.new_dim(m.head_dim),
                                   ctx.new_dim(3))
         ctx.fix(three, "the q/k/v split of nn.MultiheadAttention")
-        ctx.hint(heads, "heads")
-        ctx.hint(head_dim, "head_dim")
+        ctx.hint(heads, HEADS_HINT)
+        ctx.hint(head_dim, HEAD_DIM_HINT)
         ctx.forbid_growth(head_dim, "nn.MultiheadAttention's head_dim", HEAD_DIM_FIX,
                           kind="not_lossless")
         everything = list(q_dims) + [heads]

@@ -33,14 +33,14 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lemon_fx.analysis import AxisUse, NodeAnalysis
-from lemon_fx.registry import Registry
-from lemon_fx.rewrite_context import NodeRewrite
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import AxisUse, NodeAnalysis
+from lemon_fx.axes.vocabulary import ONLY_CIRC
+from lemon_fx.resolution.rewrite import NodeRewrite
 
 __all__ = ["BatchNormRule", "GroupNormRule", "register_rules"]
 
-CIRC = frozenset({"circ"})
 _aten = torch.ops.aten
 # Where the per-channel tensors sit among a functional spelling's arguments: torch.nn.functional
 # and ATen (the torch.export graphs) order them differently.
@@ -95,7 +95,7 @@ class BatchNormRule(Rule):
         ctx.pass_through(x, node)
         axis = _channel_axis(node, ctx)
         channel = ctx.dims(x)[axis]
-        ctx.require_form(ctx.slot(x, axis), CIRC, f"{self._kind(ctx)} computes statistics "
+        ctx.require_form(ctx.slot(x, axis), ONLY_CIRC, f"{self._kind(ctx)} computes statistics "
                          "per channel and needs its channels in the circ form")
         out_slot = ctx.slot(node, axis)
         if ctx.module is not None:
@@ -144,7 +144,7 @@ class GroupNormRule(Rule):
             ctx.fix(p, "the channels of one group of a GroupNorm: statistics are per group, "
                     "so it grows by whole groups and a plan counts this width in groups")
             ctx.factor(channel, [g, p])
-            ctx.require_form(ctx.slot(x, 1), CIRC, "GroupNorm computes statistics per group "
+            ctx.require_form(ctx.slot(x, 1), ONLY_CIRC, "GroupNorm computes statistics per group "
                              "and needs whole groups copied in the circ form")
         out_slot = ctx.slot(node, 1)
         if ctx.module is not None:

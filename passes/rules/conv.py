@@ -39,14 +39,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from lemon_fx.analysis import AxisUse, NodeAnalysis, Slot
-from lemon_fx.registry import Registry
-from lemon_fx.rewrite_context import NodeRewrite
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import AxisUse, NodeAnalysis, Slot
+from lemon_fx.axes.vocabulary import CHANNELS_HINT, ONLY_CIRC
+from lemon_fx.resolution.rewrite import NodeRewrite
 
 __all__ = ["ConvRule", "FunctionalConvRule", "couple_conv", "register_rules"]
 
-CIRC = frozenset({"circ"})
 PER_GROUP_FIXED = ("the channels of one group of a grouped convolution: it grows by whole "
                    "groups, so a plan counts this width in groups")
 
@@ -68,7 +68,7 @@ def couple_conv(ctx: NodeAnalysis, x, out, w: list[int], bias: list[int] | None,
                 "the input's)")
     x_ch, out_ch = x_dims[channel], out_dims[channel]
     in_slot, out_slot = ctx.slot(x, channel), ctx.slot(out, channel)
-    ctx.hint(out_ch, "channels")
+    ctx.hint(out_ch, CHANNELS_HINT)
     ctx.unify(w[0], out_ch)
     if bias is not None:
         ctx.unify(bias[0], out_ch)
@@ -83,10 +83,10 @@ def couple_conv(ctx: NodeAnalysis, x, out, w: list[int], bias: list[int] | None,
     ctx.factor(x_ch, [g, per_in])
     ctx.factor(out_ch, [g, per_out])
     ctx.unify(w[1], per_in)
-    ctx.hint(g, "channels")
+    ctx.hint(g, CHANNELS_HINT)
     why = "a grouped or depthwise convolution grows by whole groups copied in the circ form"
-    ctx.require_form(in_slot, CIRC, why)
-    ctx.require_form(out_slot, CIRC, why)
+    ctx.require_form(in_slot, ONLY_CIRC, why)
+    ctx.require_form(out_slot, ONLY_CIRC, why)
     return in_slot, out_slot
 
 

@@ -23,9 +23,17 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lemon_fx.analysis import NodeAnalysis
-from lemon_fx.registry import Registry
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import NodeAnalysis
+from lemon_fx.axes.vocabulary import (
+    ANY_FORM,
+    CIRC_OR_ZERO,
+    NONLINEAR_HINT,
+    ONLY_CIRC,
+    RESIDUAL_ADD_HINT,
+    Form,
+)
 
 __all__ = [
     "ActivationRule",
@@ -36,8 +44,6 @@ __all__ = [
     "register_rules",
 ]
 
-CIRC_OR_ZERO = frozenset({"circ", "zero"})
-CIRC = frozenset({"circ"})
 
 
 def _first_tensor(node: torch.fx.Node, ctx: NodeAnalysis):
@@ -75,9 +81,9 @@ class ActivationRule(Rule):
         x = _first_tensor(node, ctx)
         ctx.pass_through(x, node)
         zero = self.zero_at_zero and _node_maps_zero_to_zero(node, ctx)
-        allowed = CIRC_OR_ZERO if zero else CIRC
+        allowed = CIRC_OR_ZERO if zero else ONLY_CIRC
         for axis, dim in enumerate(ctx.dims(node)):
-            ctx.hint(dim, "nonlinear")
+            ctx.hint(dim, NONLINEAR_HINT)
             ctx.require_form(ctx.slot(node, axis), allowed,
                              "a nonlinearity needs its axis in the circ form"
                              + (" (or zero)" if zero else ""))
@@ -114,7 +120,7 @@ class PowRule(Rule):
 class _BinaryRule(Rule):
     """Broadcasting binary op; subclasses say which forms shared grown axes allow."""
 
-    allowed: frozenset[str] = frozenset({"circ", "avg", "zero"})
+    allowed: frozenset[Form] = ANY_FORM
     why = ""
 
     def _operands(self, node: torch.fx.Node, ctx: NodeAnalysis) -> list:
@@ -134,7 +140,7 @@ class _BinaryRule(Rule):
         if (len(tensors) == 2 and all(t.op != "get_attr" for t in tensors)
                 and ctx.shape(tensors[0]) == ctx.shape(tensors[1])):
             for dim in ctx.dims(node):
-                ctx.hint(dim, "residual_add")
+                ctx.hint(dim, RESIDUAL_ADD_HINT)
 
     def restrict(self, sharing: int, tensors: int) -> bool:
         return False
@@ -158,13 +164,13 @@ class ProductRule(_BinaryRule):
         tensors = [a for a in self._operands(node, ctx) if ctx.is_tensor(a)]
         if len(tensors) == 2 and ctx.shape(tensors[0]) == ctx.shape(tensors[1]):
             for dim in ctx.dims(node):
-                ctx.hint(dim, "nonlinear")  # a gated MLP's hidden axis is an ffn axis
+                ctx.hint(dim, NONLINEAR_HINT)  # a gated MLP's hidden axis is an ffn axis
 
 
 class QuotientRule(_BinaryRule):
     """``x / y``: dividing by a tensor that varies along a grown axis needs circ."""
 
-    allowed = CIRC
+    allowed = ONLY_CIRC
     why = "dividing by a tensor along this axis needs the circ form"
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
@@ -191,7 +197,7 @@ class MaskedFillRule(Rule):
             rank = len(ctx.dims(node))
             for axis, size in enumerate(ctx.shape(mask)):
                 if size > 1:
-                    ctx.require_form(ctx.slot(node, axis + rank - len(ctx.shape(mask))), CIRC,
+                    ctx.require_form(ctx.slot(node, axis + rank - len(ctx.shape(mask))), ONLY_CIRC,
                                      "a mask that varies along this axis needs the circ form")
 
 
@@ -202,7 +208,7 @@ class WhereRule(Rule):
         operands = list(node.args[:3])
         ctx.broadcast(operands, node)
         for axis in range(len(ctx.dims(node))):
-            ctx.require_form(ctx.slot(node, axis), CIRC, "torch.where needs the circ form")
+            ctx.require_form(ctx.slot(node, axis), ONLY_CIRC, "torch.where needs the circ form")
 
 
 def _zero_at_zero(fn) -> bool:

@@ -17,10 +17,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lemon_fx.analysis import AxisUse, NodeAnalysis
-from lemon_fx.registry import Registry
-from lemon_fx.rewrite_context import NodeRewrite
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import AxisUse, NodeAnalysis
+from lemon_fx.resolution.rewrite import NodeRewrite
 
 __all__ = ["FunctionalLinearRule", "LinearRule", "register_rules"]
 

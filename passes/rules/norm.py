@@ -46,11 +46,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lemon_fx.analysis import AxisUse, NodeAnalysis
-from lemon_fx.expansion import AxisGrowth, LeafGrowth, embed
-from lemon_fx.registry import Registry
-from lemon_fx.rewrite_context import NodeRewrite
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import AxisUse, NodeAnalysis
+from lemon_fx.axes.expansion import AxisGrowth, LeafGrowth, embed
+from lemon_fx.axes.vocabulary import AVG, CIRC, NORM_HINT, ZERO, Form
+from lemon_fx.resolution.rewrite import NodeRewrite
 
 __all__ = ["DecomposedRMSNorm", "LayerNormRule", "RMSNormRule", "register_rules"]
 
@@ -81,7 +82,7 @@ def norm_growth(ctx: NodeRewrite, dim: int) -> LeafGrowth | None:
     """
     if len(ctx.res.analysis.dims.leaves(dim)) == 1:
         return ctx.leaf_growth(dim)
-    copies = _uniform_copies(ctx.res.axis_growth(dim, "circ"))
+    copies = _uniform_copies(ctx.res.axis_growth(dim, CIRC))
     if copies is None:
         return None
     size = ctx.res.analysis.dims.size(dim)
@@ -99,14 +100,14 @@ def _layout(ctx: NodeRewrite, dim: int, form: str) -> AxisGrowth:
 def _scaled_gamma(dim: int):
     def transform(gamma: torch.Tensor, _generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
         growth = norm_growth(ctx, dim)
-        return embed(gamma, 0, _layout(ctx, dim, "circ")) * growth.eta
+        return embed(gamma, 0, _layout(ctx, dim, CIRC)) * growth.eta
 
     return transform
 
 
 def _zero_padded(dim: int):
     def transform(beta: torch.Tensor, _generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
-        return embed(beta, 0, _layout(ctx, dim, "zero"))
+        return embed(beta, 0, _layout(ctx, dim, ZERO))
 
     return transform
 
@@ -120,7 +121,7 @@ _UNEQUAL_COPIES = ("the normalized axis is made of several width groups (a conca
 class _FeatureNormRule(Rule):
     """Shared analysis: normalize over the last axes, with input/output forms."""
 
-    input_form = "avg"
+    input_form: Form = AVG
     module_weight = "weight"
     module_bias: str | None = "bias"
 
@@ -162,11 +163,11 @@ class _FeatureNormRule(Rule):
                               "normalize over the last axis only, or keep these widths fixed")
             return
         dim = x_dims[-1]
-        ctx.hint(dim, "norm")
+        ctx.hint(dim, NORM_HINT)
         ctx.require_form(ctx.slot(x, -1), {self.input_form},
                          f"{type(self).__name__[:-4]} needs its input in the "
                          f"{self.input_form} form")
-        ctx.require_form(ctx.slot(node, -1), {"zero"},
+        ctx.require_form(ctx.slot(node, -1), {ZERO},
                          "a norm's output is in the zero form")
         for name, dims, kind in self._params(node, ctx):
             ctx.unify(dims[0], dim)
@@ -217,7 +218,7 @@ class _FeatureNormRule(Rule):
 class LayerNormRule(_FeatureNormRule):
     """``nn.LayerNorm`` and ``F.layer_norm``: avg in, zero out, ``eps' = alpha eps``."""
 
-    input_form = "avg"
+    input_form: Form = AVG
     functional_params = ((2, "weight", "gamma"), (3, "bias", "beta"))
     eps_index = 4
     default_eps = 1e-5
@@ -226,7 +227,7 @@ class LayerNormRule(_FeatureNormRule):
 class RMSNormRule(_FeatureNormRule):
     """``nn.RMSNorm`` and ``F.rms_norm``: zero in, zero out, ``eps' = alpha eps``."""
 
-    input_form = "zero"
+    input_form: Form = ZERO
     module_bias = None
     functional_params = ((2, "weight", "gamma"),)
     eps_index = 3
@@ -290,8 +291,8 @@ class DecomposedRMSNorm:
         """Called by the mean rule in place of "a mean needs the avg form"."""
         square = self.mean.args[0]
         dim = ctx.dims(square)[-1]
-        ctx.hint(dim, "norm")
-        ctx.require_form(ctx.slot(square, -1), {"zero"},
+        ctx.hint(dim, NORM_HINT)
+        ctx.require_form(ctx.slot(square, -1), {ZERO},
                          "a decomposed RMSNorm needs its input in the zero form")
         if self.weight is not None:
             ctx.claim(self.weight.target, [AxisUse("expand", ctx.slot(self.output, -1))],

@@ -26,14 +26,14 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lemon_fx.analysis import NodeAnalysis
-from lemon_fx.registry import Registry
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import NodeAnalysis
+from lemon_fx.axes.vocabulary import CIRC_OR_AVG
 
 __all__ = ["PadRule", "register_rules"]
 
 aten = torch.ops.aten
-CIRC_OR_AVG = frozenset({"circ", "avg"})
 _MODULE_MODES = {"Zero": "constant", "Constant": "constant", "Reflection": "reflect",
                  "Replication": "replicate", "Circular": "circular"}
 

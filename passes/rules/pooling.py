@@ -28,14 +28,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lemon_fx.analysis import NodeAnalysis
-from lemon_fx.registry import Registry
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import NodeAnalysis
+from lemon_fx.axes.vocabulary import CIRC_OR_ZERO, ONLY_CIRC
 
 __all__ = ["PoolRule", "register_rules"]
 
-CIRC = frozenset({"circ"})
-CIRC_OR_ZERO = frozenset({"circ", "zero"})
 
 
 def _ops() -> dict:
@@ -100,7 +99,7 @@ class PoolRule(Rule):
             for d in out_dims[channel + 1:]:
                 ctx.fix(d, f"a spatial axis of the output of '{node.name}'")
             if i > 0:
-                ctx.require_form(ctx.slot(out, channel), CIRC, "the indices of a max pooling "
+                ctx.require_form(ctx.slot(out, channel), ONLY_CIRC, "the indices of a max pooling "
                                  "are positions, which only copied channels reproduce: the "
                                  "circ form")
             elif kind != "avg":

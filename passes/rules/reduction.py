@@ -21,10 +21,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lemon_fx.analysis import NodeAnalysis
-from lemon_fx.registry import Registry
-from lemon_fx.rewrite_context import NodeRewrite
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import NodeAnalysis
+from lemon_fx.axes.vocabulary import AVG, CIRC
+from lemon_fx.resolution.rewrite import NodeRewrite
 from passes.rules.norm import DecomposedRMSNorm
 
 __all__ = ["ReduceRule", "SoftmaxRule", "register_rules"]
@@ -78,10 +79,10 @@ class ReduceRule(Rule):
     def _reduced(self, node, ctx: NodeAnalysis, x, axis: int) -> None:
         d = ctx.dims(x)[axis]
         if self.kind == "mean":
-            ctx.require_form(ctx.slot(x, axis), {"avg"}, "a mean over this axis needs the "
+            ctx.require_form(ctx.slot(x, axis), {AVG}, "a mean over this axis needs the "
                              "avg form")
         elif self.kind == "max":
-            ctx.require_form(ctx.slot(x, axis), {"circ"}, "a max over this axis needs the "
+            ctx.require_form(ctx.slot(x, axis), {CIRC}, "a max over this axis needs the "
                              "circ form")
         else:
             ctx.forbid_growth(d, f"{self.kind} over this axis changes when it grows",
@@ -110,7 +111,7 @@ class SoftmaxRule(Rule):
                           kind="not_lossless")
         for axis in range(rank):
             if axis != dim:
-                ctx.require_form(ctx.slot(node, axis), {"circ"},
+                ctx.require_form(ctx.slot(node, axis), {CIRC},
                                  "softmax is not affine: the other axes need the circ form")
 
 

@@ -28,11 +28,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from lemon_fx.analysis import NodeAnalysis, Value
-from lemon_fx.graph_facts import tensor_shapes
-from lemon_fx.registry import Registry
-from lemon_fx.rewrite_context import NodeRewrite, Unevaluable
-from lemon_fx.rule import Rule
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.width import NodeAnalysis, Value
+from lemon_fx.axes.vocabulary import KV_HINT
+from lemon_fx.resolution.rewrite import NodeRewrite, Unevaluable
+from lemon_fx.tracing.graph_facts import tensor_shapes
 
 __all__ = ["register_rules"]
 
@@ -278,7 +279,7 @@ class RepeatInterleaveRule(Rule):
         times = ctx.new_dim(repeats)
         ctx.fix(times, "a repeat_interleave count")
         ctx.factor(ctx.dims(node)[dim], [ctx.dims(x)[dim], times])
-        ctx.hint(ctx.dims(x)[dim], "kv")
+        ctx.hint(ctx.dims(x)[dim], KV_HINT)
 
 
 class CatRule(Rule):

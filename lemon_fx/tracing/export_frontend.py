@@ -26,6 +26,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from lemon_fx.tracing.graph_facts import export_value, module_stack, set_module_stack, set_source
+
 __all__ = ["export_graph"]
 
 aten = torch.ops.aten
@@ -57,9 +59,7 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict | None = None
     _flatten(gm)
     _drop_dtype_pins(gm)
     _resolve_module_stack(gm, private)
-    gm.meta["lemon_fx.frontend"] = "torch.export"
-    if config is not None:
-        gm.meta["lemon_fx.config"] = config
+    set_source(gm, type(model), exported=True, config=config)
     return gm
 
 
@@ -73,7 +73,7 @@ def _flatten(gm: torch.fx.GraphModule) -> None:
         gm.delete_submodule("_guards_fn")
     for node in list(graph.nodes):
         if node.op == "placeholder" and not node.users and not isinstance(
-                node.meta.get("val"), torch.Tensor):
+                export_value(node), torch.Tensor):
             graph.erase_node(node)
     graph._codegen = torch.fx.graph.CodeGen()  # plain positional forward, tuple output
     graph.lint()
@@ -91,7 +91,7 @@ def _drop_dtype_pins(gm: torch.fx.GraphModule) -> None:
         if node.target is aten._assert_tensor_metadata.default:
             graph.erase_node(node)
         elif node.target is aten.alias.default or node.target in _CASTS:
-            src, out = node.args[0].meta.get("val"), node.meta.get("val")
+            src, out = export_value(node.args[0]), export_value(node)
             same = (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)
                     and src.dtype == out.dtype and src.device == out.device)
             if node.target is aten.alias.default or same:
@@ -103,7 +103,7 @@ def _drop_dtype_pins(gm: torch.fx.GraphModule) -> None:
 
 def _resolve_module_stack(gm: torch.fx.GraphModule, model: nn.Module) -> None:
     for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
+        stack = module_stack(node)
         if not stack:
             continue
         resolved = {}
@@ -114,4 +114,4 @@ def _resolve_module_stack(gm: torch.fx.GraphModule, model: nn.Module) -> None:
             except AttributeError:
                 continue  # export's sentinel entries
             resolved[key] = (base, type(module) if isinstance(cls, str) else cls)
-        node.meta["nn_module_stack"] = resolved
+        set_module_stack(node, resolved)

@@ -26,14 +26,20 @@ from typing import Any
 import torch
 import torch.fx
 
-from lemon_fx.dims import DimTable, FactorMismatch
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.axes.dims import DimTable, FactorMismatch
+from lemon_fx.axes.vocabulary import ANY_FORM
 from lemon_fx.errors import Problem
-from lemon_fx.graph_facts import op_name, plain_value, source_line, tensor_shape, tensor_shapes
-from lemon_fx.registry import Registry, default_registry
-from lemon_fx.rule import Rule
+from lemon_fx.tracing.graph_facts import (
+    op_name,
+    plain_value,
+    source_line,
+    tensor_shape,
+    tensor_shapes,
+)
 
 __all__ = [
-    "FORMS",
     "AxisUse",
     "Blocker",
     "Claim",
@@ -44,7 +50,6 @@ __all__ = [
     "analyze_width",
 ]
 
-FORMS = ("circ", "avg", "zero")
 # A value is a node's single tensor, or element i of a node that returns a tuple.
 Value = torch.fx.Node | tuple[torch.fx.Node, int]
 Slot = tuple[Value, int]
@@ -140,7 +145,7 @@ class WidthAnalysis:
 
     def allowed_forms(self, slot: Slot) -> tuple[frozenset[str], list[Problem]]:
         root = self.form_root(slot)
-        allowed = frozenset(FORMS)
+        allowed = ANY_FORM
         reasons: list[Problem] = []
         for member in self.form_classes_index().get(root, [root]):
             for need in self.form_needs.get(member, []):
@@ -356,9 +361,8 @@ def _tensor_args(node: torch.fx.Node, value_dims: dict) -> list[Value]:
     return values
 
 
-def analyze_width(gm: torch.fx.GraphModule, registry: Registry | None = None) -> WidthAnalysis:
+def analyze_width(gm: torch.fx.GraphModule, registry: Registry) -> WidthAnalysis:
     """State every coupling in ``gm``; groups, forms and blockers come out of it."""
-    registry = registry or default_registry()
     table = DimTable()
     analysis = WidthAnalysis(
         gm=gm, dims=table, value_dims={}, param_dims={}, claims={}, blockers=[], hints={},

@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(args, say: _Say):
     import lemon_fx
-    from lemon_fx.targets import load_checkpoint, load_target, make_inputs
+    from lemon_fx.cli.targets import load_checkpoint, load_target, make_inputs
 
     with say.step("loading the model"):
         model = load_target(args.target)
@@ -222,12 +222,12 @@ def _cmd_grow(args, say: _Say) -> int:
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        from lemon_fx.targets import TargetError
+        from lemon_fx.cli.targets import TargetError
 
         raise TargetError(f"--out {out} is a file", [lemon_fx.Problem(
             reason=f"--out {out} is a file, not a folder", fix="name a folder")])
     if args.dynamic_batch and not args.onnx:
-        from lemon_fx.targets import TargetError
+        from lemon_fx.cli.targets import TargetError
 
         raise TargetError("--dynamic-batch without --onnx", [lemon_fx.Problem(
             reason="--dynamic-batch shapes the ONNX file, and without --onnx none is written",
@@ -290,7 +290,7 @@ def _cmd_export(args, say: _Say) -> int:
 
 
 def _cmd_demo(args, say: _Say) -> int:
-    from lemon_fx.demo import run_demo
+    from lemon_fx.cli.demo import run_demo
 
     return run_demo(width=args.width, seed=args.seed, out=args.out)
 
@@ -300,7 +300,7 @@ COMMANDS = {"inspect": _cmd_inspect, "grow": _cmd_grow, "verify": _cmd_verify,
 
 
 def _one_line(exc: BaseException) -> str:
-    from lemon_fx.errors import LemonError
+    from lemon_fx.errors import LemonError, first_line
 
     if isinstance(exc, LemonError):
         problems = exc.problems
@@ -312,7 +312,7 @@ def _one_line(exc: BaseException) -> str:
             return f"{head}{p.reason}{where}{at}; fix: {p.fix}"
         return f"{exc.message} ({len(problems)} problems; --debug lists them): " \
                f"{problems[0].reason}; fix: {problems[0].fix}" if problems else exc.message
-    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    text = first_line(exc)
     if isinstance(exc, OSError):
         return (f"{text}; fix: give --out a path that can be written (grow: a folder, "
                 "export: a file whose folder exists)")

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from lemon_fx.analysis import Slot, Value
+from lemon_fx.analysis.width import Slot, Value
+from lemon_fx.axes.expansion import AxisGrowth, LeafGrowth
+from lemon_fx.axes.vocabulary import CIRC, Form
 from lemon_fx.errors import Problem
-from lemon_fx.expansion import AxisGrowth, LeafGrowth
-from lemon_fx.graph_facts import op_name, plain_value, source_line
-from lemon_fx.resolution import Resolution
+from lemon_fx.resolution.width import Resolution
+from lemon_fx.tracing.graph_facts import op_name, plain_value, source_line
 
 __all__ = ["Edits", "NodeRewrite", "Unevaluable"]
 
@@ -77,7 +78,7 @@ class NodeRewrite:
     def slot_growth(self, slot: Slot) -> AxisGrowth:
         return self.res.slot_growth(slot)
 
-    def leaf_growth(self, dim: int, form: str = "circ") -> LeafGrowth:
+    def leaf_growth(self, dim: int, form: Form = CIRC) -> LeafGrowth:
         return self.res.leaf_growth(dim, form)
 
     def is_tensor(self, arg: Any) -> bool:

@@ -13,7 +13,27 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lemon_fx.analysis import ROLE_ORDER, WidthAnalysis, group_name_candidates
+from lemon_fx.analysis.width import ROLE_ORDER, WidthAnalysis, group_name_candidates
+from lemon_fx.axes.vocabulary import (
+    CHANNELS,
+    CHANNELS_HINT,
+    CIRC,
+    FFN,
+    FORMS,
+    HEAD_DIM,
+    HEAD_DIM_HINT,
+    HEADS,
+    HEADS_HINT,
+    HIDDEN,
+    KV_HEADS,
+    KV_HINT,
+    NONLINEAR_HINT,
+    NORM_HINT,
+    RESIDUAL,
+    RESIDUAL_ADD_HINT,
+    Hint,
+    Role,
+)
 from lemon_fx.errors import Problem
 
 __all__ = ["HeldWidth", "WidthGroup", "build_groups", "held_note"]
@@ -75,7 +95,7 @@ def returned_width_notes(analysis: WidthAnalysis) -> list[str]:
     fixed by the output, so a bare width grows the heads and FFNs around it, and nothing
     else would tell the user that the hidden size stayed."""
     table = analysis.dims
-    hinted = {leaf for d, roles in analysis.hints.items() if "norm" in roles
+    hinted = {leaf for d, roles in analysis.hints.items() if NORM_HINT in roles
               for leaf in table.leaves(d)}
     notes = {}
     for leaf, reason in table.fixed_leaves().items():
@@ -86,20 +106,20 @@ def returned_width_notes(analysis: WidthAnalysis) -> list[str]:
     return sorted(notes.values())
 
 
-def _role(hints: set[str]) -> str:
-    if "heads" in hints:
-        return "kv_heads" if "kv" in hints else "heads"
-    if "head_dim" in hints:
-        return "head_dim"
-    if "norm" in hints:  # a stream normalized over its features (LayerNorm, RMSNorm)
-        return "residual"
-    if "channels" in hints:
-        return "channels"
-    if "nonlinear" in hints:
-        return "ffn"
-    if "residual_add" in hints:
-        return "residual"
-    return "hidden"
+def _role(hints: set[Hint]) -> Role:
+    if HEADS_HINT in hints:
+        return KV_HEADS if KV_HINT in hints else HEADS
+    if HEAD_DIM_HINT in hints:
+        return HEAD_DIM
+    if NORM_HINT in hints:  # a stream normalized over its features (LayerNorm, RMSNorm)
+        return RESIDUAL
+    if CHANNELS_HINT in hints:
+        return CHANNELS
+    if NONLINEAR_HINT in hints:
+        return FFN
+    if RESIDUAL_ADD_HINT in hints:
+        return RESIDUAL
+    return HIDDEN
 
 
 def build_groups(analysis: WidthAnalysis) -> list[WidthGroup]:
@@ -127,7 +147,7 @@ def build_groups(analysis: WidthAnalysis) -> list[WidthGroup]:
     for slot in analysis.form_parent:
         value, axis = slot
         allowed, _ = analysis.allowed_forms(slot)
-        form = next((f for f in ("circ", "avg", "zero") if f in allowed), "conflict")
+        form = next((f for f in FORMS if f in allowed), "conflict")
         for leaf in table.leaves(analysis.value_dims[value][axis]):
             slot_forms.setdefault(leaf, Counter())[form] += 1
     groups = []
@@ -137,7 +157,7 @@ def build_groups(analysis: WidthAnalysis) -> list[WidthGroup]:
         role = _role(hints.get(leaf, set()))
         prefix = group_name_candidates([p.split("[")[0] for p in params])
         name = f"{prefix}.{role}" if prefix else role
-        counts = slot_forms.get(leaf, Counter({"circ": 1}))
+        counts = slot_forms.get(leaf, Counter({CIRC: 1}))
         form = "conflict" if "conflict" in counts else counts.most_common(1)[0][0]
         blocked, whole = [], []
         for b in analysis.blockers:

@@ -12,15 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from lemon_fx.analysis import FORMS, AxisUse, Slot, WidthAnalysis, matches
+from lemon_fx.analysis.groups import WidthGroup
+from lemon_fx.analysis.width import AxisUse, Slot, WidthAnalysis, matches
+from lemon_fx.axes.expansion import AxisGrowth, LeafGrowth
+from lemon_fx.axes.vocabulary import CIRC, FORMS, HEAD_DIM, ONLY_CIRC, ROLES, Form
 from lemon_fx.errors import NotLosslessError, PlanError, Problem, UnsupportedOpError
-from lemon_fx.expansion import AxisGrowth, LeafGrowth
-from lemon_fx.groups import WidthGroup
 from lemon_fx.plan import Plan
 
 __all__ = ["Resolution", "resolve_width"]
 
-ROLES = ("residual", "ffn", "heads", "kv_heads", "head_dim", "channels", "hidden")
 
 
 @dataclass
@@ -64,8 +64,8 @@ class Resolution:
         """The chosen form of a value axis; ``None`` stands for a rule-internal axis
         (the heads inside ``nn.MultiheadAttention``), which is always circ."""
         if slot is None:
-            return "circ"
-        return self.forms.get(self.analysis.form_root(slot), "circ")
+            return CIRC
+        return self.forms.get(self.analysis.form_root(slot), CIRC)
 
     def is_dynamic(self, dim: int) -> bool:
         """Whether the axis' size follows a model input's size (batch, sequence)."""
@@ -87,7 +87,7 @@ class Resolution:
         value, axis = slot
         return self.axis_growth(self.analysis.value_dims[value][axis], self.form(slot))
 
-    def leaf_growth(self, dim: int, form: str = "circ") -> LeafGrowth:
+    def leaf_growth(self, dim: int, form: Form = CIRC) -> LeafGrowth:
         """The growth of a dim that must be a single leaf (norms' normalized axis)."""
         leaves = self.analysis.dims.leaves(dim)
         size = self.analysis.dims.size(dim)
@@ -156,9 +156,9 @@ def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
                 f"{names}"))
     else:  # a bare number scales, int or float
         for g in groups:
-            if g.role != "head_dim":
+            if g.role != HEAD_DIM:
                 targets[g.leaf] = _target_for(g, float(width))
-        if float(width) != 1.0 and not any(g.role != "head_dim" for g in groups):
+        if float(width) != 1.0 and not any(g.role != HEAD_DIM for g in groups):
             problems += [Problem(reason=f"nothing can grow: {h.problem.reason} "
                                  f"({', '.join(h.members)})", fix=h.problem.fix,
                                  node=h.problem.node, op=h.problem.op,
@@ -236,12 +236,12 @@ def _solve_forms(res: Resolution) -> list[Problem]:
         composite = any(any(res.non_multiple(leaf) for leaf in a.slot_leaves(s))
                         and len(a.slot_leaves(s)) > 1 for s in members)
         if composite:
-            allowed &= frozenset({"circ"})
+            allowed &= ONLY_CIRC
         chosen = next((f for f in FORMS if f in allowed), None)
         if chosen is None:
             if needs_choice:
                 problems.extend(dict.fromkeys(reasons))
-            chosen = "circ"
+            chosen = CIRC
         res.forms[root] = chosen
     return [Problem(reason=f"{p.reason}, and another op on this axis needs a different "
                     "form: no exact answer at a non-multiple width", fix=p.fix, node=p.node,

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import torch.fx
 
 if TYPE_CHECKING:
-    from lemon_fx.analysis import NodeAnalysis, WidthAnalysis
-    from lemon_fx.rewrite_context import NodeRewrite
+    from lemon_fx.analysis.width import NodeAnalysis, WidthAnalysis
+    from lemon_fx.resolution.rewrite import NodeRewrite
 
 __all__ = ["Rule"]
 

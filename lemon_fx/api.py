@@ -1,35 +1,50 @@
-"""``lemon_fx.grow``: compose analysis, plan resolution and the rewrite passes.
+"""The composition module: ``trace``, ``inspect``, ``grow`` and ``register``.
 
-This is the one place in ``lemon_fx`` that imports ``passes``: the pipeline is
-trace -> analysis -> resolution -> passes (widen, deepen, cleanup) -> the caller verifies.
+This is the one core module that imports ``passes``: it hands the default rule table
+(``passes.rules``) to tracing (which modules stay whole), to the analyses and to depth,
+so no floor below fetches it. The pipeline is trace -> analysis -> resolution -> passes
+(widen, deepen, cleanup) -> the last guard (``verification.guard``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 
-from lemon_fx.analysis import WidthAnalysis
-from lemon_fx.depth_plan import StackGrowth, resolve_depth
-from lemon_fx.errors import PlanError, Problem, TraceError
-from lemon_fx.example_check import check_on_example
-from lemon_fx.graph_facts import tensor_shape
-from lemon_fx.groups import held_note, returned_width_notes
+from lemon_fx.analysis.groups import held_note, returned_width_notes
+from lemon_fx.analysis.report import InspectReport, analyze, inspect_graph
+from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.stacks import find_stacks
+from lemon_fx.analysis.width import WidthAnalysis
+from lemon_fx.errors import PlanError, Problem, TraceError, first_line
 from lemon_fx.plan import Plan
-from lemon_fx.report import analyze
-from lemon_fx.resolution import Resolution, resolve_width
-from lemon_fx.stacks import find_stacks
-from lemon_fx.tracing import EXAMPLE_INPUTS_KEY, record_facts
+from lemon_fx.resolution.depth import StackGrowth, resolve_depth
+from lemon_fx.resolution.width import Resolution, resolve_width
+from lemon_fx.tracing.frontend import trace as trace_model
+from lemon_fx.tracing.graph_facts import (
+    example_inputs as example_inputs_of,
+)
+from lemon_fx.tracing.graph_facts import (
+    growth_of,
+    record_facts,
+    set_growth,
+    tensor_shape,
+)
+from lemon_fx.verification.compare import flatten_outputs
+from lemon_fx.verification.guard import check_on_example
+from passes.cleanup import cleanup
+from passes.deepen import deepen
+from passes.rules import default_registry
+from passes.widen import plan_edits, widen
 
-__all__ = ["GrowthReport", "grow", "growth_report"]
-
-REPORT_KEY = "lemon_fx.report"
+__all__ = ["GrowthReport", "grow", "growth_report", "inspect", "register", "trace"]
 
 
 @dataclass
@@ -57,7 +72,56 @@ class GrowthReport:
 
 def growth_report(grown: torch.fx.GraphModule) -> GrowthReport:
     """The ``GrowthReport`` of a module returned by ``grow``."""
-    return grown.meta[REPORT_KEY]
+    return growth_of(grown)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    frontend: str = "auto",
+) -> torch.fx.GraphModule:
+    """Trace ``model`` into a GraphModule with shape facts on every node.
+
+    The model is deep-copied first, so tracing and the shape run never touch the user's
+    module (a BatchNorm in train mode would otherwise update its running stats). Modules
+    with a registered rule (built in or ``lemon_fx.register``-ed) stay single
+    ``call_module`` nodes, as do ``leaf_modules``; ``concrete_args`` pins Python-level
+    arguments, as in ``torch.fx.symbolic_trace``. ``frontend``: ``"fx"`` (symbolic_trace),
+    ``"export"`` (torch.export, ATen ops) or ``"auto"`` (fx, and export when fx fails,
+    e.g. for Hugging Face models). Raises ``TraceError`` naming the failing line.
+    """
+    return trace_model(model, example_inputs, example_kwargs, leaf_modules=leaf_modules,
+                       concrete_args=concrete_args, frontend=frontend,
+                       keep_whole=default_registry().has_module_rule)
+
+
+def inspect(gm: torch.fx.GraphModule) -> InspectReport:
+    """Analyze ``gm`` without changing it: width groups, roles, forms, block stacks and
+    what blocks each group, as an ``InspectReport``."""
+    return inspect_graph(gm, default_registry())
+
+
+def register(*ops: Any, replace: bool = False) -> Callable[[type[Rule]], type[Rule]]:
+    """Class decorator: register a ``Rule`` subclass for user modules or functions.
+
+    >>> @lemon_fx.register(MyScale)
+    ... class MyScaleRule(lemon_fx.Rule):
+    ...     def analyze(self, node, ctx): ...
+
+    ``ops`` are module classes, functions or ``Tensor`` method names. An op that already
+    has a rule raises ValueError unless ``replace=True``. A module with a rule is kept
+    whole by ``trace``, so register before tracing.
+    """
+
+    def decorate(cls: type[Rule]) -> type[Rule]:
+        default_registry().add(cls(), ops, replace=replace)
+        return cls
+
+    return decorate
 
 
 def _as_plan(plan: Plan | Mapping[str, Any] | float | int) -> Plan:
@@ -91,7 +155,7 @@ def _with_facts(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.Graph
     except Exception as exc:
         raise TraceError(
             "the GraphModule failed on example_inputs",
-            [Problem(reason=f"{type(exc).__name__}: {str(exc).splitlines()[0]}",
+            [Problem(reason=first_line(exc),
                      fix="pass the inputs forward() expects")]) from exc
     return private
 
@@ -106,10 +170,6 @@ def grow(
     Every check (plan, unsupported ops, exactness) runs before anything is built; ``gm``
     is never modified, also when this raises.
     """
-    from passes.cleanup import cleanup
-    from passes.deepen import deepen
-    from passes.widen import plan_edits, widen
-
     if not isinstance(gm, torch.fx.GraphModule):
         raise TraceError("grow needs a torch.fx.GraphModule",
                          [Problem(reason=f"got {type(gm).__name__}",
@@ -118,9 +178,10 @@ def grow(
     plan = _as_plan(plan)
     source = _with_facts(gm, example_inputs)
     # every check first: width, then depth, then the rewrites' own refusals
-    analysis = analyze(source)
+    registry = default_registry()
+    analysis = analyze(source, registry)
     resolution = resolve_width(analysis, plan)
-    growths = resolve_depth(find_stacks(source), plan)
+    growths = resolve_depth(find_stacks(source, registry), plan)
     _check_size(analysis, resolution, growths)
     edits = plan_edits(resolution)
     # widen first, so that new blocks copy widened sources (the order that is lossless)
@@ -132,15 +193,14 @@ def grow(
     if plan.width is not None:
         report.notes += [held_note(h) for h in analysis.held]
         report.notes += returned_width_notes(analysis)
-    inputs = source.meta.get(EXAMPLE_INPUTS_KEY)
+    inputs = example_inputs_of(source)
     if inputs is not None:
         if notes and plan.allow_inexact:
             report.measured_error = _measured_error(source, grown, inputs)
         else:
             report.notes += check_on_example(source, grown, inputs)
         record_facts(grown, inputs)
-    grown.meta[REPORT_KEY] = report
-    grown.meta["lemon_fx.plan"] = plan
+    set_growth(grown, report, plan)
     return grown
 
 
@@ -172,8 +232,6 @@ def _measured_error(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,
                     inputs: tuple) -> float:
     cast = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
             for x in inputs]
-    from lemon_fx.verification import flatten_outputs
-
     with torch.no_grad():
         want = flatten_outputs(copy.deepcopy(source).double().eval()(*cast))
         got = flatten_outputs(copy.deepcopy(grown).double().eval()(*cast))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lemon_fx.errors import LemonError, Problem
+from lemon_fx.errors import LemonError, Problem, first_line
 
 __all__ = ["TargetError", "load_checkpoint", "load_target", "make_inputs", "parse_spec"]
 
@@ -31,10 +31,6 @@ class TargetError(LemonError):
 
 def _fail(reason: str, fix: str) -> TargetError:
     return TargetError(reason, [Problem(reason=reason, fix=fix)])
-
-
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def load_target(target: str) -> nn.Module:
@@ -53,7 +49,7 @@ def load_target(target: str) -> nn.Module:
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # the user's file: a SyntaxError, a failing import
-            raise _fail(f"{where} failed to load: {_first_line(exc)}",
+            raise _fail(f"{where} failed to load: {first_line(exc)}",
                         f"fix {where} so that `python {where}` runs") from exc
         finally:
             sys.path.pop(0)
@@ -70,7 +66,7 @@ def load_target(target: str) -> nn.Module:
     try:
         model = factory()
     except Exception as exc:
-        raise _fail(f"{target} raised {_first_line(exc)}",
+        raise _fail(f"{target} raised {first_line(exc)}",
                     f"make {name}() build the model with no arguments") from exc
     if not isinstance(model, nn.Module):
         raise _fail(f"{target} returned {type(model).__name__}, not an nn.Module",
@@ -92,14 +88,13 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
     except Exception as exc:  # not a checkpoint, a truncated file, a pickle of objects
-        raise _fail(f"cannot read checkpoint {path}: {_first_line(exc)}",
+        raise _fail(f"cannot read checkpoint {path}: {first_line(exc)}",
                     "pass a .safetensors file or a .pt file holding a state_dict of "
                     "tensors") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise _fail(f"checkpoint {path} does not fit the model: {first}",
+        raise _fail(f"checkpoint {path} does not fit the model: {first_line(exc)}",
                     "use the checkpoint of this model class and config") from exc
 
 

@@ -1,4 +1,7 @@
-"""``lemon_fx.inspect``: a dry run that shows the width groups and block stacks."""
+"""What ``lemon_fx.inspect`` shows: a dry run's width groups, block stacks and held widths.
+
+``inspect_graph(gm, registry)`` is the analysis behind it; the api passes the registry.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,29 @@ from typing import Any
 
 import torch.fx
 
-from lemon_fx.analysis import WidthAnalysis, analyze_width
+from lemon_fx.analysis.groups import HeldWidth, WidthGroup, build_groups, held_note
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.stacks import BlockStack, find_stacks
+from lemon_fx.analysis.width import WidthAnalysis, analyze_width
+from lemon_fx.axes.vocabulary import HEAD_DIM
 from lemon_fx.errors import Problem, TraceError
-from lemon_fx.graph_facts import tensor_shape
-from lemon_fx.groups import HeldWidth, WidthGroup, build_groups, held_note
-from lemon_fx.stacks import BlockStack, find_stacks
+from lemon_fx.tracing.graph_facts import tensor_shape
 
-__all__ = ["InspectReport", "inspect", "analyze"]
+__all__ = ["InspectReport", "analyze", "inspect_graph"]
 
 
 @dataclass
 class InspectReport:
+    """The result of ``lemon_fx.inspect``: what a plan can grow, before growing anything.
+
+    ``groups``: the width groups (``WidthGroup``), each one size a plan may change;
+    ``stacks``: the block stacks (``BlockStack``) a depth plan may lengthen;
+    ``parameters``: the source's parameter count; ``held``: layer widths the analysis
+    keeps at their size, with the op and the reason; ``analysis``: the full width
+    analysis, for tools. ``str(report)`` is a table; ``to_dict()`` is plain JSON data;
+    ``group(name)`` finds one group.
+    """
+
     groups: list[WidthGroup]
     stacks: list[BlockStack]
     parameters: int
@@ -43,7 +58,7 @@ class InspectReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         out = [f"width groups ({len(self.groups)}), {self.parameters:,} parameters", *lines]
         for g in self.groups:
-            if g.role == "head_dim":
+            if g.role == HEAD_DIM:
                 continue  # LEMON keeps head_dim; the reason is always the attention scale
             for why in g.blocked_by[:3]:
                 out.append(f"  {g.name} blocked by {why}")
@@ -78,19 +93,20 @@ def _require_facts(gm: torch.fx.GraphModule) -> None:
                      "example_inputs to lemon_fx.grow")])
 
 
-def analyze(gm: torch.fx.GraphModule) -> WidthAnalysis:
+def analyze(gm: torch.fx.GraphModule, registry: Registry) -> WidthAnalysis:
+    """The width analysis of ``gm`` with its groups built; TraceError without facts."""
     _require_facts(gm)
-    analysis = analyze_width(gm)
+    analysis = analyze_width(gm, registry)
     build_groups(analysis)
     return analysis
 
 
-def inspect(gm: torch.fx.GraphModule) -> InspectReport:
+def inspect_graph(gm: torch.fx.GraphModule, registry: Registry) -> InspectReport:
     """Analyze ``gm`` without changing it: groups, roles, forms, stacks, blockers."""
-    analysis = analyze(gm)
+    analysis = analyze(gm, registry)
     return InspectReport(
         groups=analysis.groups,
-        stacks=find_stacks(gm),
+        stacks=find_stacks(gm, registry),
         parameters=sum(p.numel() for p in gm.parameters()),
         analysis=analysis,
         held=analysis.held,

@@ -1,90 +1,31 @@
-"""Frontends: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule`` with shape facts.
+"""``trace``: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule`` with shape facts.
 
-The analysis reads a graph only through ``lemon_fx.graph_facts``, which knows where each
-frontend stores its facts. The symbolic_trace frontend below stores a ``TensorMetadata``
-under ``node.meta["tensor_meta"]`` (as ``torch.fx.passes.shape_prop`` does) and every
-non-tensor value (sizes, ints, tuples of ints) under ``node.meta[VALUE_KEY]``; a torch.export
-frontend keeps its own ``node.meta["val"]`` and needs no other change to the analysis.
+Two frontends: ``torch.fx.symbolic_trace`` (module-level ops) and ``torch.export``
+(ATen ops, ``tracing.export_frontend``). Both leave their facts where
+``tracing.graph_facts`` reads them; nothing above this floor touches ``node.meta``.
+
+Which modules stay whole (one ``call_module`` node) is the caller's to say: ``keep_whole``
+is a predicate over module classes (the api passes "has a registered rule"), so tracing
+knows nothing of rules.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect as pyinspect
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from lemon_fx.errors import Problem, TraceError
+from lemon_fx.errors import Problem, TraceError, first_line
+from lemon_fx.tracing.export_frontend import export_graph
+from lemon_fx.tracing.graph_facts import record_facts, set_source
 
-__all__ = ["trace", "EXAMPLE_INPUTS_KEY", "VALUE_KEY"]
-
-EXAMPLE_INPUTS_KEY = "lemon_fx.example_inputs"
-VALUE_KEY = "lemon_fx.value"
-
-
-class _FactRecorder(torch.fx.Interpreter):
-    """Runs the graph once and records each node's tensor metadata or plain value."""
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        result = super().run_node(n)
-        _record(n, result)
-        return result
-
-
-def _record(node: torch.fx.Node, result: Any) -> None:
-    if isinstance(result, torch.Tensor):
-        node.meta["tensor_meta"] = _extract_tensor_metadata(result)
-        return
-    if isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result):
-        node.meta["tensor_meta"] = tuple(
-            _extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else None for r in result
-        )
-        node.meta[VALUE_KEY] = tuple(None if isinstance(r, torch.Tensor) else r for r in result)
-        return
-    if isinstance(result, (int, float, bool, str, torch.Size, slice, type(None))) or (
-        isinstance(result, (tuple, list))
-        and all(isinstance(r, (int, float, bool, type(None))) for r in result)
-    ):
-        node.meta[VALUE_KEY] = result
-
-
-def record_facts(gm: torch.fx.GraphModule, example_inputs: Iterable[Any]) -> None:
-    """Run ``gm`` once on ``example_inputs`` (no grad) and store shapes and values on nodes.
-
-    The run leaves no other trace: a BatchNorm in train mode updates its running statistics
-    (and ``num_batches_tracked``) on every forward, which would make the traced and the
-    grown model differ from the user's; every buffer is put back afterwards.
-    """
-    with torch.no_grad(), preserved_state(gm):
-        _FactRecorder(gm).run(*example_inputs)
-    gm.meta[EXAMPLE_INPUTS_KEY] = tuple(example_inputs)
-
-
-@contextlib.contextmanager
-def preserved_state(module: nn.Module, *, eval_mode: bool = False) -> Iterator[nn.Module]:
-    """Run ``module`` and leave it as it was: its buffers (running statistics, counters)
-    and, with ``eval_mode``, the train/eval flag of every submodule are put back."""
-    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
-    flags = [(m, m.training) for m in module.modules()]
-    if eval_mode:  # the flags themselves: a torch.export module refuses .eval()
-        for m, _ in flags:
-            m.training = False
-    try:
-        yield module
-    finally:
-        for m, training in flags:
-            m.training = training
-        with torch.no_grad():
-            for name, buffer in module.named_buffers():
-                buffer.copy_(saved[name])
-
+__all__ = ["trace"]
 
 def _user_frame(exc: BaseException) -> str | None:
     """The innermost traceback frame that is the user's code, not torch's or ours."""
@@ -155,8 +96,12 @@ def trace(
     leaf_modules: Iterable[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     frontend: str = "auto",
+    keep_whole: Callable[[type[nn.Module]], bool] = lambda cls: False,
 ) -> torch.fx.GraphModule:
     """Trace ``model`` into a GraphModule with shape facts on every node.
+
+    ``keep_whole(module_class)`` says which modules stay single ``call_module`` nodes
+    (``lemon_fx.trace`` passes "has a registered rule"); ``leaf_modules`` adds classes.
 
     The model is deep-copied first, so tracing and the shape run never touch the user's
     module (a BatchNorm in train mode would otherwise update its running stats).
@@ -171,7 +116,8 @@ def trace(
     if frontend == "export":
         return _trace_export(model, example_inputs, example_kwargs)
     try:
-        return _trace_fx(model, example_inputs, example_kwargs, leaf_modules, concrete_args)
+        return _trace_fx(model, example_inputs, example_kwargs, leaf_modules, concrete_args,
+                         keep_whole)
     except TraceError as fx_error:
         if frontend == "fx" or not isinstance(fx_error.__cause__, Exception) or \
                 "example inputs" in fx_error.message:
@@ -187,8 +133,6 @@ def trace(
 
 def _trace_export(model: nn.Module, example_inputs: Any,
                   example_kwargs: dict[str, Any] | None) -> torch.fx.GraphModule:
-    from lemon_fx.export_frontend import export_graph
-
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
@@ -197,11 +141,10 @@ def _trace_export(model: nn.Module, example_inputs: Any,
     except Exception as exc:  # export raises many types; all mean "could not export"
         raise TraceError(
             f"torch.export could not export {type(model).__name__}",
-            [Problem(reason=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+            [Problem(reason=first_line(exc),
                      source=_user_frame(exc),
                      fix="see torch.export's message; pass only tensors and named forward() "
                      "arguments as example inputs")]) from exc
-    gm.meta["lemon_fx.source_class"] = type(model)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     flat = list(args) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
     record_facts(gm, tuple(flat[: len(placeholders)]))
@@ -214,6 +157,7 @@ def _trace_fx(
     example_kwargs: dict[str, Any] | None,
     leaf_modules: Iterable[type[nn.Module]],
     concrete_args: dict[str, Any] | None,
+    keep_whole: Callable[[type[nn.Module]], bool],
 ) -> torch.fx.GraphModule:
     if not isinstance(model, nn.Module):
         raise TraceError(
@@ -224,17 +168,13 @@ def _trace_fx(
     concrete_args = {**_unused_defaults(model, len(inputs)), **(concrete_args or {})}
     private = copy.deepcopy(model)
     leaves = tuple(leaf_modules)
-    from lemon_fx.registry import default_registry
-
-    registry = default_registry()
-
     class _Tracer(torch.fx.Tracer):
         # stack traces let every error name the user's source line
         record_stack_traces = True
 
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             # a module with a registered rule is grown by that rule, so it stays one node
-            return (isinstance(m, leaves) or registry.has_module_rule(type(m))
+            return (isinstance(m, leaves) or keep_whole(type(m))
                     or super().is_leaf_module(m, qualname))
 
     try:
@@ -244,7 +184,7 @@ def _trace_fx(
             f"torch.fx.symbolic_trace could not trace {type(model).__name__}",
             [
                 Problem(
-                    reason=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                    reason=first_line(exc),
                     source=_user_frame(exc),
                     fix="make the failing line independent of tensor values, or pass the "
                     "module that contains it in leaf_modules=(...) (it must then keep its "
@@ -253,7 +193,7 @@ def _trace_fx(
             ],
         ) from exc
     gm = torch.fx.GraphModule(private, graph, class_name=type(model).__name__)
-    gm.meta["lemon_fx.source_class"] = type(model)
+    set_source(gm, type(model))
     try:
         record_facts(gm, inputs)
     except Exception as exc:
@@ -261,7 +201,7 @@ def _trace_fx(
             f"the traced graph of {type(model).__name__} failed on the example inputs",
             [
                 Problem(
-                    reason=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                    reason=first_line(exc),
                     source=_user_frame(exc),
                     fix="check that example_inputs are what forward() expects "
                     "(shapes, dtypes, order)",

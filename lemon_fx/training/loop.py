@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lemon_fx.schedule import LemonSchedule
+from lemon_fx.training.schedule import LemonSchedule
 
 __all__ = ["TrainConfig", "TrainResult", "build_optimizer", "latest_checkpoint", "shard",
            "train"]
@@ -232,7 +232,7 @@ def _save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.op
     """Write ``checkpoint-STEP/`` atomically: staged in a temporary folder, then renamed.
 
     ``model.safetensors`` holds the model's state_dict (loadable by
-    ``lemon_fx.targets.load_checkpoint`` and ``lemon-fx --checkpoint``). The optimizer's
+    ``lemon_fx.cli.targets.load_checkpoint`` and ``lemon-fx --checkpoint``). The optimizer's
     tensors (Adam's moments and step counts) go to ``optimizer.safetensors`` as
     ``state.PARAM_INDEX.NAME``; its hyperparameters, the schedule and the step go to
     ``trainer_state.json``. Nothing is pickled, so loading a checkpoint cannot run code

@@ -7,24 +7,34 @@ function for ``call_function`` nodes (every spelling of one op registered togeth
 ``nn.Linear`` uses the Linear rule unless it registers its own. Registering one op twice is
 an error: two rules for one op would make growth depend on import order.
 
-Users register rules for their own modules and functions with ``lemon_fx.register``.
+This module holds the table type only. The built-in table is built in ``passes.rules``
+(by explicit imports of the rule modules), users add to it with ``lemon_fx.register``,
+and the api hands it to the analysis: nothing on this floor fetches a registry.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch.fx
 
 if TYPE_CHECKING:
-    from lemon_fx.rule import Rule
+    from lemon_fx.analysis.rule import Rule
 
-__all__ = ["Registry", "default_registry", "register"]
+__all__ = ["Registry"]
 
 
 class Registry:
+    """A table from ops to rules: module classes, functions (every spelling of one op
+    registered together), and ``Tensor`` method names.
+
+    ``add(rule, ops)`` registers one rule instance for several ops and refuses an op that
+    already has a rule unless ``replace=True``; ``lookup(node, root)`` finds the rule of
+    an fx node; ``module_rule(cls)`` walks the MRO while the subclass keeps its base's
+    ``forward``; ``entries()`` lists everything (the source of the support table).
+    """
+
     def __init__(self) -> None:
         self._modules: dict[type, Rule] = {}
         self._functions: dict[Any, Rule] = {}
@@ -80,46 +90,3 @@ class Registry:
         out += [("function", op, r) for op, r in self._functions.items()]
         out += [("method", op, r) for op, r in self._methods.items()]
         return out
-
-
-_DEFAULT: Registry | None = None
-# The built-in rules live with the width pass in ``passes.rules``; they are loaded here,
-# once, so that ``inspect`` and ``grow`` consult one table.
-_BUILTIN_RULE_MODULES = (
-    "passes.rules.linear",
-    "passes.rules.norm",
-    "passes.rules.elementwise",
-    "passes.rules.shape",
-    "passes.rules.attention",
-    "passes.rules.embedding",
-    "passes.rules.reduction",
-    "passes.rules.conv",
-    "passes.rules.channel_norm",
-    "passes.rules.pooling",
-    "passes.rules.padding",
-)
-
-
-def default_registry() -> Registry:
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Registry()
-        for name in _BUILTIN_RULE_MODULES:
-            module = importlib.import_module(name)
-            module.register_rules(_DEFAULT)
-    return _DEFAULT
-
-
-def register(*ops: Any, replace: bool = False) -> Callable[[type[Rule]], type[Rule]]:
-    """Class decorator: register a ``Rule`` subclass for user modules/functions.
-
-    >>> @lemon_fx.register(MyScale)
-    ... class MyScaleRule(lemon_fx.Rule):
-    ...     def analyze(self, node, ctx): ...
-    """
-
-    def decorate(cls: type[Rule]) -> type[Rule]:
-        default_registry().add(cls(), ops, replace=replace)
-        return cls
-
-    return decorate

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lemon_fx.axes.vocabulary import AVG, CIRC, Form
+
 __all__ = ["AxisGrowth", "LeafGrowth", "embed", "gather", "split_equal", "split_lemon"]
 
 
@@ -34,7 +36,7 @@ __all__ = ["AxisGrowth", "LeafGrowth", "embed", "gather", "split_equal", "split_
 class LeafGrowth:
     source: int
     target: int
-    form: str = "circ"
+    form: Form = CIRC
 
     @property
     def k(self) -> int:
@@ -59,7 +61,7 @@ class LeafGrowth:
     def copies(self) -> torch.Tensor:
         """How many times each source entry appears (m_j)."""
         m = torch.full((self.source,), self.k, dtype=torch.long)
-        if self.form == "circ":
+        if self.form == CIRC:
             m[: self.r] += 1
         return m
 
@@ -105,10 +107,10 @@ def _along(t: torch.Tensor, dim: int, g: AxisGrowth, leaf_op, in_attr: str) -> t
 def _embed_leaf(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
     idx = torch.arange(g.target, device=t.device) % g.source
     out = t.index_select(dim, idx)
-    if g.form == "circ" or g.r == 0:
+    if g.form == CIRC or g.r == 0:
         return out
     extra = out.narrow(dim, g.k * g.source, g.r)
-    if g.form == "avg":
+    if g.form == AVG:
         extra.copy_(t.mean(dim=dim, keepdim=True).expand_as(extra))
     else:
         extra.zero_()
@@ -121,11 +123,11 @@ def _gather_leaf(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = g.source
     out = torch.zeros(shape, dtype=t.dtype, device=t.device)
-    if g.form == "circ" or g.r == 0:
+    if g.form == CIRC or g.r == 0:
         return out.index_add_(dim, idx, t)
     tiles = g.k * g.source
     out.index_add_(dim, idx[:tiles], t.narrow(dim, 0, tiles))
-    if g.form == "avg":
+    if g.form == AVG:
         out += t.narrow(dim, tiles, g.r).sum(dim=dim, keepdim=True) / g.source
     return out
 
@@ -134,8 +136,8 @@ def _split_leaf(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
     """``W P`` along ``dim``: copy ``c`` of entry ``j`` gets ``W[j] / m_j`` (S -> T)."""
     m = g.copies().to(device=t.device, dtype=t.dtype)
     scaled = t / m.reshape([-1 if i == dim else 1 for i in range(t.dim())])
-    out = _embed_leaf(scaled, dim, LeafGrowth(g.source, g.target, "circ"))
-    if g.form != "circ" and g.r:
+    out = _embed_leaf(scaled, dim, LeafGrowth(g.source, g.target, CIRC))
+    if g.form != CIRC and g.r:
         out.narrow(dim, g.k * g.source, g.r).zero_()
     return out
 

@@ -22,9 +22,8 @@ import torch
 import torch.fx
 
 from lemon_fx.errors import Problem, VerificationError
-from lemon_fx.graph_facts import computed_dtypes
-from lemon_fx.tracing import preserved_state
-from lemon_fx.verification import BUG_FIX, DEFAULT_TOLERANCES, compare_outputs
+from lemon_fx.tracing.graph_facts import computed_dtypes, preserved_state
+from lemon_fx.verification.compare import BUG_FIX, DEFAULT_TOLERANCES, compare_outputs
 
 __all__ = ["check_on_example"]
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lemon_fx.analysis.stacks import BlockStack
 from lemon_fx.errors import NotLosslessError, PlanError, Problem, UnsupportedOpError
-from lemon_fx.graph_facts import op_name, source_line
 from lemon_fx.plan import Plan
-from lemon_fx.stacks import BlockStack
+from lemon_fx.tracing.graph_facts import op_name, source_line
 
 __all__ = ["StackGrowth", "interleave_order", "resolve_depth", "stack_order"]
 

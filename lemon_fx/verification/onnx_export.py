@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from lemon_fx.errors import Problem, VerificationError
-from lemon_fx.verification import ONNX_TOLERANCE, compare_tensors, flatten_outputs
+from lemon_fx.verification.compare import ONNX_TOLERANCE, compare_tensors, flatten_outputs
 
 __all__ = [
     "export_onnx",

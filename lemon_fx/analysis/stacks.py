@@ -36,6 +36,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from lemon_fx.analysis.registry import Registry
+from lemon_fx.tracing.graph_facts import has_tensor_fact, module_stack, tensor_shape
+
 __all__ = ["Block", "BlockStack", "BranchEnd", "find_stacks"]
 
 aten = torch.ops.aten
@@ -113,7 +116,7 @@ _CHILD = re.compile(r"^(?P<container>.+)\.(?P<prefix>[A-Za-z_]*?)(?P<index>\d+)$
 def _module_paths(gm: torch.fx.GraphModule) -> dict[str, type]:
     paths: dict[str, type] = {}
     for node in gm.graph.nodes:
-        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        for path, cls in module_stack(node).values():
             paths[path] = cls
         if node.op == "call_module":
             paths.setdefault(str(node.target), type(gm.get_submodule(node.target)))
@@ -130,7 +133,7 @@ def _families(gm: torch.fx.GraphModule) -> dict[tuple[str, str], dict[int, type]
     return found
 
 
-def find_stacks(gm: torch.fx.GraphModule) -> list[BlockStack]:
+def find_stacks(gm: torch.fx.GraphModule, registry: Registry) -> list[BlockStack]:
     stacks = []
     for (container, prefix), children in _families(gm).items():
         classes = set(children.values())
@@ -148,7 +151,7 @@ def _in_block(node: torch.fx.Node, path: str) -> bool:
     if node.op in ("call_module", "get_attr") and (
             str(node.target) == path or str(node.target).startswith(path + ".")):
         return True
-    stack = node.meta.get("nn_module_stack") or {}
+    stack = module_stack(node)
     return any(p == path for p, _ in stack.values())
 
 
@@ -185,7 +188,7 @@ def _analyze_stack(gm: torch.fx.GraphModule, stack: BlockStack) -> None:
 def _analyze_block(gm, index, path, nodes, previous_out) -> Block:
     members = set(nodes)
     outside_users = [n for n in nodes if any(u not in members for u in n.users)]
-    tensor_outs = [n for n in outside_users if "tensor_meta" in n.meta or "val" in n.meta]
+    tensor_outs = [n for n in outside_users if has_tensor_fact(n)]
     block = Block(index, path, nodes, stream_in=None, stream_out=None)
     if len(tensor_outs) != 1:
         block.problem = f"it has {len(tensor_outs)} outputs used outside it, not one stream"
@@ -217,8 +220,7 @@ def _analyze_block(gm, index, path, nodes, previous_out) -> Block:
 
 
 def _shape(node: torch.fx.Node):
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return tensor_shape(node)
 
 
 def _is_add(node: torch.fx.Node) -> bool:
