@@ -21,6 +21,7 @@ from torch import nn
 
 from lemon_fx.analysis.width import AxisUse, Claim
 from lemon_fx.axes.expansion import embed, split_equal, split_lemon
+from lemon_fx.axes.vocabulary import CIRC
 from lemon_fx.errors import NotLosslessError
 from lemon_fx.resolution.rewrite import Edits, NodeRewrite
 from lemon_fx.resolution.width import Resolution
@@ -84,8 +85,8 @@ def grow_parameter(name: str, tensor: torch.Tensor, claim: Claim, res: Resolutio
                                dtype=torch.float64) * (2 * bound) - bound
             t = split_lemon(t, axis, growth, noise)
     if claim.transform is not None:
-        t = claim.transform(tensor.detach().to(torch.float64), t, NodeRewrite(res, claim.node,
-                                                                           edits))
+        layouts = tuple(res.axis_growth(d, CIRC) for d in claim.transform.dims)
+        t = claim.transform.fn(tensor.detach().to(torch.float64), t, layouts)
     return t.to(tensor.dtype)
 
 

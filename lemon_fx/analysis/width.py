@@ -29,7 +29,17 @@ import torch.fx
 from lemon_fx.analysis.registry import Registry
 from lemon_fx.analysis.rule import Rule
 from lemon_fx.axes.dims import DimTable, FactorMismatch
-from lemon_fx.axes.vocabulary import ANY_FORM
+from lemon_fx.axes.expansion import AxisGrowth
+from lemon_fx.axes.vocabulary import (
+    ANY_FORM,
+    CHANNELS,
+    FFN,
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    RESIDUAL,
+)
 from lemon_fx.errors import Problem
 from lemon_fx.tracing.graph_facts import (
     op_name,
@@ -43,6 +53,7 @@ __all__ = [
     "AxisUse",
     "Blocker",
     "Claim",
+    "ParamTransform",
     "NodeAnalysis",
     "Slot",
     "Value",
@@ -54,7 +65,8 @@ __all__ = [
 Value = torch.fx.Node | tuple[torch.fx.Node, int]
 Slot = tuple[Value, int]
 
-ROLE_ORDER = ("heads", "kv_heads", "head_dim", "channels", "residual", "ffn", "hidden")
+# the order groups are listed in
+ROLE_ORDER = (HEADS, KV_HEADS, HEAD_DIM, CHANNELS, RESIDUAL, FFN, HIDDEN)
 
 
 @dataclass(frozen=True)
@@ -69,15 +81,32 @@ class AxisUse:
     slot: Slot | None
 
 
+@dataclass(frozen=True)
+class ParamTransform:
+    """A rule's own growth of one parameter, where the generic expand/split is not it
+    (a norm's gamma scaled by eta, its beta padded with zeros).
+
+    ``fn(source, generic, layouts)`` returns the grown tensor: ``source`` is the source
+    tensor, ``generic`` what the claim's axis uses made of it, and ``layouts`` the growth
+    (``AxisGrowth``, every leaf in the circ form) of each dim in ``dims``, in that order.
+    A transform sees exactly those growths: nothing of the graph, the plan or the
+    rewrite, so a recipe can apply it to any tensor.
+    """
+
+    fn: Callable[[torch.Tensor, torch.Tensor, tuple[AxisGrowth, ...]], torch.Tensor]
+    dims: tuple[int, ...]
+
+
 @dataclass
 class Claim:
-    """One rule's statement of how a parameter is grown."""
+    """One rule's statement of how a parameter is grown: per axis an ``AxisUse`` (expand
+    as a producer, split as a consumer, None for an axis that keeps its size), and
+    optionally a ``ParamTransform`` of its own."""
 
     param: str
     axes: tuple[AxisUse | None, ...]
     node: torch.fx.Node
-    # (tensor, grown by the generic rule, NodeRewrite) -> tensor; for norms' gamma/beta
-    transform: Callable[..., torch.Tensor] | None = None
+    transform: ParamTransform | None = None
     # made for a free parameter nobody else claimed (a position table, a class token)
     default: bool = False
     # nodes other than ``node`` that read the parameter as part of the claimed pattern
@@ -314,7 +343,7 @@ class NodeAnalysis:
         qualname: str,
         axes: list[AxisUse | None],
         *,
-        transform: Callable[..., torch.Tensor] | None = None,
+        transform: ParamTransform | None = None,
         readers: frozenset[torch.fx.Node] = frozenset(),
     ) -> None:
         qualname = self._a.canonical(qualname)

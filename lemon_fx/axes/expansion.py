@@ -29,11 +29,23 @@ import torch
 
 from lemon_fx.axes.vocabulary import AVG, CIRC, Form
 
-__all__ = ["AxisGrowth", "LeafGrowth", "embed", "gather", "split_equal", "split_lemon"]
+__all__ = ["AxisGrowth", "LeafGrowth", "embed", "gather", "source_size", "split_equal",
+           "split_lemon", "target_size", "with_form"]
 
 
 @dataclass(frozen=True)
 class LeafGrowth:
+    """How one width group (a leaf of the axis algebra) grows: ``source`` -> ``target``
+    entries, laid out in ``form`` (``circ``, ``avg`` or ``zero``; see the module text).
+
+    ``k = target // source`` whole tiles and ``r = target % source`` extra entries.
+    ``alpha = k * source / target`` is the share of the grown axis that the tiles fill:
+    an avg/zero-formed input to a norm has ``alpha`` times the source's variance (mean
+    square), so the norm's eps becomes ``alpha * eps`` and its gamma is scaled by
+    ``eta = sqrt(alpha)``. For whole multiples ``alpha = eta = 1``. ``copies()`` is how
+    often each source entry appears (``m_j``, the divisor of the equal split).
+    """
+
     source: int
     target: int
     form: Form = CIRC
@@ -84,6 +96,14 @@ def source_size(g: AxisGrowth) -> int:
 
 def target_size(g: AxisGrowth) -> int:
     return _sizes(g, "target")
+
+
+def with_form(g: AxisGrowth, form: Form) -> AxisGrowth:
+    """The same layout with every leaf in ``form``."""
+    if isinstance(g, LeafGrowth):
+        return LeafGrowth(g.source, g.target, form)
+    kind, children = g
+    return (kind, [with_form(c, form) for c in children])
 
 
 def _along(t: torch.Tensor, dim: int, g: AxisGrowth, leaf_op, in_attr: str) -> torch.Tensor:

@@ -78,6 +78,10 @@ class NodeRewrite:
     def slot_growth(self, slot: Slot) -> AxisGrowth:
         return self.res.slot_growth(slot)
 
+    def axis_growth(self, dim: int, form: Form = CIRC) -> AxisGrowth:
+        """The layout of ``dim`` (its leaves' growths, nested as products and sums)."""
+        return self.res.axis_growth(dim, form)
+
     def leaf_growth(self, dim: int, form: Form = CIRC) -> LeafGrowth:
         return self.res.leaf_growth(dim, form)
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from lemon_fx.analysis.registry import Registry
 from lemon_fx.analysis.rule import Rule
-from lemon_fx.analysis.width import AxisUse, Claim, NodeAnalysis, WidthAnalysis
+from lemon_fx.analysis.width import AxisUse, Claim, NodeAnalysis, ParamTransform, WidthAnalysis
+from lemon_fx.axes.expansion import AxisGrowth, source_size, target_size
 from lemon_fx.resolution.rewrite import NodeRewrite
 from passes.rules.norm import MEANS, DecomposedRMSNorm, _FeatureNormRule
 
@@ -110,12 +111,16 @@ def _norm_claims(analysis: WidthAnalysis, norm: torch.fx.Node) -> list[Claim]:
     return [c for claims in analysis.claims.values() for c in claims if c.node is norm]
 
 
-def _divided_by_k(transform, dim: int):
-    def scaled(original: torch.Tensor, generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
-        grown = transform(original, generic, ctx) if transform is not None else generic
-        return grown / ctx.leaf_growth(dim).k
+def _divided_by_k(transform: ParamTransform | None, dim: int) -> ParamTransform:
+    """The norm's own transform, then divided by ``k``, the tied width's copy count."""
+    inner = transform.dims if transform is not None else ()
 
-    return scaled
+    def scaled(original: torch.Tensor, generic: torch.Tensor,
+               layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
+        grown = transform.fn(original, generic, layouts[:-1]) if transform else generic
+        return grown / (target_size(layouts[-1]) // source_size(layouts[-1]))
+
+    return ParamTransform(scaled, inner + (dim,))
 
 
 def register_rules(registry: Registry) -> None:

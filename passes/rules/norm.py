@@ -48,9 +48,9 @@ from torch import nn
 
 from lemon_fx.analysis.registry import Registry
 from lemon_fx.analysis.rule import Rule
-from lemon_fx.analysis.width import AxisUse, NodeAnalysis
-from lemon_fx.axes.expansion import AxisGrowth, LeafGrowth, embed
-from lemon_fx.axes.vocabulary import AVG, CIRC, NORM_HINT, ZERO, Form
+from lemon_fx.analysis.width import AxisUse, NodeAnalysis, ParamTransform
+from lemon_fx.axes.expansion import AxisGrowth, LeafGrowth, embed, source_size, with_form
+from lemon_fx.axes.vocabulary import AVG, NORM_HINT, ZERO, Form
 from lemon_fx.resolution.rewrite import NodeRewrite
 
 __all__ = ["DecomposedRMSNorm", "LayerNormRule", "RMSNormRule", "register_rules"]
@@ -72,44 +72,41 @@ def _uniform_copies(layout: AxisGrowth) -> int | None:
     return counts[0] if len(set(counts)) == 1 else None
 
 
-def norm_growth(ctx: NodeRewrite, dim: int) -> LeafGrowth | None:
-    """The growth that a norm over ``dim`` sees: alpha, eta and whether ``r != 0``.
+def norm_growth(layout: AxisGrowth) -> LeafGrowth | None:
+    """The growth that a norm over an axis of this layout sees: alpha, eta, ``r != 0``.
 
     A single width group may grow by any amount (the forms carry it). An axis made of
     several groups (``cat`` of slices, a flattened ``[H, Dh]``) is exact only when every
     entry is copied the same number of times ``K``: then it counts as a whole multiple
     (``alpha = 1``). ``None`` when it is not.
     """
-    if len(ctx.res.analysis.dims.leaves(dim)) == 1:
-        return ctx.leaf_growth(dim)
-    copies = _uniform_copies(ctx.res.axis_growth(dim, CIRC))
+    if isinstance(layout, LeafGrowth):
+        return layout
+    copies = _uniform_copies(layout)
     if copies is None:
         return None
-    size = ctx.res.analysis.dims.size(dim)
+    size = source_size(layout)
     return LeafGrowth(size, size * copies)
 
 
-def _layout(ctx: NodeRewrite, dim: int, form: str) -> AxisGrowth:
-    """Where each source entry of the normalized axis lands: the axis' own layout, so a
-    norm over ``cat([a, b])`` places ``a``'s gamma with ``a``'s copies."""
-    if len(ctx.res.analysis.dims.leaves(dim)) == 1:
-        return ctx.leaf_growth(dim, form)
-    return ctx.res.axis_growth(dim, form)
+def _scaled_gamma(dim: int) -> ParamTransform:
+    """gamma' = eta * gamma laid out as the axis (circ: every copy keeps its gamma)."""
+    def grow_gamma(gamma: torch.Tensor, _generic: torch.Tensor,
+                   layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
+        (layout,) = layouts
+        return embed(gamma, 0, layout) * norm_growth(layout).eta
+
+    return ParamTransform(grow_gamma, (dim,))
 
 
-def _scaled_gamma(dim: int):
-    def transform(gamma: torch.Tensor, _generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
-        growth = norm_growth(ctx, dim)
-        return embed(gamma, 0, _layout(ctx, dim, CIRC)) * growth.eta
+def _zero_padded(dim: int) -> ParamTransform:
+    """beta' = beta laid out as the axis with zeros in the extra entries."""
+    def grow_beta(beta: torch.Tensor, _generic: torch.Tensor,
+                  layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
+        (layout,) = layouts
+        return embed(beta, 0, with_form(layout, ZERO))
 
-    return transform
-
-
-def _zero_padded(dim: int):
-    def transform(beta: torch.Tensor, _generic: torch.Tensor, ctx: NodeRewrite) -> torch.Tensor:
-        return embed(beta, 0, _layout(ctx, dim, ZERO))
-
-    return transform
+    return ParamTransform(grow_beta, (dim,))
 
 
 _UNEQUAL_COPIES = ("the normalized axis is made of several width groups (a concatenation, "
@@ -185,7 +182,7 @@ class _FeatureNormRule(Rule):
         dim = ctx.dims(x)[-1]
         if not ctx.grows(dim):
             return
-        growth = norm_growth(ctx, dim)
+        growth = norm_growth(ctx.axis_growth(dim))
         if growth is None:
             ctx.refuse(*_UNEQUAL_COPIES)
             return
@@ -302,7 +299,7 @@ class DecomposedRMSNorm:
         dim = ctx.dims(self.mean.args[0])[-1]
         if not ctx.grows(dim):
             return
-        growth = norm_growth(ctx, dim)
+        growth = norm_growth(ctx.axis_growth(dim))
         if growth is None:
             ctx.refuse(*_UNEQUAL_COPIES)
             return
