@@ -164,3 +164,43 @@ def test_lemon_error_lists_all_problems_in_its_text():
     assert text.startswith("two things (2 problems):")
     assert "1. node 'n1' op op1: a" in text and "at f.py:1: x" in text
     assert "2. node 'n2': b" in text and "fix: fb" in text
+
+
+def _raise_bare(x):
+    raise RuntimeError()  # no message
+
+
+torch.fx.wrap("_raise_bare")  # traced as one call, raised when the graph runs
+
+
+class _RaisesBare(nn.Module):
+    """forward raises an exception with an empty message."""
+
+    def forward(self, x):
+        raise ValueError()
+
+
+class _RaisesBareWhenRun(nn.Module):
+    def forward(self, x):
+        return _raise_bare(x)
+
+
+def test_an_exception_with_an_empty_message_is_still_a_trace_error() -> None:
+    # reporting it used str(exc).splitlines()[0], an IndexError inside the except block
+    with pytest.raises(lemon_fx.TraceError) as caught:
+        lemon_fx.trace(_RaisesBare(), (torch.randn(2, 4),))
+    assert "ValueError" in str(caught.value)
+
+
+def test_a_graph_failing_with_an_empty_message_is_a_trace_error_in_grow() -> None:
+    gm = torch.fx.symbolic_trace(_RaisesBareWhenRun())
+    with pytest.raises(lemon_fx.TraceError, match="RuntimeError"):
+        lemon_fx.grow(gm, lemon_fx.Plan(width=2.0), example_inputs=(torch.randn(2, 4),))
+
+
+def test_first_line_names_the_type_when_the_message_is_empty() -> None:
+    from lemon_fx.errors import first_line
+
+    assert first_line(ValueError()) == "ValueError"
+    assert first_line(ValueError("  \n")) == "ValueError"
+    assert first_line(ValueError("first\nsecond")) == "ValueError: first"
