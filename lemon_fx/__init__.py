@@ -9,7 +9,7 @@ function (LEMON, Wang et al. 2024), as a torch.fx graph rewrite verified with on
 
 from lemon_fx.analysis.groups import WidthGroup
 from lemon_fx.analysis.report import InspectReport
-from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.rule import BranchEnd, Rule
 from lemon_fx.analysis.stacks import BlockStack
 from lemon_fx.analysis.width import AxisUse
 from lemon_fx.api import GrowthReport, grow, growth_report, inspect, register, trace
@@ -30,6 +30,7 @@ from lemon_fx.verification.verify import verify
 __all__ = [
     "AxisUse",
     "BlockStack",
+    "BranchEnd",
     "InspectReport",
     "LemonSchedule",
     "LemonError",

@@ -32,9 +32,9 @@ def first_line(exc: BaseException) -> str:
 class Problem:
     """One reason a model cannot be grown as asked.
 
-    ``node`` is the fx node name (or a group / plan field name when no node applies),
-    ``op`` a readable spelling of the operation, ``source`` the user's source line when
-    the tracer recorded one.
+    ``reason`` says why, ``fix`` what to do about it. ``node`` is the fx node name (or a
+    group / plan field name when no node applies), ``op`` a readable spelling of the
+    operation, ``source`` the user's source line when the tracer recorded one.
     """
 
     reason: str
@@ -44,6 +44,7 @@ class Problem:
     source: str | None = None
 
     def render(self) -> str:
+        """``node '...' op ...: reason``, then ``at SOURCE`` and ``fix: ...`` lines."""
         head = []
         if self.node is not None:
             head.append(f"node '{self.node}'")
@@ -57,7 +58,13 @@ class Problem:
 
 
 class LemonError(Exception):
-    """Base class of every error lemon_fx raises for a user's model or plan."""
+    """Base class of every error lemon_fx raises for a user's model or plan.
+
+    ``message`` is the summary line; ``problems`` the ``Problem`` of every distinct cause
+    (one exception lists them all); ``str(error)`` renders the message and each problem,
+    numbered. Catch ``LemonError`` to catch every refusal: it is raised before anything is
+    built, and the source model is never modified.
+    """
 
     def __init__(self, message: str, problems: list[Problem] | tuple[Problem, ...] = ()):
         self.problems: tuple[Problem, ...] = tuple(problems)
@@ -74,20 +81,60 @@ class LemonError(Exception):
 
 
 class PlanError(LemonError):
-    """The plan is wrong for this model: unknown selector, shrinking, heads that do not fit."""
+    """The plan is wrong in itself or for this model.
+
+    Raised by ``Plan(...)``, ``Plan.from_dict``/``from_file`` (an invalid field, an
+    unknown field, an unreadable plan file) and by ``grow`` when the plan does not fit the
+    model: an unknown role or a selector that matches no group or stack, a plan that grows
+    nothing, shrinking, a size constraint it breaks (``nn.MultiheadAttention``'s
+    ``embed_dim``), a placement that does not fit a stack, nested stacks grown together,
+    or a grown model beyond the size limits (a multiplier taken for a size). ``grow`` also
+    raises it for something that is not a plan.
+    """
 
 
 class UnsupportedOpError(LemonError):
-    """A grown axis passes through an op that has no rule."""
+    """A growth the plan asks for passes through an op lemon_fx cannot grow.
+
+    Raised by ``grow`` when a growing axis reaches an op without a rule (register one
+    with ``lemon_fx.register``), or an op whose rule refuses that growth outright (a
+    weight computed at run time, ``softmax`` without ``dim``), or when a depth plan grows
+    a stack that cannot take new blocks. When some problems are unsupported ops and
+    others have no exact answer, all are listed in this one error.
+    """
 
 
 class NotLosslessError(LemonError):
-    """A rule exists, but this case has no exact answer (e.g. Post-LN at a non-multiple width)."""
+    """A rule exists, but this case has no exact answer.
+
+    Raised by ``grow``: an op that needs a growing axis to keep its size (a ``softmax``
+    or ``sum`` over it, ``head_dim``, slicing by position), LEMON forms that conflict at a
+    non-multiple width (a LayerNorm's avg input against a product's circ/zero), a
+    parameter shared by ops that need it grown differently, a rewrite a rule cannot make
+    (a size computed from tensor shapes, a norm without an affine weight at a
+    non-multiple width), or new blocks in a Post-LN stack without
+    ``Plan(allow_inexact=True)``.
+    """
 
 
 class TraceError(LemonError):
-    """The model could not be traced into a graph."""
+    """The model could not be traced into a graph, or the graph carries no shapes.
+
+    Raised by ``lemon_fx.trace`` (neither ``torch.fx.symbolic_trace`` nor ``torch.export``
+    could trace it, the traced graph fails on the example inputs, ``example_kwargs`` do
+    not follow ``forward``'s signature, not an ``nn.Module``, an unknown ``frontend``), by
+    ``inspect`` for a GraphModule without shape metadata, and by ``grow`` for something
+    that is not a GraphModule, one without shape metadata and no ``example_inputs``, or
+    one that fails on the given ``example_inputs``.
+    """
 
 
 class VerificationError(LemonError):
-    """The grown model does not compute the source model's function within tolerance."""
+    """The grown model does not compute the source model's function within tolerance.
+
+    Raised by ``lemon_fx.verify`` (the torch or onnxruntime check fails, a model fails to
+    run, the exported ONNX file is invalid or does not run), by ``export_onnx`` when the
+    export fails, and by ``grow``'s own check on the example inputs before it returns.
+    When ``verify``'s comparison fails, the error carries its ``VerificationReport`` as
+    ``.report``.
+    """

@@ -47,6 +47,56 @@ def _check_target(where: str, value: Any) -> list[Problem]:
 
 @dataclass(frozen=True)
 class Plan:
+    """What to grow, by how much, and how: plain, frozen data, checked when it is made.
+
+    ``width``
+        ``None`` (the default) keeps every width. A bare number (int or float) is a
+        multiplier of every growable width group except ``head_dim``
+        (``Plan(width=2.0)``; sizes are rounded to the nearest int). A mapping takes
+        selectors to targets: a role (``"@residual"``, ``"@ffn"``, ``"@heads"``,
+        ``"@kv_heads"``, ``"@head_dim"``, ``"@channels"``, ``"@hidden"``) or a glob over
+        the group names that ``lemon_fx.inspect`` lists (``"blocks.3.*"``); an int target
+        is an absolute size, a float a multiplier. Heads are counted in heads, grouped
+        channels in groups. Later entries override earlier ones. A role the model lacks
+        is skipped; a glob that matches nothing, an unknown role, or a mapping that grows
+        nothing raises ``PlanError``.
+    ``depth``
+        ``None`` (the default) keeps every stack. A bare number is a multiplier of every
+        block stack; a mapping takes stack names (the qualified name of the
+        ``ModuleList``/``Sequential``: ``"blocks"``, ``"layer2"``, ``"model.layers"``) to
+        a target block count (int) or a multiplier (float). Shrinking raises ``PlanError``.
+    ``placement``
+        Where the new blocks go: ``"interleave"`` (the default, LEMON: 1, 1', 2, 2', ...),
+        ``"stack"`` (the copies on top, sources taken in order), or an explicit list of
+        source block indices, one per position of the grown stack (each source at least
+        once, first occurrences in increasing order, e.g. ``[0, 0, 1, 1]``); one placement
+        serves every stack the plan grows. Stored as a tuple.
+    ``method``
+        ``"lemon"`` (the default: unequal fan-in splits with noise; new blocks whose
+        branch-ending layers get cancelling random weights) or ``"net2net"`` (equal
+        splits; those weights zero), the baseline users compare against.
+    ``seed``
+        An int, the only source of randomness: the same plan and seed give identical
+        weights.
+    ``allow_inexact``
+        ``False`` (the default) refuses growth that is exact only up to the norms' eps
+        (new blocks in a Post-LN stack) with ``NotLosslessError``; ``True`` accepts it,
+        and ``grow``'s report then states the error measured on the example inputs.
+    ``noise_scale``
+        A number ``>= 0`` multiplying LEMON's noise bound (split fan-in columns,
+        cancelling new blocks): 1.0, the default, draws at the layer's own weight scale;
+        smaller keeps the copies closer together; 0 makes them equal (and new blocks'
+        cancelling weights zero). The function is exact at any scale.
+    ``extra``
+        Free-form data carried along with the plan; it takes no part in growth, in
+        equality or in ``repr``, and ``from_dict``/``to_dict`` leave it out.
+
+    Raises ``PlanError`` listing every invalid field at once (a non-numeric or
+    non-positive target, an unknown method or placement, a non-int seed, a negative
+    noise scale). ``Plan.from_file``/``Plan.from_dict`` read one from YAML, JSON or a
+    dict; ``to_dict()`` writes it back.
+    """
+
     width: Target | Mapping[str, Target] | None = None
     depth: Target | Mapping[str, Target] | None = None
     placement: str | tuple[int, ...] = "interleave"
@@ -104,6 +154,9 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """A plan from a mapping of its fields (what ``to_dict`` and plan files hold);
+        ``PlanError`` names every unknown field, and the fields are checked as in
+        ``Plan(...)``."""
         known = {f.name for f in fields(cls)} - {"extra"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -116,7 +169,9 @@ class Plan:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Plan:
-        """Read a plan from YAML (``.yaml``/``.yml``) or JSON."""
+        """Read a plan from YAML (``.yaml``/``.yml``) or JSON (any other suffix): a mapping
+        of Plan fields, e.g. ``width: 2.0``. ``PlanError`` for a missing file, a syntax
+        error (with its line), a file that holds no mapping, or an invalid field."""
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"no plan file {path}",
@@ -146,6 +201,8 @@ class Plan:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON/YAML data (``placement`` as a list, ``extra`` left
+        out): ``Plan.from_dict(plan.to_dict()) == plan``."""
         data = asdict(self)
         data.pop("extra")
         if isinstance(data["placement"], tuple):

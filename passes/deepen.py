@@ -103,19 +103,13 @@ def _set(module: nn.Module, relative: str, value: torch.Tensor) -> None:
             if isinstance(old, nn.Parameter) else value)
 
 
-def _norm_params(module: nn.Module, block_path: str, node: torch.fx.Node
+def _norm_params(module: nn.Module, block_path: str, names: tuple[str | None, str | None]
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The (gamma, beta) tensors of a norm node inside ``module`` (the block)."""
-    if node.op == "call_module":
-        norm = module.get_submodule(_relative(block_path, str(node.target)))
-        return norm.weight, getattr(norm, "bias", None)
-    params = []
-    for index in (2, 3):  # layer_norm(x, shape, weight, bias, eps) and rms_norm's weight
-        arg = node.args[index] if len(node.args) > index else None
-        is_param = isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
-        params.append(module.get_parameter(_relative(block_path, arg.target))
-                      if is_param else None)
-    return params[0], params[1]
+    """The (gamma, beta) tensors inside ``module`` (the block) of a norm whose rule named
+    them (``Block.spine_norm_params``: qualified names in the source model)."""
+    gamma, beta = (None if name is None else module.get_parameter(_relative(block_path, name))
+                   for name in names)
+    return gamma, beta
 
 
 def _make_identity(params: tuple[torch.Tensor | None, torch.Tensor | None]
@@ -213,11 +207,11 @@ def _post_ln(slots: list[_Slot], position: int, blocks: list[Block]) -> None:
     """Identity last norm on the block before; its gamma/beta move to the new block."""
     before = slots[position - 1]
     before_block = blocks[before.source]
-    last = _norm_params(before.module, before_block.path, before_block.spine_norms[-1])
+    last = _norm_params(before.module, before_block.path, before_block.spine_norm_params[-1])
     gamma, beta = _make_identity(last)
     new = slots[position]
     block = blocks[new.source]
-    norms = [_norm_params(new.module, block.path, n) for n in block.spine_norms]
+    norms = [_norm_params(new.module, block.path, n) for n in block.spine_norm_params]
     for norm in norms:
         _make_identity(norm)
     with torch.no_grad():

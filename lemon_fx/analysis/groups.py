@@ -41,6 +41,35 @@ __all__ = ["HeldWidth", "WidthGroup", "build_groups", "held_note"]
 
 @dataclass
 class WidthGroup:
+    """One width a plan can change: a class of coupled axes that grow together.
+
+    ``name``
+        Readable and unique: the longest common module prefix of the parameters on it
+        plus its role (``blocks.3.mlp.ffn``; the model-wide stream is ``residual``), with
+        ``_0``, ``_1``... where two groups would share a name. Plan globs match it.
+    ``size``
+        Its size in the source model, in its own unit: heads for ``heads``/``kv_heads``,
+        groups for the channels of a grouped convolution or GroupNorm, else entries.
+    ``role``
+        What it is for, selected in a plan as ``"@role"``: ``"residual"``, ``"ffn"``,
+        ``"heads"``, ``"kv_heads"``, ``"head_dim"``, ``"channels"`` or ``"hidden"`` (see
+        ``lemon_fx.axes.vocabulary``).
+    ``members``
+        The parameter axes on it, as ``"qualified.name[axis]"``.
+    ``form``
+        The LEMON form its activations take at a non-multiple width: ``"circ"``,
+        ``"avg"`` or ``"zero"`` (the most common preferred form of its value axes), or
+        ``"conflict"`` when some op's needs leave no form, so only whole multiples
+        (2x, 3x, ...) are exact.
+    ``leaf``
+        Its leaf in the analysis' ``DimTable`` (an id for the resolution; not shown).
+    ``blocked_by``
+        ``"node (op): reason"`` for every op that refuses any growth of it; a plan that
+        grows it raises.
+    ``whole_multiples_only``
+        The same for ops that allow growth by whole multiples only.
+    """
+
     name: str
     size: int
     role: str

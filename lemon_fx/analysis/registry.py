@@ -41,6 +41,9 @@ class Registry:
         self._methods: dict[str, Rule] = {}
 
     def add(self, rule: Rule, ops: Iterable[Any], *, replace: bool = False) -> Rule:
+        """Register ``rule`` for every op of ``ops`` (module classes, functions, method
+        names) and return it; ``ValueError`` for an op that already has a rule, unless
+        ``replace=True``."""
         for op in dict.fromkeys(ops):  # one op may have two spellings (F.linear is _C._nn.linear)
             table = self._table_for(op)
             if op in table and not replace:
@@ -72,9 +75,12 @@ class Registry:
         return None
 
     def has_module_rule(self, cls: type) -> bool:
+        """Whether ``cls`` gets a rule (its own, or its base's: see ``module_rule``)."""
         return self.module_rule(cls) is not None
 
     def lookup(self, node: torch.fx.Node, root: torch.nn.Module) -> Rule | None:
+        """The rule of an fx node of ``root``'s graph, or None (placeholders, outputs,
+        ``get_attr`` and ops without a rule)."""
         if node.op == "call_module":
             return self.module_rule(type(root.get_submodule(node.target)))
         if node.op == "call_method":

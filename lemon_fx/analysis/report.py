@@ -41,6 +41,7 @@ class InspectReport:
     held: list[HeldWidth] = field(default_factory=list)
 
     def group(self, name: str) -> WidthGroup:
+        """The group named ``name``; ``KeyError`` listing the names when there is none."""
         for g in self.groups:
             if g.name == name:
                 return g
@@ -71,6 +72,7 @@ class InspectReport:
         return "\n".join(out)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data: parameters, groups, stacks and held widths (no analysis)."""
         return {
             "parameters": self.parameters,
             "groups": [

@@ -23,59 +23,54 @@ ends in a norm on the stream: ``norm(x + F(x))``), ``residual`` (residual adds, 
 A residual add ``torch.add(x, F, alpha=a)`` computes ``x + a F``: zero stays zero, so it is
 a residual add. ``torch.add(F, x, alpha=a)`` computes ``F + a x``: a zero branch leaves
 ``a x``, not ``x``, so such a block is refused (its stream is scaled).
+
+Which node is a residual add, a norm on the stream, a branch's end, or one the walks pass
+through is each node's rule's answer (``Rule.residual_operands``, ``stream_norm_params``,
+``branch_end``, ``passes_value``/``passes_zero``, ``idempotent``), from the registry
+``find_stacks`` is given: this module keeps no list of ops.
 """
 
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-import torch.nn.functional as F
-from torch import nn
 
 from lemon_fx.analysis.registry import Registry
+from lemon_fx.analysis.rule import BranchEnd, Rule
 from lemon_fx.tracing.graph_facts import has_tensor_fact, module_stack, tensor_shape
 
 __all__ = ["Block", "BlockStack", "BranchEnd", "find_stacks"]
 
-aten = torch.ops.aten
-_NORM_MODULES: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
-                                                     else ())
-_NORM_FUNCTIONS = {F.layer_norm, aten.layer_norm.default} | (
-    {F.rms_norm, aten.rms_norm.default} if hasattr(F, "rms_norm") else set())
-# torch.export keeps ``x += residual`` as aten.add_: a residual add all the same.
-_ADDS = {operator.add, torch.add, operator.iadd, "add", aten.add.Tensor, aten.add_.Tensor}
-_PASS_THROUGH_MODULES = (nn.Dropout, nn.Identity)
-_PASS_THROUGH_METHODS = {"contiguous", "view", "reshape", "transpose", "permute", "flatten"}
-_PASS_THROUGH_FUNCTIONS = {F.dropout, torch.reshape, torch.transpose, torch.flatten,
-                           aten.dropout.default, aten.clone.default, aten.view.default,
-                           aten.reshape.default, aten._unsafe_view.default,
-                           aten.transpose.int, aten.permute.default}
-_DIVS = {operator.truediv, torch.div, "div", aten.div.Tensor}
-_MULS = {operator.mul, torch.mul, "mul", aten.mul.Tensor} | _DIVS
-_NOT_BLOCKS = (nn.Linear, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Dropout, nn.LayerNorm,
-               nn.Identity, nn.Embedding, nn.Conv1d, nn.Conv2d)
-
-
-@dataclass
-class BranchEnd:
-    """The last weighted layer of a residual branch: set to write exactly zero.
-
-    ``kind`` is "linear" (a Linear/Conv/attention output: LEMON's cancelling weights) or
-    "norm" (a BatchNorm ending a ResNet branch: ``gamma = beta = 0``).
-    """
-
-    node: torch.fx.Node
-    weight: str
-    bias: str | None
-    kind: str = "linear"
-
 
 @dataclass
 class Block:
+    """One block of a stack, as the graph shows it.
+
+    Fields:
+
+    - ``index``: its number in the stack (``N`` of ``blocks.N``).
+    - ``path``: its qualified module name (``"blocks.3"``).
+    - ``nodes``: the graph nodes traced inside it, in graph order.
+    - ``stream_in``: the node it reads the stream from (the previous block's output).
+    - ``stream_out``: its one output used outside it (the stream it hands on).
+    - ``branch_ends``: one ``BranchEnd`` per residual branch (several when a branch is
+      itself a sum): the layers a new block sets to write zero.
+    - ``spine_norms``: the feature norms on the stream (Post-LN), from input to output.
+    - ``spine_norm_params``: for each of ``spine_norms``, the qualified names
+      ``(gamma, beta)`` of its affine parameters (None for one it lacks), as its rule's
+      ``stream_norm_params`` gave them.
+    - ``spine_relu``: whether the block's output is an idempotent op (a ReLU) applied to
+      the stream.
+    - ``changes_shape``: whether it reads a stream of another shape than it writes (a
+      stage's downsampling first block: kept, never copied).
+    - ``problem``: why it cannot be copied as an identity block, or None.
+    - ``problem_node``: the node the problem is at (None when it is the block as a whole).
+    - ``fix``: how to fix the problem.
+    """
+
     index: int
     path: str
     nodes: list[torch.fx.Node] = field(repr=False)
@@ -83,6 +78,8 @@ class Block:
     stream_out: torch.fx.Node = field(repr=False)
     branch_ends: list[BranchEnd] = field(default_factory=list, repr=False)
     spine_norms: list[torch.fx.Node] = field(default_factory=list, repr=False)
+    spine_norm_params: list[tuple[str | None, str | None]] = field(default_factory=list,
+                                                                   repr=False)
     spine_relu: bool = False
     changes_shape: bool = False
     problem: str | None = None
@@ -93,6 +90,27 @@ class Block:
 
 @dataclass
 class BlockStack:
+    """A family of numbered blocks ``<name>.<child_prefix><N>`` run one after another on
+    one stream: what depth growth may add blocks to.
+
+    Fields (the first three are the public summary ``inspect`` shows and compares):
+
+    - ``name``: the container's qualified name (``"blocks"``, ``"model.layers"``): the
+      key of ``Plan(depth={...})``.
+    - ``count``: how many blocks it has.
+    - ``kind``: ``"pre_ln"`` (``x + F(norm(x))``), ``"post_ln"`` (``norm(x + F(x))``),
+      ``"residual"`` (residual adds, no feature norms), ``"plain"`` (no residual add: no
+      depth growth) or ``"mixed"`` (blocks of different kinds: no depth growth).
+    - ``blocks``: the ``Block`` analysis of each block, in order.
+    - ``child_prefix``: what comes between the container's name and a block's number
+      (``"encoder_layer_"`` in torchvision's ViT, ``""`` usually).
+    - ``problem``: why the stack cannot grow in depth, or None.
+    - ``problem_node``: the node the problem is at (None when it is the stack as a whole).
+    - ``fix``: how to fix the problem.
+    - ``copyable``: the indices of the blocks a new block may copy (a downsampling first
+      block may not).
+    """
+
     name: str
     count: int
     kind: str
@@ -134,17 +152,58 @@ def _families(gm: torch.fx.GraphModule) -> dict[tuple[str, str], dict[int, type]
 
 
 def find_stacks(gm: torch.fx.GraphModule, registry: Registry) -> list[BlockStack]:
+    """Every block stack of ``gm``, analyzed; ``registry``'s rules answer which node ends
+    a residual branch, which is a norm on the stream, and which the walks pass through."""
+    rules = _Rules(gm, registry)
     stacks = []
     for (container, prefix), children in _families(gm).items():
         classes = set(children.values())
         if sorted(children) != list(range(len(children))) or len(classes) != 1:
             continue
-        if issubclass(next(iter(classes)), _NOT_BLOCKS):
-            continue  # a Sequential of single layers is an MLP, not a block stack
+        if registry.has_module_rule(next(iter(classes))):
+            continue  # a Sequential of single layers (each one op) is an MLP, not blocks
         stack = BlockStack(container, len(children), "plain", child_prefix=prefix)
-        _analyze_stack(gm, stack)
+        _analyze_stack(rules, stack)
         stacks.append(stack)
     return stacks
+
+
+@dataclass
+class _Rules:
+    """Depth's questions about the nodes of one graph, answered by their rules (a node
+    without a rule answers "no" to every one)."""
+
+    gm: torch.fx.GraphModule
+    registry: Registry
+
+    def _rule(self, node) -> Rule | None:
+        if not isinstance(node, torch.fx.Node):
+            return None
+        return self.registry.lookup(node, self.gm)
+
+    def branch_end(self, node) -> BranchEnd | None:
+        rule = self._rule(node)
+        return rule.branch_end(node, self.gm) if rule else None
+
+    def stream_norm_params(self, node) -> tuple[str | None, str | None] | None:
+        rule = self._rule(node)
+        return rule.stream_norm_params(node, self.gm) if rule else None
+
+    def passes_value(self, node) -> torch.fx.Node | None:
+        rule = self._rule(node)
+        return rule.passes_value(node, self.gm) if rule else None
+
+    def passes_zero(self, node) -> torch.fx.Node | None:
+        rule = self._rule(node)
+        return rule.passes_zero(node, self.gm) if rule else None
+
+    def residual_operands(self, node) -> tuple | None:
+        rule = self._rule(node)
+        return rule.residual_operands(node, self.gm) if rule else None
+
+    def idempotent(self, node) -> torch.fx.Node | None:
+        rule = self._rule(node)
+        return rule.idempotent(node, self.gm) if rule else None
 
 
 def _in_block(node: torch.fx.Node, path: str) -> bool:
@@ -155,13 +214,13 @@ def _in_block(node: torch.fx.Node, path: str) -> bool:
     return any(p == path for p, _ in stack.values())
 
 
-def _analyze_stack(gm: torch.fx.GraphModule, stack: BlockStack) -> None:
+def _analyze_stack(rules: _Rules, stack: BlockStack) -> None:
     previous_out = None
     kinds = set()
     for i in range(stack.count):
         path = stack.child(i)
-        nodes = [n for n in gm.graph.nodes if _in_block(n, path)]
-        block = _analyze_block(gm, i, path, nodes, previous_out)
+        nodes = [n for n in rules.gm.graph.nodes if _in_block(n, path)]
+        block = _analyze_block(rules, i, path, nodes, previous_out)
         stack.blocks.append(block)
         if i == 0 and block.changes_shape and stack.count > 1:
             previous_out = block.stream_out  # a downsampling first block: kept, not copied
@@ -173,7 +232,7 @@ def _analyze_stack(gm: torch.fx.GraphModule, stack: BlockStack) -> None:
             return
         previous_out = block.stream_out
         stack.copyable.append(i)
-        kinds.add(_kind(gm, block))
+        kinds.add(_kind(rules, block))
     if any(b.spine_relu for b in stack.blocks) and not all(
             b.spine_relu for b in stack.blocks[1:]):
         stack.problem = "some blocks end in a ReLU and some do not"
@@ -185,7 +244,7 @@ def _analyze_stack(gm: torch.fx.GraphModule, stack: BlockStack) -> None:
         stack.problem = "its blocks are of different kinds"
 
 
-def _analyze_block(gm, index, path, nodes, previous_out) -> Block:
+def _analyze_block(rules: _Rules, index, path, nodes, previous_out) -> Block:
     members = set(nodes)
     outside_users = [n for n in nodes if any(u not in members for u in n.users)]
     tensor_outs = [n for n in outside_users if has_tensor_fact(n)]
@@ -215,7 +274,7 @@ def _analyze_block(gm, index, path, nodes, previous_out) -> Block:
             block.problem = "it changes the shape of the stream"
             return block
         block.stream_in = candidates[0]
-    _walk_spine(gm, block)
+    _walk_spine(rules, block)
     return block
 
 
@@ -223,66 +282,33 @@ def _shape(node: torch.fx.Node):
     return tensor_shape(node)
 
 
-def _is_add(node: torch.fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and node.target in _ADDS
-
-
-def _add_operands(node: torch.fx.Node) -> tuple:
-    """``(first, second, alpha)`` of an add computing ``first + alpha * second``.
-
-    The operands may be keywords (``torch.add(x, other=y)``); ``torch.add``'s deprecated
-    ``add(input, alpha, other)`` puts alpha in the middle.
-    """
-    args, kwargs = node.args, node.kwargs
-    if len(args) == 3 and not isinstance(args[1], torch.fx.Node):
-        return args[0], args[2], args[1]
-    first = args[0] if args else kwargs.get("input", kwargs.get("self"))
-    second = args[1] if len(args) > 1 else kwargs.get("other")
-    return first, second, kwargs.get("alpha", 1)
-
-
 def _is_one(value) -> bool:
     return isinstance(value, (int, float)) and value == 1
 
 
-def _is_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _NORM_MODULES)
-    return node.op == "call_function" and node.target in _NORM_FUNCTIONS
+def _walk_spine(rules: _Rules, block: Block) -> None:
+    members = set(block.nodes)
 
-
-
-def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.ReLU)
-    return node.target in (F.relu, torch.relu, "relu", aten.relu.default, aten.relu_.default)
-
-
-def _passes_through(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _PASS_THROUGH_MODULES)
-    if node.op == "call_method":
-        return node.target in _PASS_THROUGH_METHODS
-    return node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS
-
-
-def _walk_spine(gm: torch.fx.GraphModule, block: Block) -> None:
     def on_spine(v) -> bool:
         if v is block.stream_in:
             return True
-        if not isinstance(v, torch.fx.Node) or v not in set(block.nodes):
+        if not isinstance(v, torch.fx.Node) or v not in members:
             return False
-        if _is_add(v):
-            return any(on_spine(a) for a in _add_operands(v)[:2])
-        if _is_norm(gm, v) or _passes_through(gm, v):
+        operands = rules.residual_operands(v)
+        if operands is not None:
+            return any(on_spine(a) for a in operands[:2])
+        if rules.stream_norm_params(v) is not None:
             return on_spine(v.args[0])
-        return False
+        passed = rules.passes_value(v)
+        return passed is not None and on_spine(passed)
 
     node = block.stream_out
     seen_add = False
     while node is not block.stream_in:
-        if _is_add(node):
-            a, b, alpha = _add_operands(node)
+        operands = rules.residual_operands(node)
+        norm_params = rules.stream_norm_params(node) if operands is None else None
+        if operands is not None:
+            a, b, alpha = operands
             spine = [x for x in (a, b) if on_spine(x)]
             if len(spine) != 1:
                 _refuse(block, node, f"'{node.name}' is not a residual add of the stream and "
@@ -297,18 +323,19 @@ def _walk_spine(gm: torch.fx.GraphModule, block: Block) -> None:
                         "alpha=...) (alpha then scales only the branch), or as x + f(x)")
                 return
             branch = b if spine[0] is a else a
-            if not _branch_ends(gm, block, branch):
+            if not _branch_ends(rules, block, branch):
                 return
             seen_add = True
             node = spine[0]
-        elif _is_norm(gm, node):
+        elif norm_params is not None:
             block.spine_norms.insert(0, node)
+            block.spine_norm_params.insert(0, norm_params)
             node = node.args[0]
-        elif node is block.stream_out and _is_relu(gm, node):
+        elif node is block.stream_out and (closed := rules.idempotent(node)) is not None:
             block.spine_relu = True
-            node = node.args[0]
-        elif _passes_through(gm, node):
-            node = node.args[0]
+            node = closed
+        elif (passed := rules.passes_value(node)) is not None:
+            node = passed
         else:
             _refuse(block, node, f"'{node.name}' on the path from the block's output to its "
                     "input is neither a residual add nor a norm")
@@ -327,62 +354,25 @@ def _refuse(block: Block, node: torch.fx.Node | None, reason: str,
     block.problem, block.problem_node, block.fix = reason, node, fix
 
 
-def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
-    """Find the weighted layers that end a branch; False (with a problem) if there are none."""
+def _branch_ends(rules: _Rules, block: Block, value) -> bool:
+    """Find the weighted layers that end a branch; False (with a problem) if there are none.
+
+    From the residual add back through the nodes whose rules pass zero (dropout, layer
+    scale, reshapes) to the nodes whose rules end a branch; a sum inside the branch needs
+    an end on each operand (alpha scales the second: zero stays zero)."""
     node = value
     while isinstance(node, torch.fx.Node):
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                bias = f"{node.target}.bias" if module.bias is not None else None
-                block.branch_ends.append(BranchEnd(node, f"{node.target}.weight", bias))
-                return True
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-                block.branch_ends.append(BranchEnd(node, f"{node.target}.weight",
-                                                   f"{node.target}.bias", kind="norm"))
-                return True
-            if isinstance(module, _PASS_THROUGH_MODULES):
-                node = node.args[0]
-                continue
-        if node.op == "call_function" and node.target is operator.getitem and \
-                node.args[1] == 0 and node.args[0].op == "call_module" and isinstance(
-                    gm.get_submodule(node.args[0].target), nn.MultiheadAttention):
-            mha = node.args[0].target
-            bias = f"{mha}.out_proj.bias" if gm.get_submodule(mha).out_proj.bias is not None \
-                else None
-            block.branch_ends.append(BranchEnd(node.args[0], f"{mha}.out_proj.weight", bias))
+        end = rules.branch_end(node)
+        if end is not None:
+            block.branch_ends.append(end)
             return True
-        if node.op == "call_function" and node.target is aten.batch_norm.default and all(
-                isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in node.args[1:3]):
-            # a torch.export graph's BatchNorm: aten.batch_norm(x, weight, bias, mean, var, ...)
-            block.branch_ends.append(BranchEnd(node, node.args[1].target, node.args[2].target,
-                                               kind="norm"))
-            return True
-        if node.op == "call_function" and node.target in (F.linear, aten.linear.default) \
-                and node.args[1].op == "get_attr":
-            bias = node.args[2].target if len(node.args) > 2 and isinstance(
-                node.args[2], torch.fx.Node) else None
-            block.branch_ends.append(BranchEnd(node, node.args[1].target, bias))
-            return True
-        if node.op == "call_function" and node.target in (torch.addmm, aten.addmm.default) \
-                and node.args[2].op == "get_attr":  # GPT-2's Conv1D: b + x @ W
-            bias = node.args[0].target if isinstance(node.args[0], torch.fx.Node) else None
-            block.branch_ends.append(BranchEnd(node, node.args[2].target, bias))
-            return True
-        if _is_add(node):  # alpha scales the second operand: zero stays zero
-            return all(_branch_ends(gm, block, a) for a in _add_operands(node)[:2])
-        if node.op in ("call_function", "call_method") and node.target in _MULS:
-            tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)
-                       and a.op != "get_attr"]
-            # layer scale or a constant factor: zero stays zero; but c / branch does not
-            divides_by_branch = node.target in _DIVS and tensors[:1] != list(node.args[:1])
-            if len(tensors) == 1 and not divides_by_branch:
-                node = tensors[0]
-                continue
-        if _passes_through(gm, node):
-            node = node.args[0]
-            continue
-        break
+        operands = rules.residual_operands(node)
+        if operands is not None:
+            return all(_branch_ends(rules, block, a) for a in operands[:2])
+        passed = rules.passes_zero(node)
+        if passed is None:
+            break
+        node = passed
     name = value.name if isinstance(value, torch.fx.Node) else repr(value)
     _refuse(block, value if isinstance(value, torch.fx.Node) else None,
             f"the residual branch ending at '{name}' does not end in a layer with weights "
@@ -394,10 +384,10 @@ def _branch_ends(gm: torch.fx.GraphModule, block: Block, value) -> bool:
 _BRANCH_END_FIX = "restructure the block so every residual branch ends in a Linear/Conv layer"
 
 
-def _kind(gm: torch.fx.GraphModule, block: Block) -> str:
+def _kind(rules: _Rules, block: Block) -> str:
     if block.spine_norms and block.spine_norms[-1] is block.stream_out:
         return "post_ln"
-    if any(_is_norm(gm, n) for n in block.nodes) and not any(
+    if any(rules.stream_norm_params(n) is not None for n in block.nodes) and not any(
             e.kind == "norm" for e in block.branch_ends):
         return "pre_ln"
     return "residual"

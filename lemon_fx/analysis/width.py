@@ -73,8 +73,11 @@ ROLE_ORDER = (HEADS, KV_HEADS, HEAD_DIM, CHANNELS, RESIDUAL, FFN, HIDDEN)
 class AxisUse:
     """How a parameter axis follows its dim: ``expand`` (fan-out) or ``split`` (fan-in).
 
+    ``kind``: ``"expand"`` (rows, biases, tables: ``W' = E W`` along the axis) or
+    ``"split"`` (columns read from a grown input: copies sum to the source column).
     ``slot`` is the value axis whose LEMON form the expansion must reproduce (for
-    ``expand``) or invert (for ``split``).
+    ``expand``) or invert (for ``split``); ``None`` for an axis inside the rule (the heads
+    of ``nn.MultiheadAttention``), which is always circ.
     """
 
     kind: str
@@ -101,7 +104,17 @@ class ParamTransform:
 class Claim:
     """One rule's statement of how a parameter is grown: per axis an ``AxisUse`` (expand
     as a producer, split as a consumer, None for an axis that keeps its size), and
-    optionally a ``ParamTransform`` of its own."""
+    optionally a ``ParamTransform`` of its own.
+
+    ``param``: the parameter's or buffer's qualified name (the first name of a tied
+    tensor); ``axes``: one ``AxisUse`` or None per axis; ``node``: the node whose rule
+    made the claim; ``transform``: the rule's own growth, or None for the generic one;
+    ``default``: True for the claim made for a free parameter nobody else claimed (a
+    position table, a class token: every axis expanded); ``readers``: other nodes that
+    read the parameter as part of the claimed pattern (the ``w * ...`` of a decomposed
+    RMSNorm), so that their reads are not taken as separate value reads. All claims on
+    one parameter must agree on every growing axis, or resolution refuses the growth.
+    """
 
     param: str
     axes: tuple[AxisUse | None, ...]
@@ -116,7 +129,14 @@ class Claim:
 
 @dataclass
 class Blocker:
-    """Growth of ``dim`` is impossible (``kind`` "unsupported") or inexact ("not_lossless")."""
+    """Growth of ``dim`` is impossible (``kind`` "unsupported") or inexact ("not_lossless").
+
+    Made by ``NodeAnalysis.forbid_growth`` and raised only if a plan grows a leaf of
+    ``dim``: ``"unsupported"`` as ``UnsupportedOpError``, ``"not_lossless"`` as
+    ``NotLosslessError``, with ``problem`` (node, op, source line, reason, fix) as the
+    entry. ``whole_multiples_ok``: growth by whole multiples (2x, 3x, ...) is exact and
+    only a non-multiple width is refused.
+    """
 
     dim: int
     problem: Problem
@@ -126,12 +146,38 @@ class Blocker:
 
 @dataclass
 class FormNeed:
+    """An op's requirement on a value axis: at a non-multiple width it must be in one of
+    ``forms`` (``"circ"``, ``"avg"``, ``"zero"``); ``problem`` is the entry raised when
+    the needs of one form class leave no form. Made by ``NodeAnalysis.require_form``."""
+
     forms: frozenset[str]
     problem: Problem
 
 
 @dataclass
 class WidthAnalysis:
+    """Everything ``analyze_width`` found out about a traced model; changes nothing.
+
+    ``gm``: the analyzed GraphModule. ``dims``: the ``DimTable`` of every axis.
+    ``value_dims``: per value (a node, or ``(node, i)`` for item ``i`` of a tuple
+    result) the dim of each axis; ``param_dims``: the same per parameter or buffer
+    (qualified name; a tied tensor under its first name). ``claims``: per parameter, the
+    ``Claim`` of each rule that grows it. ``blockers``: growth that is refused if a plan
+    asks for it (``Blocker``). ``hints``: per dim, what rules said about it (``norm``,
+    ``heads``, ...: see ``axes.vocabulary``), which makes the groups' roles.
+    ``form_parent``: a union-find over value axes (``Slot``) that must share one LEMON
+    form; ``form_needs``: per axis, the forms its ops allow (``FormNeed``). ``ties``:
+    ``(dim, parts, problem)`` size constraints, ``size(dim) == prod(size(parts))`` after
+    growth (``nn.MultiheadAttention``'s ``embed_dim``). ``rules``: the rule that analyzed
+    each node (a rule-less op gets one that forbids growth through it). ``groups`` and
+    ``held``: the ``WidthGroup`` and ``HeldWidth`` lists, set by ``build_groups``.
+    ``input_leaves``: the leaves of the model inputs' axes (sizes that follow an input:
+    batch, sequence). ``aliases``: each further name of a tied tensor -> its first name.
+    ``get_attr_nodes``: the nodes that read a parameter or buffer directly. ``mixed``:
+    ``(dim, problem)`` for axes an op couples in a way the table cannot express, kept at
+    their size.
+    """
+
     gm: torch.fx.GraphModule
     dims: DimTable
     value_dims: dict[Any, list[int]]
@@ -156,10 +202,12 @@ class WidthAnalysis:
     _form_index: dict | None = field(default=None, repr=False)
 
     def canonical(self, name: str) -> str:
+        """The name a parameter is analyzed under (the first name of a tied tensor)."""
         return self.aliases.get(name, name)
 
     # -- slots and forms -------------------------------------------------------------
     def form_root(self, slot: Slot) -> Slot:
+        """The representative of the class of value axes that share ``slot``'s form."""
         parent = self.form_parent
         root = slot
         while parent.get(root, root) != root:
@@ -167,12 +215,15 @@ class WidthAnalysis:
         return root
 
     def form_classes(self) -> dict[Slot, list[Slot]]:
+        """Every form class: its root -> its member value axes (computed afresh)."""
         classes: dict[Slot, list[Slot]] = {}
         for slot in self.form_parent:
             classes.setdefault(self.form_root(slot), []).append(slot)
         return classes
 
     def allowed_forms(self, slot: Slot) -> tuple[frozenset[str], list[Problem]]:
+        """The forms every op on ``slot``'s form class allows (an empty set: a conflict),
+        and the problem of each need that restricted them."""
         root = self.form_root(slot)
         allowed = ANY_FORM
         reasons: list[Problem] = []
@@ -189,10 +240,12 @@ class WidthAnalysis:
         return self._form_index
 
     def slot_leaves(self, slot: Slot) -> list[int]:
+        """The leaves (width groups' dims) of one value axis, outer first."""
         value, axis = slot
         return self.dims.leaves(self.value_dims[_key(value)][axis])
 
     def leaf_of(self, dim: int) -> list[int]:
+        """The leaves of ``dim``, outer first (``dims.leaves``)."""
         return self.dims.leaves(dim)
 
 
@@ -201,7 +254,15 @@ def _key(value: Value) -> Any:
 
 
 class NodeAnalysis:
-    """What a rule may state about its node. Nothing here changes the graph."""
+    """What a rule may state about its node. Nothing here changes the graph.
+
+    ``node`` is the node being analyzed, ``rule`` its rule, ``root`` the GraphModule,
+    ``module`` the called submodule of a ``call_module`` node (else None). Axes are named
+    by dims (ints of the analysis' ``DimTable``), value axes by slots ``(value, axis)``.
+    Facts: ``unify``, ``factor``, ``concatenate``, ``tie``, ``fix``, ``hint``; forms:
+    ``same_form``, ``require_form``, ``pass_through``, ``broadcast``; parameters:
+    ``claim``; refusals: ``forbid_growth`` (raised only if a plan grows the dim).
+    """
 
     def __init__(self, analysis: WidthAnalysis, node: torch.fx.Node, rule: Rule):
         self._a = analysis
@@ -212,12 +273,15 @@ class NodeAnalysis:
 
     # -- facts about values ------------------------------------------------------------
     def is_tensor(self, arg: Any) -> bool:
+        """Whether ``arg`` is a node whose tensor the analysis has axes for."""
         return isinstance(arg, torch.fx.Node) and _key(arg) in self._a.value_dims
 
     def dims(self, value: Value) -> list[int]:
+        """The dim of each axis of ``value`` (a node, or ``(node, i)``)."""
         return self._a.value_dims[_key(value)]
 
     def shape(self, value: Value) -> tuple[int, ...]:
+        """The source sizes of ``value``'s axes."""
         return tuple(self._a.dims.size(d) for d in self.dims(value))
 
     def value(self, arg: Any) -> Any:
@@ -225,6 +289,7 @@ class NodeAnalysis:
         return plain_value(arg)
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """The node's argument at position ``index``, else keyword ``name``, else ``default``."""
         if len(self.node.args) > index:
             return self.node.args[index]
         return self.node.kwargs.get(name, default)
@@ -240,25 +305,33 @@ class NodeAnalysis:
         return f"{self.node.target}.{attr}" if self.node.target else attr
 
     def param_dims(self, qualname: str) -> list[int]:
+        """The dim of each axis of a parameter or buffer, by qualified name."""
         return self._a.param_dims[self._a.canonical(qualname)]
 
     def has_param(self, qualname: str) -> bool:
+        """Whether the model has a parameter or buffer of that name."""
         return self._a.canonical(qualname) in self._a.param_dims
 
     # -- coupling ----------------------------------------------------------------------
     def unify(self, a: int, b: int) -> None:
+        """``a`` and ``b`` are one axis: equal sizes now and after growth. Axes whose
+        layouts cannot be lined up are kept at their size instead (and reported)."""
         try:
             self._a.dims.unify(a, b)
         except FactorMismatch as exc:
             self._mismatch([a, b], str(exc))
 
     def factor(self, dim: int, parts: list[int]) -> None:
+        """``dim`` is the product of ``parts``, outer first (a reshape ``C -> [H, Dh]``);
+        on a mismatch the axes are kept at their size, as in ``unify``."""
         try:
             self._a.dims.factor_as(dim, parts)
         except FactorMismatch as exc:
             self._mismatch([dim, *parts], str(exc))
 
     def concatenate(self, dim: int, parts: list[int]) -> None:
+        """``dim`` is ``parts`` laid end to end (``cat``, unequal ``split``); on a
+        mismatch the axes are kept at their size, as in ``unify``."""
         try:
             self._a.dims.concatenate_as(dim, parts)
         except FactorMismatch as exc:
@@ -276,6 +349,7 @@ class NodeAnalysis:
             self._a.mixed.append((d, problem))
 
     def new_dim(self, size: int) -> int:
+        """A fresh dim of ``size``, for an axis inside the op (heads, a repeat count)."""
         return self._a.dims.new(size)
 
     def fix(self, dim: int, reason: str) -> None:
@@ -283,6 +357,7 @@ class NodeAnalysis:
         self._a.dims.fix(dim, reason)
 
     def hint(self, dim: int, role: str) -> None:
+        """Say what ``dim`` is for (a ``Hint``: ``norm``, ``heads``...); hints make roles."""
         for leaf in self._a.dims.leaves(dim):
             self._a.hints.setdefault(leaf, set()).add(role)
         # hints on not-yet-factored dims are re-read through leaves at the end
@@ -294,12 +369,14 @@ class NodeAnalysis:
 
     # -- forms -------------------------------------------------------------------------
     def slot(self, value: Value, axis: int) -> Slot:
+        """The value axis ``(value, axis)`` (negative axes allowed), registered for forms."""
         rank = len(self.dims(value))
         slot = (value, axis % rank)
         self._a.form_parent.setdefault(slot, slot)
         return slot
 
     def same_form(self, *slots: Slot) -> None:
+        """The value axes share one LEMON form (their form classes are merged)."""
         a = self._a
         roots = [a.form_root(s) for s in slots]
         for r in roots[1:]:
@@ -346,6 +423,8 @@ class NodeAnalysis:
         transform: ParamTransform | None = None,
         readers: frozenset[torch.fx.Node] = frozenset(),
     ) -> None:
+        """State how a parameter grows: one ``AxisUse`` (or None) per axis, optionally
+        the rule's own ``transform``; see ``Claim``."""
         qualname = self._a.canonical(qualname)
         self._a.claims.setdefault(qualname, []).append(
             Claim(qualname, tuple(axes), self.node, transform, readers=readers)
@@ -353,6 +432,7 @@ class NodeAnalysis:
 
     # -- refusals ----------------------------------------------------------------------
     def problem(self, reason: str, fix: str) -> Problem:
+        """A ``Problem`` at this node, with its op and source line."""
         return Problem(
             reason=reason,
             fix=fix,

@@ -23,11 +23,24 @@ __all__ = ["DimTable", "FactorMismatch"]
 
 
 class FactorMismatch(Exception):
-    """Two factorizations of one axis do not refine each other (e.g. [6, 4] vs [4, 6])."""
+    """Two descriptions of one axis cannot both hold: factorizations that do not refine
+    each other (e.g. [6, 4] vs [4, 6]), different sizes, or a product against a
+    concatenation. ``NodeAnalysis`` catches it and keeps those axes at their size."""
 
 
 @dataclass
 class DimTable:
+    """The table of dims: a union-find of axes with their sizes, factorizations and marks.
+
+    A dim is an int index. ``sizes[d]``: the source size of ``d`` (read at its root:
+    ``size(d)``); ``parent``: the union-find links (``find(d)`` is the root, the one dim
+    standing for all dims unified with ``d``); ``factors``: root -> its parts, outer first,
+    a product or, for roots in ``concatenations``, parts laid end to end; ``fixed``: root
+    -> the first reason it may never grow (a model input or output axis, a spatial axis).
+    ``unify`` and the factorizations raise ``FactorMismatch`` when two descriptions of one
+    axis cannot both hold.
+    """
+
     sizes: list[int] = field(default_factory=list)
     parent: list[int] = field(default_factory=list)
     factors: dict[int, list[int]] = field(default_factory=dict)
@@ -36,11 +49,13 @@ class DimTable:
     fixed: dict[int, str] = field(default_factory=dict)
 
     def new(self, size: int) -> int:
+        """A fresh dim of ``size``, its own root."""
         self.sizes.append(int(size))
         self.parent.append(len(self.parent))
         return len(self.parent) - 1
 
     def find(self, d: int) -> int:
+        """The root of ``d``'s class (compressing the path on the way)."""
         root = d
         while self.parent[root] != root:
             root = self.parent[root]
@@ -49,6 +64,7 @@ class DimTable:
         return root
 
     def size(self, d: int) -> int:
+        """The source size of ``d``."""
         return self.sizes[self.find(d)]
 
     def leaves(self, d: int) -> list[int]:
@@ -70,6 +86,9 @@ class DimTable:
         self.fixed.setdefault(root, reason)
 
     def unify(self, a: int, b: int) -> None:
+        """Make ``a`` and ``b`` one dim, merging their factorizations into a common
+        refinement and keeping a fixed mark; ``FactorMismatch`` when their sizes differ or
+        their factorizations do not refine each other."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
@@ -95,6 +114,7 @@ class DimTable:
                 self._refine(self.leaves_of_list(fa), self.leaves_of_list(fb))
 
     def leaves_of_list(self, dims: list[int]) -> list[int]:
+        """The leaves of every dim of ``dims``, in order."""
         out: list[int] = []
         for d in dims:
             out.extend(self.leaves(d))
@@ -212,4 +232,6 @@ class DimTable:
         return out
 
     def fixed_leaves(self) -> dict[int, str]:
+        """Every leaf that may not grow -> the reason (a mark on it or on a dim it is
+        part of)."""
         return self._fixed_leaves()

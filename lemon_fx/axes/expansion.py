@@ -42,8 +42,9 @@ class LeafGrowth:
     ``alpha = k * source / target`` is the share of the grown axis that the tiles fill:
     an avg/zero-formed input to a norm has ``alpha`` times the source's variance (mean
     square), so the norm's eps becomes ``alpha * eps`` and its gamma is scaled by
-    ``eta = sqrt(alpha)``. For whole multiples ``alpha = eta = 1``. ``copies()`` is how
-    often each source entry appears (``m_j``, the divisor of the equal split).
+    ``eta = sqrt(alpha)``. For whole multiples ``alpha = eta = 1``. ``identity``: the axis
+    keeps its size. ``copies()`` is how often each source entry appears (``m_j``, the
+    divisor of the equal split).
     """
 
     source: int
@@ -52,22 +53,27 @@ class LeafGrowth:
 
     @property
     def k(self) -> int:
+        """Whole tiles of the source: ``target // source``."""
         return self.target // self.source
 
     @property
     def r(self) -> int:
+        """Extra entries after the tiles: ``target % source`` (0 for a whole multiple)."""
         return self.target % self.source
 
     @property
     def alpha(self) -> float:
+        """``k * source / target``: the share of the grown axis the tiles fill."""
         return self.k * self.source / self.target
 
     @property
     def eta(self) -> float:
+        """``sqrt(alpha)``: the factor a norm's gamma is scaled by."""
         return math.sqrt(self.alpha)
 
     @property
     def identity(self) -> bool:
+        """Whether the axis keeps its size (``source == target``)."""
         return self.source == self.target
 
     def copies(self) -> torch.Tensor:

@@ -55,6 +55,10 @@ class _Block(nn.Module):
 class TinyGPT(nn.Module):
     """A GPT-2-shaped Pre-LN transformer: token + learned position embeddings, causal SDPA.
 
+    ``vocab``: the predicted token ids (the head's outputs); ``dim``: the residual width;
+    ``depth``: the number of blocks (``blocks``, a ``ModuleList``); ``num_heads``: heads
+    per attention (``head_dim = dim // num_heads``); ``mlp_ratio``: the MLP's hidden
+    width over ``dim``; ``max_len``: the longest sequence (the position table's length).
     ``causal=False`` makes it an encoder (the MLM miniature of ``tools/bench_training.py``);
     ``input_vocab`` (default ``vocab``) counts input ids beyond the predicted ones, e.g. a
     mask token; ``position_std`` is the position table's init scale.
@@ -72,6 +76,7 @@ class TinyGPT(nn.Module):
         self.head = nn.Linear(dim, vocab, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, T]`` (``T <= max_len``) -> logits ``[B, T, vocab]``."""
         T = idx.size(1)
         x = self.wte(idx) + self.wpe[:, :T]
         for block in self.blocks:

@@ -26,7 +26,15 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 
 
 class TargetError(LemonError):
-    """The model, checkpoint or input specification given on the command line is wrong."""
+    """The model, checkpoint or input specification given on the command line is wrong.
+
+    Raised for a ``TARGET`` that is not ``FILE.py:FACTORY``/``MODULE:FACTORY``, does not
+    import, names no callable, or whose factory raises or returns no ``nn.Module``; a
+    checkpoint that is missing, unreadable or does not fit the model; an input ``SPEC``
+    that does not parse (shape, dtype, ``HIGH``); and for command-line options that do not
+    go together (``--out`` naming a file, ``--dynamic-batch`` without ``--onnx``). The
+    command line prints its problems, not a traceback.
+    """
 
 
 def _fail(reason: str, fix: str) -> TargetError:

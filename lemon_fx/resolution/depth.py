@@ -27,11 +27,17 @@ __all__ = ["StackGrowth", "interleave_order", "resolve_depth", "stack_order"]
 
 @dataclass
 class StackGrowth:
+    """How one block stack grows: ``stack`` (the source ``BlockStack``) and ``order``, the
+    source block index of each position of the grown stack (the first occurrence of a
+    source is that block itself, every later one a new block copied from it; e.g.
+    ``[0, 0, 1, 1]`` for LEMON's interleaving of two blocks into four)."""
+
     stack: BlockStack
     order: list[int]
 
     @property
     def new_positions(self) -> list[int]:
+        """The positions of ``order`` that hold new blocks (not a source's first use)."""
         seen: set[int] = set()
         new = []
         for position, source in enumerate(self.order):

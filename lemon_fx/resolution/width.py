@@ -25,6 +25,17 @@ __all__ = ["Resolution", "resolve_width"]
 
 @dataclass
 class Resolution:
+    """A plan resolved against a model: the target size of every leaf and the form of
+    every value axis. ``resolve_width`` returns one only when every check has passed.
+
+    ``analysis``: the ``WidthAnalysis`` it resolves; ``plan``: the ``Plan``;
+    ``targets``: leaf root -> grown size (a leaf not listed keeps its size); ``forms``:
+    the chosen form (``"circ"``, ``"avg"``, ``"zero"``) of each form class, by its root
+    slot. The methods answer the rewrite and the passes: sizes (``target``, ``grown``,
+    ``grows``, ``grown_shape``, ``is_dynamic``), forms (``form``) and layouts
+    (``axis_growth``, ``slot_growth``, ``leaf_growth``).
+    """
+
     analysis: WidthAnalysis
     plan: Plan
     targets: dict[int, int]
@@ -32,10 +43,12 @@ class Resolution:
 
     # -- sizes -------------------------------------------------------------------------
     def target(self, leaf: int) -> int:
+        """The grown size of one leaf."""
         root = self.analysis.dims.find(leaf)
         return self.targets.get(root, self.analysis.dims.size(root))
 
     def grown(self, dim: int) -> int:
+        """The grown size of any dim: its leaves' targets, multiplied or added up."""
         tree = self.analysis.dims.tree(dim)
         return self._grown_tree(tree)
 
@@ -53,10 +66,12 @@ class Resolution:
         return size != 0 and self.target(leaf) % size != 0
 
     def grows(self, dim: int) -> bool:
+        """Whether any leaf of ``dim`` changes size."""
         return any(self.target(leaf) != self.analysis.dims.size(leaf)
                    for leaf in self.analysis.dims.leaves(dim))
 
     def grown_shape(self, value) -> tuple[int, ...]:
+        """The grown shape of a value (a node, or ``(node, i)``)."""
         return tuple(self.grown(d) for d in self.analysis.value_dims[value])
 
     # -- forms -------------------------------------------------------------------------
@@ -84,6 +99,7 @@ class Resolution:
         return (kind, [self._layout(c, form) for c in children])
 
     def slot_growth(self, slot: Slot) -> AxisGrowth:
+        """The layout of a value axis, every leaf in the axis' chosen form."""
         value, axis = slot
         return self.axis_growth(self.analysis.value_dims[value][axis], self.form(slot))
 

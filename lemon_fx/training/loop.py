@@ -70,11 +70,19 @@ class TrainConfig:
 
     ``peak_lr`` is the rate after warmup: for a grown model, LEMON uses the *same* peak as
     training the large model from scratch, and a ``total_steps`` shorter than from scratch
-    (the compressed decay). ``floor`` is the final rate as a fraction of the peak.
-    ``grad_clip=None`` turns clipping off. ``eval_every=0`` evaluates only at the end;
-    ``checkpoint_every=0`` checkpoints only at the end (with ``out_dir`` set). ``progress``:
-    ``None`` shows the bar when stderr is a terminal. ``device``: ``"auto"`` is
-    ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+    (the compressed decay). ``total_steps``: optimizer steps of the whole run (the
+    schedule's length); ``warmup_steps``: the linear warmup at its start (``0 <=
+    warmup_steps <= total_steps``). ``floor`` is the final rate as a fraction of the peak
+    (see ``LemonSchedule``). ``weight_decay`` and ``betas``: AdamW's, the decay applied
+    to parameters with ``dim >= 2`` only. ``grad_clip``: the maximal gradient norm;
+    ``None`` turns clipping off. ``eval_every=0`` evaluates only at the end;
+    ``checkpoint_every=0`` checkpoints only at the end (with ``out_dir`` set).
+    ``out_dir``: where ``log.csv``, ``log.json`` and the ``checkpoint-STEP/`` folders go
+    (None: nothing is written, and a run cannot resume). ``seed``: seeds torch's random
+    numbers at every step (dropout masks), so a resumed run draws what an uninterrupted
+    one would. ``progress``: ``None`` shows the bar when stderr is a terminal.
+    ``device``: ``"auto"`` is ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+    Invalid values raise ``ValueError``.
     """
 
     peak_lr: float
@@ -108,7 +116,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` did in this call (a resumed call starts at ``start_step``)."""
+    """What :func:`train` did in this call (a resumed call starts at ``start_step``).
+
+    ``losses``: the training loss of each step of this call, averaged over the global
+    batch; ``evals``: ``(step, eval loss)`` for each evaluation; ``start_step``: steps
+    already done when the call began (from a checkpoint); ``end_step``: steps done when it
+    returned (``total_steps`` unless the data ran out); ``checkpoint``: the last
+    checkpoint written (rank 0 only; None without ``out_dir``); ``seconds``: the call's
+    wall time.
+    """
 
     losses: list[float] = field(default_factory=list)  # per step, mean over the global batch
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)

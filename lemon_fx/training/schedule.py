@@ -45,7 +45,15 @@ def lemon_lr_factor(step: int, warmup_steps: int, total_steps: int, floor: float
 
 
 class LemonSchedule(LambdaLR):
-    """``LambdaLR`` with :func:`lemon_lr_factor`: the optimizer's ``lr`` is the peak rate."""
+    """``LambdaLR`` with :func:`lemon_lr_factor`: the optimizer's ``lr`` is the peak rate.
+
+    ``warmup_steps``: steps of linear warmup; ``total_steps``: the whole schedule, warmup
+    included (for a grown model shorter than from scratch: the compressed decay);
+    ``floor``: the final rate as a fraction of the peak (kept past ``total_steps``). Both
+    step counts are ints with ``0 <= warmup_steps <= total_steps`` and ``total_steps >
+    0``, and ``0 <= floor <= 1``; anything else raises ``ValueError``. The three are kept
+    as attributes of the same names. Call ``step()`` once per optimizer step.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                  floor: float = 0.0, last_epoch: int = -1):

@@ -47,8 +47,12 @@ BUG_FIX = (
 class OutputComparison:
     """How one output tensor of the grown model compares with the source's.
 
-    ``tolerance`` is the absolute error allowed for this output (``atol + rtol * max|ref|``);
-    ``reason`` says why an output failed without a number (shape, dtype, structure).
+    ``name``: the output's path (``output``, ``output[0]``, ``output['logits']``);
+    ``shape`` and ``dtype``: the source's output; ``max_abs_error``: the largest absolute
+    difference; ``max_rel_error``: that divided by ``max|ref|``; ``passed``: whether
+    ``max_abs_error <= tolerance``. ``tolerance`` is the absolute error allowed for this
+    output (``atol + rtol * max|ref|``); ``reason`` says why an output failed without a
+    number (shape, dtype, structure), else None.
     """
 
     name: str
@@ -61,6 +65,7 @@ class OutputComparison:
     reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (non-finite errors are written as the strings "inf"/"nan")."""
         return {
             "name": self.name,
             "shape": list(self.shape),

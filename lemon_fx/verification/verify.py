@@ -46,9 +46,12 @@ __all__ = ["VerificationReport", "verify"]
 class VerificationReport:
     """The measured agreement of a grown model with its source.
 
-    ``outputs`` is the torch check (in ``dtype``); ``onnx_outputs`` the onnxruntime check
-    (None when ONNX was not asked for). ``onnx_path`` is the file written for
-    ``onnx="path"``; None for ``onnx=True``, whose temporary file is removed.
+    ``outputs`` is the torch check (one ``OutputComparison`` per output tensor), run in
+    ``dtype`` (its name, e.g. ``"float64"``) with tolerances ``rtol``/``atol``;
+    ``onnx_outputs`` the onnxruntime check (None when ONNX was not asked for), with
+    ``onnx_rtol``/``onnx_atol``. ``onnx_path`` is the file written for ``onnx="path"``;
+    None for ``onnx=True``, whose temporary file is removed. ``ok``, the largest errors of
+    each check, ``to_dict()`` (JSON) and ``str(report)`` (tables) summarize it.
     """
 
     outputs: list[OutputComparison]
@@ -62,6 +65,7 @@ class VerificationReport:
 
     @property
     def ok(self) -> bool:
+        """Whether every output of the torch check (and of the ONNX check, if run) passed."""
         torch_ok = bool(self.outputs) and all(o.passed for o in self.outputs)
         onnx_ok = self.onnx_outputs is None or (
             bool(self.onnx_outputs) and all(o.passed for o in self.onnx_outputs)
@@ -80,12 +84,14 @@ class VerificationReport:
 
     @property
     def onnx_max_abs_error(self) -> float | None:
+        """Largest absolute error over the ONNX check's outputs; None without it."""
         if self.onnx_outputs is None:
             return None
         return max((o.max_abs_error for o in self.onnx_outputs), default=0.0)
 
     @property
     def onnx_max_rel_error(self) -> float | None:
+        """Largest scale-relative error over the ONNX check's outputs; None without it."""
         if self.onnx_outputs is None:
             return None
         return max((o.max_rel_error for o in self.onnx_outputs), default=0.0)

@@ -9,11 +9,31 @@ axis) and splits its columns per copied head.
 
 A matmul of two activations sums over its contraction axis; growing that axis changes the
 sum, so the contraction axis (``head_dim`` in ``q @ k^T``, keys in ``att @ v``) must not
-grow. Batch axes of the matmul (the heads) must be circ: softmax is not affine.
+grow. Batch axes of the matmul (the heads) must be circ: softmax is not affine. A matmul
+``x @ W`` with a 2-d parameter ``W`` ``[in, out]`` is an affine layer (see
+``passes.rules.linear``) and grows like one.
 
-Refuses: growing ``head_dim`` (possible with zero-padded q/k and a fixed scale, but not
-LEMON's choice); ``nn.MultiheadAttention`` with separate k/v dims or ``add_bias_kv`` when
-it grows; attention weights averaged over heads at a non-multiple head count.
+Refuses:
+- growing ``head_dim``: the contraction axis of ``q @ k^T``, the last axis of
+  ``scaled_dot_product_attention``'s query and key, ``nn.MultiheadAttention``'s
+  ``head_dim`` (possible with zero-padded q/k and a fixed scale, but not LEMON's choice:
+  grow the number of heads instead);
+- growing any other axis a matmul of two activations sums over (the keys in
+  ``att @ v``), and the keys' sequence axis of ``scaled_dot_product_attention``;
+- a matmul with a 1-d operand, when any of its axes grows;
+- a non-multiple width on a batch axis of a matmul or of attention (the heads) where
+  another op on that axis needs the avg or zero form: heads are copied whole (circ);
+- ``nn.MultiheadAttention`` with ``kdim``/``vdim`` other than ``embed_dim`` or with
+  ``add_bias_kv``, when its width or its heads grow;
+- a plan that breaks ``nn.MultiheadAttention``'s ``embed_dim == num_heads * head_dim``
+  on its input or its output (``PlanError``: grow ``@heads`` by the same factor as the
+  width);
+- ``nn.MultiheadAttention`` returning attention weights averaged over heads
+  (``average_attn_weights=True``) at a non-multiple head count (call it with
+  ``need_weights=False``, or grow the heads by a whole multiple).
+
+With ``enable_gqa`` the number of query heads per kv head is kept: the query heads grow
+with the kv heads.
 """
 
 from __future__ import annotations
@@ -26,11 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemon_fx.analysis.registry import Registry
-from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.rule import BranchEnd, Rule
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis
 from lemon_fx.axes.vocabulary import HEAD_DIM_HINT, HEADS_HINT, KV_HINT, ONLY_CIRC
 from lemon_fx.resolution.rewrite import NodeRewrite
-from passes.rules.linear import couple_affine
+from passes.rules.linear import affine_end, couple_affine
 
 __all__ = ["MatmulRule", "MultiheadAttentionRule", "SDPARule", "register_rules"]
 
@@ -139,6 +159,8 @@ class MultiheadAttentionRule(Rule):
     in the input's form; ``out_proj`` columns split per head. The module uses one
     ``embed_dim`` for its input, its heads and its output, so the plan must keep
     ``E_in = E_out = H' * Dh`` (a size tie).
+
+    Its output (item 0) may end a residual branch: ``out_proj`` set to write zero.
     """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
@@ -214,6 +236,11 @@ class MultiheadAttentionRule(Rule):
         ow = ctx.param_dims(ctx.param("out_proj.weight"))
         ctx.set_attr("out_proj.in_features", ctx.grown(ow[1]))
         ctx.set_attr("out_proj.out_features", ctx.grown(ow[0]))
+
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """The attention output (the first item of ``(out, weights)``) is
+        ``out_proj(heads)``: its weight and bias set to zero write zero."""
+        return affine_end(node, root, "out_proj")
 
 
 def register_rules(registry: Registry) -> None:

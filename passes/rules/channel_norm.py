@@ -22,8 +22,18 @@ With a single group (``G = 1``: one normalization over all channels and position
 is no group to copy: the channels grow only by a whole multiple ``k`` (every channel
 ``k`` times keeps the mean and the variance), and other widths are refused.
 
-A subclass of one of these modules with its own ``forward`` gets no rule from it (see
-``lemon_fx.registry``) and is traced through.
+Refuses:
+- BatchNorm/InstanceNorm channels at a non-multiple width where another op on the axis
+  needs the avg or zero form: statistics are per channel, so channels are copied (circ);
+- GroupNorm channels at a non-multiple number of groups where another op on the axis
+  needs the avg or zero form: whole groups are copied (circ);
+- GroupNorm with one group at a width that is not a whole multiple of the channels;
+- a per-channel tensor of a functional norm (weight, bias, running mean or var)
+  computed at run time, when the channels grow: make it an ``nn.Parameter`` or a buffer.
+
+The channels of one group of a GroupNorm keep their count (a plan counts that width in
+groups). A subclass of one of these modules with its own ``forward`` gets no rule from it
+(see ``lemon_fx.registry``) and is traced through.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemon_fx.analysis.registry import Registry
-from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.rule import BranchEnd, Rule, argument, parameter_name
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis
 from lemon_fx.axes.vocabulary import ONLY_CIRC
 from lemon_fx.resolution.rewrite import NodeRewrite
@@ -88,7 +98,11 @@ def _claim_per_channel(ctx: NodeAnalysis, tensors: list[tuple[str | None, object
 
 
 class BatchNormRule(Rule):
-    """Per-channel statistics and affine map: every axis passes through, channels circ."""
+    """Per-channel statistics and affine map: every axis passes through, channels circ.
+
+    With an affine weight and bias (parameters) it may end a residual branch, as in a
+    ResNet block: ``gamma = beta = 0`` writes zero.
+    """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x = ctx.arg(0, "input")
@@ -105,6 +119,21 @@ class BatchNormRule(Rule):
         else:
             tensors = [(None, ctx.arg(i, name)) for name, i in PER_CHANNEL_ARGS[node.target]]
         _claim_per_channel(ctx, tensors, channel, out_slot)
+
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """``y = gamma * n(x) + beta`` is 0 with ``gamma = beta = 0``: a ``"norm"`` end
+        when both are parameters (an affine module, or ``get_attr`` arguments)."""
+        if node.op == "call_module":
+            module = root.get_submodule(node.target)
+            if getattr(module, "weight", None) is None or getattr(module, "bias", None) is None:
+                return None
+            return BranchEnd(node, f"{node.target}.weight", f"{node.target}.bias", kind="norm")
+        positions = dict(PER_CHANNEL_ARGS[node.target])
+        weight = parameter_name(argument(node, positions["weight"], "weight"))
+        bias = parameter_name(argument(node, positions["bias"], "bias"))
+        if weight is None or bias is None:
+            return None
+        return BranchEnd(node, weight, bias, kind="norm")
 
     def _kind(self, ctx: NodeAnalysis) -> str:
         if ctx.module is not None:

@@ -26,11 +26,17 @@ Spatial axes are tied to the input's size: they never grow (fixed).
 The copies of a group start identical; the layer that reads them (a 1x1 convolution after
 a depthwise one) splits its columns unequally, so their gradients differ from the first step.
 
-Refuses: a functional convolution whose weight is computed at run time, when its channels
-grow (timm's weight-standardized ``StdConv2d``: a subclass with its own ``forward`` gets no
-rule from its base, see ``lemon_fx.registry``, so it is traced through); grouped channels at a
-non-multiple width when another op on the axis needs the avg or zero form (a LayerNorm
-right after a depthwise convolution, as in ConvNeXt): a new group must copy a whole group.
+Refuses:
+- a functional convolution whose weight or bias is computed at run time, when its
+  channels grow (timm's weight-standardized ``StdConv2d``: a subclass with its own
+  ``forward`` gets no rule from its base, see ``lemon_fx.registry``, so it is traced
+  through and reaches ``F.conv2d`` with a computed weight);
+- grouped or depthwise channels at a non-multiple number of groups when another op on
+  the axis needs the avg or zero form (a LayerNorm right after a depthwise convolution,
+  as in ConvNeXt): a new group must copy a whole group (circ).
+
+Kept at their size: the spatial axes, and the channels of one group (a plan counts a
+grouped width in groups).
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ import torch.fx
 from torch import nn
 
 from lemon_fx.analysis.registry import Registry
-from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.rule import BranchEnd, Rule
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis, Slot
 from lemon_fx.axes.vocabulary import CHANNELS_HINT, ONLY_CIRC
 from lemon_fx.resolution.rewrite import NodeRewrite
+from passes.rules.linear import affine_end
 
 __all__ = ["ConvRule", "FunctionalConvRule", "couple_conv", "register_rules"]
 
@@ -134,6 +141,11 @@ class ConvRule(Rule):
         ctx.set_attr("in_channels", ctx.grown(ctx.dims(x)[channel]))
         if m.groups != 1:
             ctx.set_attr("groups", _grown_groups(ctx, channel, m.groups))
+
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """A convolution is linear in its weight: it writes 0 when weight and bias are 0,
+        so it may end a residual branch."""
+        return affine_end(node, root)
 
 
 class FunctionalConvRule(Rule):

@@ -12,11 +12,27 @@ So additive ops accept every form, products need circ or zero, nonlinearities wi
 ``f(0) = 0`` circ or zero, and the others (sigmoid, exp, division by a grown tensor)
 circ only. A size-1 axis broadcast against a grown axis reads one value for all copies,
 which every form accepts.
+
+Refuses:
+- at a non-multiple width, an axis whose ops need forms that exclude each other (no
+  exact answer; grow by a whole multiple, 2x, 3x, ...). The needs stated here: circ only
+  for an activation with ``f(0) != 0`` (sigmoid, exp, cos, log...), for one whose node
+  has non-constant arguments, for ``x ** p`` with ``p <= 0``, for division by a tensor
+  that varies along the axis, for ``masked_fill`` with a mask that varies along it, and
+  for ``torch.where``, comparisons and ``ones_like``/``full_like``; circ or zero for an
+  activation with ``f(0) = 0``, for ``x ** p`` with ``p > 0`` and for the product of two
+  tensors that both vary along the axis. (A LayerNorm's avg input after a GELU, or a
+  LayerNorm's input multiplied by a gate, is such a conflict.)
+- a power whose exponent is a tensor (or whose base is not one), when any of its axes
+  grows: use a number as the exponent.
+
+Additive ops, dropout, casts and the other identity-like ops refuse nothing.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx
@@ -53,17 +69,43 @@ def _first_tensor(node: torch.fx.Node, ctx: NodeAnalysis):
     return None
 
 
+def _first_node(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The first node among the arguments: the input of a one-input op."""
+    for arg in list(node.args) + list(node.kwargs.values()):
+        if isinstance(arg, torch.fx.Node):
+            return arg
+    return None
+
+
+def _single_activation(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The one operand of a binary op that is an activation (not a parameter read by
+    ``get_attr``, not a number), or None when there are two or none."""
+    tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
+    return tensors[0] if len(tensors) == 1 else None
+
+
 class PassThroughRule(Rule):
     """Identity-like ops (Dropout, Identity, contiguous, dtype casts): same axes, same form.
 
     Dropout in training mode multiplies every entry by an independent mask, so copies
     stop being copies after one step; in eval mode (and for verification) it is exact.
+
+    ``keeps_value``: whether the op hands its input's values on (depth's walks along the
+    stream and the branches go on through it); False for ``zeros_like``, which keeps
+    only the shape.
     """
+
+    def __init__(self, keeps_value: bool = True):
+        self.keeps_value = keeps_value
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x = _first_tensor(node, ctx)
         if x is not None and ctx.is_tensor(node) and ctx.shape(x) == ctx.shape(node):
             ctx.pass_through(x, node)
+
+    def passes_value(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """The input, for an op that keeps its values (eval-mode dropout, casts...)."""
+        return _first_node(node) if self.keeps_value else None
 
 
 class ActivationRule(Rule):
@@ -72,10 +114,18 @@ class ActivationRule(Rule):
     ``zero_at_zero`` is the op's answer with its default arguments; a node's own arguments
     can change it (``nn.Hardtanh(0.5, 1.0)`` maps 0 to 0.5), so each node is evaluated at 0
     with its constant arguments, and one whose arguments are not constants gets circ only.
+
+    ``is_idempotent`` (ReLU: ``f(f(y)) = f(y)``): the op may close a ResNet block's stream,
+    ``relu(x + F(x))`` with ``x`` itself a ReLU output (see ``Rule.idempotent``).
     """
 
-    def __init__(self, zero_at_zero: bool):
+    def __init__(self, zero_at_zero: bool, is_idempotent: bool = False):
         self.zero_at_zero = zero_at_zero
+        self.is_idempotent = is_idempotent
+
+    def idempotent(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """The input of an idempotent activation (ReLU), else None."""
+        return _first_node(node) if self.is_idempotent else None
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x = _first_tensor(node, ctx)
@@ -143,11 +193,37 @@ class _BinaryRule(Rule):
                 ctx.hint(dim, RESIDUAL_ADD_HINT)
 
     def restrict(self, sharing: int, tensors: int) -> bool:
+        """Whether an output axis of size > 1 needs ``allowed``, given how many of the
+        ``tensors`` operands vary along it (``sharing``); additive ops never do."""
         return False
 
 
 class AdditiveRule(_BinaryRule):
-    """``x + y``, ``x - y``, ``-x``: affine, exact in every form."""
+    """``x + y``, ``x - y``, ``-x``: affine, exact in every form.
+
+    ``residual``: whether the op is an add ``first + alpha * second`` that may join a
+    residual branch to the stream (depth growth; see ``residual_operands``).
+    """
+
+    def __init__(self, residual: bool = False):
+        self.residual = residual
+
+    def residual_operands(self, node: torch.fx.Node, root: torch.nn.Module
+                          ) -> tuple[Any, Any, Any] | None:
+        """``(first, second, alpha)`` of an add computing ``first + alpha * second``.
+
+        The operands may be keywords (``torch.add(x, other=y)``); ``torch.add``'s
+        deprecated ``add(input, alpha, other)`` puts alpha in the middle. torch.export
+        keeps ``x += residual`` as ``aten.add_``: a residual add all the same.
+        """
+        if not self.residual:
+            return None
+        args, kwargs = node.args, node.kwargs
+        if len(args) == 3 and not isinstance(args[1], torch.fx.Node):
+            return args[0], args[2], args[1]
+        first = args[0] if args else kwargs.get("input", kwargs.get("self"))
+        second = args[1] if len(args) > 1 else kwargs.get("other")
+        return first, second, kwargs.get("alpha", 1)
 
 
 class ProductRule(_BinaryRule):
@@ -165,6 +241,11 @@ class ProductRule(_BinaryRule):
         if len(tensors) == 2 and ctx.shape(tensors[0]) == ctx.shape(tensors[1]):
             for dim in ctx.dims(node):
                 ctx.hint(dim, NONLINEAR_HINT)  # a gated MLP's hidden axis is an ffn axis
+
+    def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """``c * h`` or ``h * gamma`` (layer scale: ``gamma`` a parameter) is zero when
+        ``h`` is: ``h``. A product of two activations answers None."""
+        return _single_activation(node)
 
 
 class QuotientRule(_BinaryRule):
@@ -184,6 +265,12 @@ class QuotientRule(_BinaryRule):
             if size > 1:
                 ctx.require_form(ctx.slot(node, axis + rank - len(ctx.shape(divisor))),
                                  self.allowed, self.why)
+
+    def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """``h / c`` is zero when ``h`` is: ``h``. Not ``c / h`` (a zero ``h`` divides by
+        zero), nor a quotient of two activations."""
+        h = _single_activation(node)
+        return h if h is not None and node.args[0] is h else None
 
 
 class MaskedFillRule(Rule):
@@ -221,12 +308,14 @@ def register_rules(registry: Registry) -> None:
     registry.add(passthrough, [
         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, F.dropout, F.alpha_dropout,
         "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
-        "type", torch.clone, torch.zeros_like, aten.dropout.default, aten.dropout_.default,
+        "type", torch.clone, aten.dropout.default, aten.dropout_.default,
         aten.clone.default,
         aten.contiguous.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
-        aten.alias.default, aten.detach.default, aten.zeros_like.default,
+        aten.alias.default, aten.detach.default,
         aten.type_as.default,
     ])
+    registry.add(PassThroughRule(keeps_value=False), [torch.zeros_like,
+                                                      aten.zeros_like.default])
     activations = {
         nn.ReLU: F.relu, nn.GELU: F.gelu, nn.SiLU: F.silu, nn.Tanh: torch.tanh,
         nn.Sigmoid: torch.sigmoid, nn.Mish: F.mish, nn.ELU: F.elu, nn.LeakyReLU: F.leaky_relu,
@@ -257,14 +346,23 @@ def register_rules(registry: Registry) -> None:
                  aten.hardtanh.default, aten.hardtanh_.default]  # ReLU6; f(0) per node
     other_ops += [aten.sigmoid.default, aten.exp.default, aten.rsqrt.default, aten.cos.default,
                   aten.log.default]
-    registry.add(with_zero, zero_ops)
+    # ReLU is idempotent: it may close a ResNet block's stream, relu(x + F(x))
+    relus = {nn.ReLU, F.relu, torch.relu, "relu", torch.relu_, F.relu_, "relu_",
+             aten.relu.default, aten.relu_.default}
+    registry.add(ActivationRule(zero_at_zero=True, is_idempotent=True),
+                 [op for op in zero_ops if op in relus])
+    registry.add(with_zero, [op for op in zero_ops if op not in relus])
     registry.add(without_zero, other_ops + ["reciprocal"])
     registry.add(PowRule(), ["pow", operator.pow, torch.pow, aten.pow.Tensor_Scalar])
+    # the adds that may join a residual branch to the stream (torch.export keeps
+    # ``x += residual`` as aten.add_)
+    registry.add(AdditiveRule(residual=True), [operator.add, operator.iadd, torch.add, "add",
+                                               aten.add.Tensor, aten.add_.Tensor])
     registry.add(AdditiveRule(), [
-        operator.add, operator.sub, operator.neg, operator.iadd, operator.isub, torch.add,
-        torch.sub, torch.subtract, torch.neg, "add", "sub", "neg", "add_", "sub_", torch.rsub,
-        aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.neg.default,
-        aten.rsub.Scalar, aten.add_.Tensor, aten.add_.Scalar, aten.sub_.Tensor,
+        operator.sub, operator.neg, operator.isub,
+        torch.sub, torch.subtract, torch.neg, "sub", "neg", "add_", "sub_", torch.rsub,
+        aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.neg.default,
+        aten.rsub.Scalar, aten.add_.Scalar, aten.sub_.Tensor,
         aten.sub_.Scalar,
     ])
     registry.add(ProductRule(), [operator.mul, operator.imul, torch.mul, torch.multiply, "mul",

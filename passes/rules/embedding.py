@@ -12,8 +12,18 @@ the embedding, its columns cannot be split: they are the embedding's expanded co
 logits come out ``k`` times too large; dividing that final norm's ``gamma`` and ``beta``
 by ``k`` makes them exact. Refused when the head does not read a norm used by it alone.
 
-Refuses: ``max_norm`` when the width grows (renormalization depends on the row norm,
-which the expansion changes).
+Refuses:
+- ``max_norm`` when the width grows (renormalization depends on the row norm, which the
+  expansion changes);
+- ``F.embedding`` with a table computed at run time (not read from a parameter), when
+  its feature width grows: make it an ``nn.Parameter``;
+- a tied LM head (a layer splitting the columns of the embedding's weight) that does not
+  read, directly or through views and slices, the output of a LayerNorm, RMSNorm or
+  decomposed RMSNorm used by it alone: the shared weight would need split columns for the
+  head and expanded ones for the embedding, which the resolution refuses as a parameter
+  shared by ops that need it grown differently.
+
+The vocabulary axis keeps its size.
 """
 
 from __future__ import annotations

@@ -1,13 +1,22 @@
-"""Rules for affine layers: ``nn.Linear`` and ``F.linear``.
+"""Rules for affine layers: ``nn.Linear``, ``F.linear`` and ``torch.addmm``.
 
 Maths. ``y = x W^T + b`` with ``x`` of width S_in (expansion ``E_in``) and ``y`` of width
 S_out (expansion ``E_out``). The grown layer must satisfy ``W' E_in = E_out W`` and
 ``b' = E_out b``. Rows (fan-out) are expanded by ``E_out`` in the output axis' form;
 columns (fan-in) are split so copies sum to the source column: LEMON's unequal "proj"
 split with noise at the wide layer's init scale ``U(-1/sqrt(in'), 1/sqrt(in'))``, or
-Net2Net's equal split. Leading axes pass through unchanged.
+Net2Net's equal split. Leading axes pass through unchanged. ``addmm(b, x, W)`` (GPT-2's
+Conv1D) is the same with ``W`` stored ``[in, out]``.
 
-Refuses: a weight that is not a parameter (computed at run time) when its axes grow.
+Refuses:
+- ``F.linear`` whose weight or bias is computed at run time (not read from a parameter),
+  when one of its axes grows: there is no parameter to grow; make it an ``nn.Parameter``;
+- ``torch.addmm`` whose weight is computed at run time, when any axis of its bias, input
+  or weight grows.
+
+``nn.Linear`` itself refuses nothing: every width of its input and output can grow. (A
+weight it shares with an op that must grow it differently is refused for the pair when
+the plan is resolved: untie it, or keep that width.)
 """
 
 from __future__ import annotations
@@ -18,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemon_fx.analysis.registry import Registry
-from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.rule import BranchEnd, Rule, argument, parameter_name
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis
 from lemon_fx.resolution.rewrite import NodeRewrite
 
-__all__ = ["FunctionalLinearRule", "LinearRule", "register_rules"]
+__all__ = ["FunctionalLinearRule", "LinearRule", "affine_end", "register_rules"]
 
 
 def couple_affine(ctx: NodeAnalysis, x, out, weight_dims: list[int], bias_dims: list[int] | None):
@@ -38,8 +47,27 @@ def couple_affine(ctx: NodeAnalysis, x, out, weight_dims: list[int], bias_dims: 
     return ctx.slot(x, -1), ctx.slot(out, -1)
 
 
+def affine_end(node: torch.fx.Node, root: torch.nn.Module, layer: str = "") -> BranchEnd:
+    """The ``BranchEnd`` of a ``call_module`` node whose module (or its submodule
+    ``layer``, e.g. ``"out_proj"``) computes ``h W^T + b`` with ``weight`` and ``bias``."""
+    path = f"{node.target}.{layer}" if layer else str(node.target)
+    bias = getattr(root.get_submodule(path), "bias", None)
+    return BranchEnd(node, f"{path}.weight", f"{path}.bias" if bias is not None else None)
+
+
+def _functional_end(node: torch.fx.Node, weight, bias) -> BranchEnd | None:
+    """A functional affine layer ends a branch when its weight (and bias) are parameters."""
+    weight_name, bias_name = parameter_name(weight), parameter_name(bias)
+    if weight_name is None or (bias is not None and bias_name is None):
+        return None  # computed at run time: there is nothing to set to zero
+    return BranchEnd(node, weight_name, bias_name)
+
+
 class LinearRule(Rule):
-    """``nn.Linear``: rows expanded (fan-out), columns split (fan-in)."""
+    """``nn.Linear``: rows expanded (fan-out), columns split (fan-in).
+
+    Ends a residual branch (depth growth): its weight and bias can be set to write zero.
+    """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x = node.args[0]
@@ -56,9 +84,20 @@ class LinearRule(Rule):
         ctx.set_attr("out_features", ctx.grown(dims[0]))
         ctx.set_attr("in_features", ctx.grown(dims[1]))
 
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """Zero stays zero: ``x W^T + b`` writes 0 when ``W`` and ``b`` are set to."""
+        return affine_end(node, root)
+
 
 class FunctionalLinearRule(Rule):
-    """``F.linear(x, weight, bias)`` with parameters read through ``get_attr``."""
+    """``F.linear(x, weight, bias)`` with parameters read through ``get_attr``.
+
+    Ends a residual branch when its weight and bias are parameters (not computed).
+    """
+
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """The layer's weight and bias when both are parameters (``get_attr``)."""
+        return _functional_end(node, argument(node, 1, "weight"), argument(node, 2, "bias"))
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x, weight = ctx.arg(0, "input"), ctx.arg(1, "weight")
@@ -79,7 +118,12 @@ class FunctionalLinearRule(Rule):
 
 class AddmmRule(Rule):
     """``torch.addmm(b, x, W)`` = ``b + x @ W`` with ``W`` ``[in, out]`` (GPT-2's Conv1D):
-    the same affine maths with the weight transposed."""
+    the same affine maths with the weight transposed; it ends a residual branch when its
+    weight and bias are parameters."""
+
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """``W`` (``mat2``) and the added ``b`` (``input``) when both are parameters."""
+        return _functional_end(node, argument(node, 2, "mat2"), argument(node, 0, "input"))
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         bias, x, weight = node.args[:3]

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemon_fx.analysis.registry import Registry
-from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.rule import Rule, argument, parameter_name
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis, ParamTransform
 from lemon_fx.axes.expansion import AxisGrowth, LeafGrowth, embed, source_size, with_form
 from lemon_fx.axes.vocabulary import AVG, NORM_HINT, ZERO, Form
@@ -171,6 +171,22 @@ class _FeatureNormRule(Rule):
             transform = _scaled_gamma(dim) if kind == "gamma" else _zero_padded(dim)
             ctx.claim(name, [AxisUse("expand", ctx.slot(node, -1))], transform=transform)
 
+    def stream_norm_params(self, node: torch.fx.Node, root: torch.nn.Module
+                           ) -> tuple[str | None, str | None]:
+        """A feature norm (depth growth: on the stream it makes a block Post-LN): the
+        qualified names of its ``(gamma, beta)``, from the module's attributes or from the
+        functional call's ``weight``/``bias`` arguments when they are parameters."""
+        found: dict[str, str | None] = {"gamma": None, "beta": None}
+        if node.op == "call_module":
+            module = root.get_submodule(node.target)
+            for attr, kind in ((self.module_weight, "gamma"), (self.module_bias, "beta")):
+                if attr and getattr(module, attr, None) is not None:
+                    found[kind] = f"{node.target}.{attr}"
+        else:
+            for index, name, kind in self.functional_params:
+                found[kind] = parameter_name(argument(node, index, name))
+        return found["gamma"], found["beta"]
+
     def _has_gamma(self, ctx: NodeRewrite) -> bool:
         if ctx.module is not None:
             return getattr(ctx.module, self.module_weight, None) is not None
@@ -252,7 +268,21 @@ def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
 
 @dataclass
 class DecomposedRMSNorm:
-    """``w * (x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps))``, found from its mean."""
+    """``w * (x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps))``, found from its mean.
+
+    Hugging Face LLaMA's RMSNorm as six nodes: ``x`` the normalized input, ``mean`` the
+    ``mean`` of ``x ** 2`` over the last axis, ``eps_add`` the ``+ eps`` (a number literal,
+    rewritten to ``alpha * eps``), ``weight`` the ``get_attr`` of ``w`` (None for a norm
+    without one; dtype casts between the scale and ``w *`` are allowed) and ``output`` the
+    node holding the result (``w * ...``, or ``x * rsqrt(...)`` without a weight). The
+    mean rule calls ``analyze`` and ``rewrite`` in place of its own: the input must be in
+    the zero form and ``w`` is scaled by ``eta``, as in ``RMSNormRule``.
+
+    Refuses (in ``rewrite``, when the normalized axis grows): an axis of several width
+    groups whose entries are not all copied equally; a non-multiple width without a
+    weight (nowhere to put ``eta``). A non-multiple width where another op on the axis
+    needs another form has no exact answer.
+    """
 
     x: torch.fx.Node
     mean: torch.fx.Node
@@ -262,6 +292,7 @@ class DecomposedRMSNorm:
 
     @classmethod
     def match(cls, mean: torch.fx.Node) -> DecomposedRMSNorm | None:
+        """The pattern around a ``mean`` node, or None when the node is not its mean."""
         square = mean.args[0]
         if not (isinstance(square, torch.fx.Node) and square.target in _SQUARES
                 and len(square.args) > 1 and square.args[1] == 2):
@@ -296,6 +327,8 @@ class DecomposedRMSNorm:
                       transform=_scaled_gamma(dim), readers=frozenset({self.output}))
 
     def rewrite(self, ctx: NodeRewrite) -> None:
+        """Called by the mean rule: ``eps`` becomes ``alpha * eps``, or the growth is
+        refused (see the class docstring)."""
         dim = ctx.dims(self.mean.args[0])[-1]
         if not ctx.grows(dim):
             return

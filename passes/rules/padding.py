@@ -15,8 +15,13 @@ and form, because each slice along it is padded the same way:
 A padded axis (or a cropped one: negative padding) is fixed: its entries are picked by
 position, which growth moves.
 
-Refuses: growth of a padded axis; the zero form under constant padding with a nonzero
-value; a subclass of a padding module with its own ``forward`` (see ``lemon_fx.registry``).
+Refuses:
+- growth of a padded or cropped axis: it keeps its size;
+- constant padding with a nonzero value on an axis that grows by a non-multiple where
+  another op on the axis needs the zero form (a RMSNorm's input): circ or avg only.
+
+A subclass of a padding module with its own ``forward`` gets no rule from it (see
+``lemon_fx.registry``) and is traced through.
 """
 
 from __future__ import annotations

@@ -17,8 +17,15 @@ the input's size (fixed: a window over copied positions would read other values)
   not the mean of the maxima: circ or zero. The indices that ``return_indices=True`` adds
   are positions, which only copies reproduce: circ.
 
-Refuses: nothing beyond the forms (a non-multiple width whose stream must be avg cannot
-pass a max pooling), and a subclass of a pooling module with its own ``forward``.
+Refuses:
+- max and LP pooling at a non-multiple channel width where another op on the channels
+  needs the avg form (a stream that must be avg cannot pass a max pooling): circ or zero
+  only;
+- the indices of ``return_indices=True`` at a non-multiple channel width where another
+  op needs the avg or zero form: circ only.
+
+The spatial axes keep their size. A subclass of a pooling module with its own
+``forward`` gets no rule from it (see ``lemon_fx.registry``) and is traced through.
 """
 
 from __future__ import annotations

@@ -12,6 +12,16 @@ Maths. Along a grown axis:
 
 Along every other axis these ops act entry by entry; softmax is not affine, so a grown
 axis that is *not* reduced must be circ (each copy gets its own, identical, softmax).
+
+Refuses:
+- ``sum`` over an axis that grows, by any factor (reduce with ``mean`` instead);
+- ``softmax``/``log_softmax`` over an axis that grows, and one without an explicit
+  ``dim`` when any of its axes grows (pass ``dim=-1``);
+- at a non-multiple width, an axis whose ops need forms that exclude each other (no
+  exact answer): ``mean`` over it needs avg, ``amax`` over it circ, and softmax's other
+  axes circ;
+- the mean of a square inside a decomposed RMSNorm: what ``DecomposedRMSNorm`` refuses
+  (its input must be in the zero form).
 """
 
 from __future__ import annotations

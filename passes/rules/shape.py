@@ -13,10 +13,37 @@ become the grown sizes. A size computed from tensor shapes (``C // self.num_head
 kept if it still evaluates to the right size in the grown graph, else replaced by the
 grown literal (a static axis) or by ``-1`` (an axis that follows an input's size).
 
-Refuses: slicing or integer indexing along a growing axis, advanced indexing (a list or
-tensor index) along a growing axis or with several advanced indices in one subscript,
-``repeat`` along a growing axis when the repeats differ from tiling, ``cat`` of a sequence
-whose pieces are not visible.
+Refuses:
+- slicing by position along a growing axis (``h[..., :4]``, ``aten.slice`` with literal
+  bounds); bounds read from tensor shapes (``pos[:, :T]``) tie the axis to an input's
+  size instead;
+- advanced indexing (a list or tensor of positions) along a growing axis;
+- every growth through a subscript whose layout is not proven: several advanced indices
+  in one subscript, several ellipses, more indices than axes, a Python bool, a
+  top-level list holding anything but ints, a list index that is not a rectangular list
+  of ints, an index whose value cannot be read, or a result whose shape is not the one
+  PyTorch's indexing rules give (a boolean mask with several axes);
+- an item of a tuple result that cannot be traced to its source (a nested tuple, an
+  index that cannot be evaluated);
+- ``cat`` of a sequence whose pieces are not visible (a nested tuple), for every axis of
+  its output;
+- ``repeat_interleave`` with tensor repeats or without ``dim``, when any of its axes
+  grows;
+- reading an attribute of a growing tensor other than ``shape``, ``dtype``, ``device``,
+  ``ndim`` and ``is_cuda``; and (checked by the analysis for every shape query) a size
+  read from a growing axis and used as a number rather than as a size of
+  ``view``/``reshape``/``expand`` (``scores * q.size(-1) ** -0.5``);
+- in the rewrite of ``view``/``reshape``/``expand``: a size computed from tensor shapes
+  that no longer evaluates to its axis' grown size, on an axis that follows an input's
+  size, when ``-1`` already stands for another axis (write it as a literal or as -1).
+
+A composite axis (a reshape's ``[H, Dh]``, a ``cat`` of parts) that grows by a
+non-multiple in one of its parts is exact in the circ form only. Kept at their size
+(never widths): axes indexed by an int, taken apart by ``unbind`` or picked from by
+``select``; repeat and broadcast counts and new axes made by ``repeat``; the number of
+pieces of an equal split; the axes of created tensors (``arange``, ``zeros``...) and the
+axes they read; and axes a reshape couples by factors that do not refine each other
+(``inspect`` lists those among the held widths).
 """
 
 from __future__ import annotations
@@ -134,6 +161,12 @@ def couple_reshape(ctx: NodeAnalysis, x, out) -> None:
             ctx.factor(joint, [out_dims[b] for b in group_out])
 
 
+def _relaid(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The tensor a relayout (reshape, permute) reads: its first argument."""
+    x = node.args[0] if node.args else None
+    return x if isinstance(x, torch.fx.Node) else None
+
+
 class ReshapeRule(Rule):
     """view / reshape / flatten / unflatten / squeeze / unsqueeze: factor and follow axes."""
 
@@ -142,6 +175,10 @@ class ReshapeRule(Rule):
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         couple_reshape(ctx, node.args[0], node)
+
+    def passes_value(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """The same entries in another shape: depth's walks go on through it."""
+        return _relaid(node)
 
     def rewrites_size_args(self, node: torch.fx.Node) -> bool:
         return self.sizes_from is not None
@@ -186,6 +223,10 @@ class PermuteRule(Rule):
             return _movedim_perm(rank, src, dst)
         sizes, _ = _size_args(node, 1, "dims")
         return [ctx.value(s) % rank for s in sizes]
+
+    def passes_value(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """The same entries with the axes in another order: depth's walks go on."""
+        return _relaid(node)
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x = node.args[0]
@@ -423,6 +464,18 @@ class TupleItemRule(Rule):
             self._index(node, ctx, src, index)
         else:
             self._tuple_item(node, ctx, src, index)
+
+    def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """``t[0]``: the node ``t``. Item 0 of a zero tensor is zero; for a tuple (an
+        attention's ``(out, weights)``) the walk asks ``t``'s own rule, whose
+        ``branch_end`` answers for its first item."""
+        if node.target is not operator.getitem:
+            return None
+        src, index = node.args[:2]
+        if isinstance(src, torch.fx.Node) and isinstance(index, int) and \
+                not isinstance(index, bool) and index == 0:
+            return src
+        return None
 
     def _tuple_item(self, node: torch.fx.Node, ctx: NodeAnalysis, src, index) -> None:
         shapes = tensor_shapes(src) if isinstance(src, torch.fx.Node) else None
