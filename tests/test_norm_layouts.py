@@ -103,3 +103,39 @@ def test_norm_over_parts_grown_by_different_factors_is_refused(unguarded) -> Non
         lemon_fx.grow(gm, Plan(width={stream: 2.0, hidden: 3.0}))
     # the same factor everywhere is exact
     assert _grow_and_compare(model, Plan(width=2.0, seed=0)) <= 1e-10
+
+
+class TiedHead(nn.Module):
+    """An LM head tied to the embedding, reading a final LayerNorm."""
+
+    def __init__(self, affine: bool, vocab: int = 11, C: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, C)
+        self.fc = nn.Linear(C, C)
+        self.ln1 = nn.LayerNorm(C)
+        self.norm = nn.LayerNorm(C, elementwise_affine=affine)
+        self.head = nn.Linear(C, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc(self.ln1(h))
+        return self.head(self.norm(h))
+
+
+def test_a_tied_head_divides_its_norms_gamma_by_the_copy_count(unguarded) -> None:
+    model = _trained_looking(TiedHead(affine=True))
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    big = lemon_fx.grow(lemon_fx.trace(model, (ids,)), Plan(width=2.0, seed=0))
+    fresh = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert float((big(fresh) - model(fresh)).abs().max()) <= 1e-10
+
+
+def test_a_tied_head_after_a_norm_without_gamma_is_refused(unguarded) -> None:
+    # the head's logits grow k-fold and the norm has no weight to divide by k: this grew
+    # silently wrong (caught only by grow's guard, error 8.2 at 2x)
+    model = _trained_looking(TiedHead(affine=False))
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NotLosslessError, match="emb.weight. is shared by ops"):
+        lemon_fx.grow(lemon_fx.trace(model, (ids,)), Plan(width=2.0, seed=0))

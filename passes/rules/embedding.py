@@ -102,8 +102,11 @@ def _final_norm(analysis: WidthAnalysis, head: torch.fx.Node) -> torch.fx.Node |
         x = x.args[0]  # GPT-2 views and slices the norm's output before its head
     if not isinstance(x, torch.fx.Node) or len(x.users) != 1:
         return None
-    if isinstance(analysis.rules.get(x), _FeatureNormRule):
-        return x
+    rule = analysis.rules.get(x)
+    if isinstance(rule, _FeatureNormRule):
+        # the head's logits grow k-fold; only the norm's gamma (and beta) can take 1/k
+        gamma, _ = rule.stream_norm_params(x, analysis.gm)
+        return x if gamma is not None else None
     for node in analysis.rules:
         if node.target in MEANS:
             rms = DecomposedRMSNorm.match(node)
