@@ -12,7 +12,15 @@ from lemon_fx.analysis.report import InspectReport
 from lemon_fx.analysis.rule import BranchEnd, Rule
 from lemon_fx.analysis.stacks import BlockStack
 from lemon_fx.analysis.width import AxisUse
-from lemon_fx.api import GrowthReport, grow, growth_report, inspect, register, trace
+from lemon_fx.api import (
+    GrowthReport,
+    grow,
+    growth_report,
+    inspect,
+    plan_growth,
+    register,
+    trace,
+)
 from lemon_fx.errors import (
     LemonError,
     NotLosslessError,
@@ -23,6 +31,7 @@ from lemon_fx.errors import (
     VerificationError,
 )
 from lemon_fx.plan import Plan
+from lemon_fx.recipe.recipe import GrowthRecipe
 from lemon_fx.training.schedule import LemonSchedule, lemon_lr_factor
 from lemon_fx.verification.onnx_export import export_onnx
 from lemon_fx.verification.verify import verify
@@ -45,7 +54,9 @@ __all__ = [
     "WidthGroup",
     "GrowthReport",
     "export_onnx",
+    "GrowthRecipe",
     "grow",
+    "plan_growth",
     "growth_report",
     "inspect",
     "lemon_lr_factor",

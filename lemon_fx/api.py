@@ -25,6 +25,7 @@ from lemon_fx.analysis.stacks import find_stacks
 from lemon_fx.analysis.width import WidthAnalysis
 from lemon_fx.errors import PlanError, Problem, TraceError, first_line
 from lemon_fx.plan import Plan
+from lemon_fx.recipe.recipe import GrowthRecipe, TensorRecipe
 from lemon_fx.resolution.depth import StackGrowth, resolve_depth
 from lemon_fx.resolution.width import Resolution, resolve_width
 from lemon_fx.tracing.frontend import trace as trace_model
@@ -44,7 +45,8 @@ from passes.deepen import deepen
 from passes.rules import default_registry
 from passes.widen import plan_edits, widen
 
-__all__ = ["GrowthReport", "grow", "growth_report", "inspect", "register", "trace"]
+__all__ = ["GrowthReport", "grow", "growth_report", "inspect", "plan_growth", "register",
+           "trace"]
 
 
 @dataclass
@@ -170,16 +172,55 @@ def _with_facts(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.Graph
     return private
 
 
-def grow(
-    gm: torch.fx.GraphModule,
-    plan: Plan | Mapping[str, Any] | float | int,
-    example_inputs: Any = None,
-) -> torch.fx.GraphModule:
-    """Return a NEW GraphModule computing ``gm``'s function at the plan's sizes.
+@dataclass
+class _Planned:
+    """Everything ``grow`` decides before a single weight is made."""
 
-    Every check (plan, unsupported ops, exactness) runs before anything is built; ``gm``
-    is never modified, also when this raises.
-    """
+    source: torch.fx.GraphModule
+    analysis: WidthAnalysis
+    structure: torch.fx.GraphModule  # the grown graph and modules, tensors on meta
+    recipe: GrowthRecipe
+    new_blocks: list[Any]
+    notes: list[str]
+
+
+def _weightless_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of ``gm`` whose state_dict tensors are empty meta tensors: the grown
+    model's structure is built on it without copying a weight (tied tensors stay tied;
+    tensors outside the state_dict, such as non-persistent buffers, are copied)."""
+    memo: dict[int, Any] = {}
+    for tensor in gm.state_dict(keep_vars=True).values():
+        if id(tensor) in memo:
+            continue
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, nn.Parameter) else empty)
+    return copy.deepcopy(gm, memo)
+
+
+def _identity_recipes(gm: torch.fx.GraphModule) -> dict[str, TensorRecipe]:
+    return {name: TensorRecipe(name, tuple(t.shape), t.dtype)
+            for name, t in gm.state_dict(keep_vars=True).items()}
+
+
+def _final_recipe(structure: torch.fx.GraphModule, made_of: dict[str, TensorRecipe],
+                  plan: Plan) -> GrowthRecipe:
+    """The recipe in the grown state_dict's order; a name that shares its tensor with an
+    earlier one (tied weights) is an alias of it."""
+    tensors: dict[str, TensorRecipe] = {}
+    aliases: dict[str, str] = {}
+    first_of: dict[int, str] = {}
+    for name, tensor in structure.state_dict(keep_vars=True).items():
+        if id(tensor) in first_of:
+            aliases[name] = first_of[id(tensor)]
+            continue
+        first_of[id(tensor)] = name
+        tensors[name] = made_of[name]
+    return GrowthRecipe(tensors, aliases, seed=plan.seed, noise_scale=plan.noise_scale)
+
+
+def _plan(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
+          example_inputs: Any) -> _Planned:
     if not isinstance(gm, torch.fx.GraphModule):
         raise TraceError("grow needs a torch.fx.GraphModule",
                          [Problem(reason=f"got {type(gm).__name__}",
@@ -195,23 +236,79 @@ def grow(
     _check_size(analysis, resolution, growths)
     edits = plan_edits(resolution)
     # widen first, so that new blocks copy widened sources (the order that is lossless)
-    private = copy.deepcopy(source)
-    grown = widen(private, resolution, edits).graph_module
-    _, new_blocks, notes = deepen(grown, growths, resolution)
-    grown = cleanup(grown).graph_module
-    report = GrowthReport(plan, new_blocks, list(notes))
+    structure = _weightless_copy(source)
+    made_of = _identity_recipes(source)
+    widened, width_made = widen(structure, resolution, edits)
+    for alias, name in analysis.aliases.items():
+        if name in width_made:
+            made_of[alias] = width_made[name]
+    made_of.update(width_made)
+    _, new_blocks, notes = deepen(widened.graph_module, growths, resolution, made_of)
+    structure = cleanup(widened.graph_module).graph_module
+    recipe = _final_recipe(structure, made_of, plan)
+    return _Planned(source, analysis, structure, recipe, new_blocks, list(notes))
+
+
+def plan_growth(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
+                example_inputs: Any = None) -> GrowthRecipe:
+    """What ``grow(gm, plan)`` makes of every tensor, as a ``GrowthRecipe``; reads no
+    weight values (``gm`` may live on the meta device).
+
+    ``recipe.apply(gm.state_dict())`` equals ``grow(gm, plan).state_dict()`` bit for bit;
+    ``recipe.apply_safetensors(src, out_dir)`` grows a checkpoint on disk. Every check
+    ``grow`` makes before building anything runs here too, with the same errors.
+    """
+    return _plan(gm, plan, example_inputs).recipe
+
+
+def grow(
+    gm: torch.fx.GraphModule,
+    plan: Plan | Mapping[str, Any] | float | int,
+    example_inputs: Any = None,
+) -> torch.fx.GraphModule:
+    """Return a NEW GraphModule computing ``gm``'s function at the plan's sizes.
+
+    Every check (plan, unsupported ops, exactness) runs before anything is built; ``gm``
+    is never modified, also when this raises. It is ``plan_growth`` (the graph edits and
+    the recipe), the recipe applied to ``gm``'s state_dict, and the last guard.
+    """
+    planned = _plan(gm, plan, example_inputs)
+    source, grown, plan = planned.source, planned.structure, _as_plan(plan)
+    if any(t.is_meta for t in source.state_dict().values()):
+        raise PlanError("grow needs the source's weights", [Problem(
+            reason="the traced model's tensors are on the meta device",
+            fix="use lemon_fx.plan_growth(gm, plan) to plan without weights, then "
+                "recipe.apply(state_dict) or recipe.apply_safetensors(checkpoint, out_dir)")])
+    state = planned.recipe.apply(source.state_dict())
+    grown.load_state_dict(state, strict=True, assign=True)
+    _tie(grown, planned.recipe.aliases)
+    report = GrowthReport(plan, planned.new_blocks, list(planned.notes))
     if plan.width is not None:
-        report.notes += [held_note(h) for h in analysis.held]
-        report.notes += returned_width_notes(analysis)
+        report.notes += [held_note(h) for h in planned.analysis.held]
+        report.notes += returned_width_notes(planned.analysis)
     inputs = example_inputs_of(source)
     if inputs is not None:
-        if notes and plan.allow_inexact:
+        if planned.notes and plan.allow_inexact:
             report.measured_error = _measured_error(source, grown, inputs)
         else:
             report.notes += check_on_example(source, grown, inputs)
         record_facts(grown, inputs)
     set_growth(grown, report, plan)
     return grown
+
+
+def _tie(module: nn.Module, aliases: Mapping[str, str]) -> None:
+    """Loading gives each name its own Parameter; tied names share the first one again."""
+    for alias, name in aliases.items():
+        owner_name, _, attr = alias.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        target_name, _, target_attr = name.rpartition(".")
+        target = module.get_submodule(target_name) if target_name else module
+        shared = getattr(target, target_attr)
+        if isinstance(shared, nn.Parameter):
+            setattr(owner, attr, shared)
+        else:
+            owner._buffers[attr] = shared
 
 
 # 10^12 parameters (4 TB in float32): a plan beyond it is a typo (width=1e6), and

@@ -24,7 +24,7 @@ Blocks are renumbered ``0..L_T-1`` in execution order under the container's own 
 from __future__ import annotations
 
 import copy
-import zlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -33,12 +33,12 @@ from torch import nn
 
 from lemon_fx.analysis.stacks import Block, BlockStack
 from lemon_fx.analysis.width import AxisUse
-from lemon_fx.axes.expansion import LeafGrowth, source_size, split_lemon
+from lemon_fx.axes.expansion import LeafGrowth
+from lemon_fx.recipe.recipe import Step, TensorRecipe
 from lemon_fx.resolution.depth import StackGrowth
 from lemon_fx.resolution.width import Resolution
 from lemon_fx.tracing.graph_facts import module_stack, set_module_stack
 from passes.result import PassResult
-from passes.widen import noise_bound
 
 __all__ = ["NewBlock", "deepen"]
 
@@ -75,59 +75,24 @@ def _fan_in_growth(res: Resolution, weight: str):
     return 1, LeafGrowth(analysis.dims.size(dims[1]), analysis.dims.size(dims[1]))
 
 
-def _cancelling(res: Resolution, weight: str, grown: torch.Tensor, name: str) -> torch.Tensor:
-    """``W_c = R - (R E) P`` with the grown layer's init scale, or 0 for net2net."""
+def _branch_end_step(res: Resolution, weight: str, grown: TensorRecipe, stream: str
+                     ) -> Step:
+    """A new block's branch-ending weight: ``W_c = R - (R E) P`` at the widened layer's
+    init scale (noise stream ``stream``), or 0 for net2net."""
     if res.plan.method == "net2net":
-        return torch.zeros_like(grown)
-    axis, growth = _fan_in_growth(res, weight)
-    source_shape = list(grown.shape)
-    source_shape[axis] = source_size(growth)
-    fan_in = grown.numel() // grown.shape[0] if axis == 1 else grown.shape[axis]
-    bound = res.plan.noise_scale * noise_bound(grown, fan_in)
-    seed = (res.plan.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-    noise = torch.rand(grown.shape, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64) * (2 * bound) - bound
-    zeros = torch.zeros(source_shape, dtype=torch.float64)
-    return split_lemon(zeros, axis, growth, noise).to(grown.dtype)
+        return Step("fill", value=0.0)
+    axis, layout = _fan_in_growth(res, weight)
+    shape = grown.shape
+    fan_in = math.prod(shape) // shape[0] if axis == 1 else shape[axis]
+    return Step("cancel", axis=axis, layout=layout, stream=stream, fan_in=fan_in)
 
 
-def _relative(path: str, name: str) -> str:
-    return name[len(path) + 1:]
-
-
-def _set(module: nn.Module, relative: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = relative.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    old = getattr(owner, attr)
-    setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad)
-            if isinstance(old, nn.Parameter) else value)
-
-
-def _norm_params(module: nn.Module, block_path: str, names: tuple[str | None, str | None]
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The (gamma, beta) tensors inside ``module`` (the block) of a norm whose rule named
-    them (``Block.spine_norm_params``: qualified names in the source model)."""
-    gamma, beta = (None if name is None else module.get_parameter(_relative(block_path, name))
-                   for name in names)
-    return gamma, beta
-
-
-def _make_identity(params: tuple[torch.Tensor | None, torch.Tensor | None]
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Set a norm's gamma to 1 and beta to 0; return the old values."""
-    gamma, beta = params
-    old = (None if gamma is None else gamma.detach().clone(),
-           None if beta is None else beta.detach().clone())
-    with torch.no_grad():
-        if gamma is not None:
-            gamma.fill_(1.0)
-        if beta is not None:
-            beta.zero_()
-    return old
+def _under(name: str, path: str) -> bool:
+    return name.startswith(path + ".")
 
 
 def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
-                notes: list[str]) -> list[NewBlock]:
+                made_of: dict[str, TensorRecipe], notes: list[str]) -> list[NewBlock]:
     stack: BlockStack = growth.stack
     by_name = {n.name: n for n in gm.graph.nodes}
 
@@ -176,26 +141,31 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
         inside = {n for s in slots for n in s.nodes}
         final_out.replace_all_uses_with(prev_out, delete_user_cb=lambda u: u not in inside)
 
+    _renumber_recipes(made_of, stack, slots, blocks)
     made = []
     for position, slot in enumerate(slots):
         if not slot.new:
             continue
         block = blocks[slot.source]
         name = stack.child(position)
+
+        def here(source_name: str, name: str = name, block: Block = block) -> str:
+            return name + source_name[len(block.path):]  # a source name in this new block
+
         for end in block.branch_ends:
-            weight = slot.module.get_parameter(_relative(block.path, end.weight))
+            weight = made_of[here(end.weight)]
             if end.kind == "norm":  # LEMON for ResNets: the branch's last BN gets 0, 0
-                _set(slot.module, _relative(block.path, end.weight), torch.zeros_like(weight))
-                bias = slot.module.get_parameter(_relative(block.path, end.bias))
-                _set(slot.module, _relative(block.path, end.bias), torch.zeros_like(bias))
+                made_of[here(end.weight)] = weight.with_steps(Step("fill", value=0.0))
+                made_of[here(end.bias)] = made_of[here(end.bias)].with_steps(
+                    Step("fill", value=0.0))
                 continue
-            _set(slot.module, _relative(block.path, end.weight),
-                 _cancelling(res, end.weight, weight.detach(), f"{name}:{end.weight}"))
+            made_of[here(end.weight)] = weight.with_steps(
+                _branch_end_step(res, end.weight, weight, f"{name}:{end.weight}"))
             if end.bias:
-                bias = slot.module.get_parameter(_relative(block.path, end.bias))
-                _set(slot.module, _relative(block.path, end.bias), torch.zeros_like(bias))
+                made_of[here(end.bias)] = made_of[here(end.bias)].with_steps(
+                    Step("fill", value=0.0))
         if stack.kind == "post_ln":
-            _post_ln(slots, position, blocks)
+            _post_ln(made_of, stack, slots, position, blocks)
         made.append(NewBlock(stack.name, position, slot.source, name, block.path))
     if stack.kind == "post_ln" and made:
         notes.append(f"{stack.name}: Post-LN new blocks are exact only up to the norms' eps")
@@ -203,22 +173,44 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
     return made
 
 
-def _post_ln(slots: list[_Slot], position: int, blocks: list[Block]) -> None:
+def _renumber_recipes(made_of: dict[str, TensorRecipe], stack: BlockStack,
+                      slots: list[_Slot], blocks: list[Block]) -> None:
+    """Every tensor of the grown stack under its new block's name: position ``p`` holds
+    what its source block's tensor is made of (a new block starts as a copy)."""
+    inside = {k: r for k, r in made_of.items() if _under(k, stack.name)}
+    for key in inside:
+        del made_of[key]
+    for position, slot in enumerate(slots):
+        old, new = blocks[slot.source].path, stack.child(position)
+        for key, recipe in inside.items():
+            if _under(key, old):
+                made_of[new + key[len(old):]] = recipe
+
+
+def _post_ln(made_of: dict[str, TensorRecipe], stack: BlockStack, slots: list[_Slot],
+             position: int, blocks: list[Block]) -> None:
     """Identity last norm on the block before; its gamma/beta move to the new block."""
-    before = slots[position - 1]
-    before_block = blocks[before.source]
-    last = _norm_params(before.module, before_block.path, before_block.spine_norm_params[-1])
-    gamma, beta = _make_identity(last)
-    new = slots[position]
-    block = blocks[new.source]
-    norms = [_norm_params(new.module, block.path, n) for n in block.spine_norm_params]
-    for norm in norms:
-        _make_identity(norm)
-    with torch.no_grad():
-        if gamma is not None:
-            norms[-1][0].copy_(gamma)
-        if beta is not None:
-            norms[-1][1].copy_(beta)
+    def names(at: int, params: tuple[str | None, str | None]) -> list[str | None]:
+        path = blocks[slots[at].source].path
+        return [None if p is None else stack.child(at) + p[len(path):] for p in params]
+
+    def identity(key: str | None, value: float) -> None:
+        if key is not None:
+            made_of[key] = made_of[key].with_steps(Step("fill", value=value))
+
+    before = blocks[slots[position - 1].source]
+    last = names(position - 1, before.spine_norm_params[-1])
+    moved = [None if key is None else made_of[key] for key in last]
+    identity(last[0], 1.0)
+    identity(last[1], 0.0)
+    block = blocks[slots[position].source]
+    norms = [names(position, params) for params in block.spine_norm_params]
+    for gamma, beta in norms:
+        identity(gamma, 1.0)
+        identity(beta, 0.0)
+    for key, recipe in zip(norms[-1], moved):
+        if key is not None and recipe is not None:
+            made_of[key] = recipe
 
 
 def _rename(gm: torch.fx.GraphModule, stack: BlockStack, slots: list[_Slot],
@@ -249,13 +241,17 @@ def _renamed(path: str, old: str, new: str) -> str:
     return path
 
 
-def deepen(gm: torch.fx.GraphModule, growths: list[StackGrowth], res: Resolution
-           ) -> tuple[PassResult, list[NewBlock], list[str]]:
-    """Grow every stack of ``growths`` in ``gm`` (a private, already widened copy)."""
+def deepen(gm: torch.fx.GraphModule, growths: list[StackGrowth], res: Resolution,
+           made_of: dict[str, TensorRecipe]) -> tuple[PassResult, list[NewBlock], list[str]]:
+    """Grow every stack of ``growths`` in ``gm`` (a private, already widened copy).
+
+    ``made_of`` maps each tensor name of ``gm`` to its recipe; it is updated to the grown
+    names (blocks renumbered, new blocks' copies, their cancelling branch ends and, for
+    Post-LN stacks, identity norms). No tensor value is read or written here."""
     made: list[NewBlock] = []
     notes: list[str] = []
     for growth in growths:
-        made += _grow_stack(gm, growth, res, notes)
+        made += _grow_stack(gm, growth, res, made_of, notes)
     gm.graph.lint()
     gm.recompile()
     rewrites = [f"new block {b.name} from {b.source_name}" for b in made]

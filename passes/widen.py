@@ -4,30 +4,28 @@ Two phases, so that nothing is built unless everything can be:
 
 1. every node's rule rewrites into an ``Edits`` record (new literals, new module
    attributes) and may refuse; any refusal raises before the module is touched;
-2. the edits are applied to the private copy, and every parameter with a growing axis is
-   rebuilt from the claims made during analysis (``grow_parameter``).
-
-Parameters are transformed in float64 and cast back, so the maths is exact to rounding.
+2. the edits are applied to the private copy, and every parameter with a growing axis gets
+   its recipe from the claims made during analysis (``width_recipe``): plain data that
+   ``GrowthRecipe.apply`` turns into values (in float64, cast back: exact to rounding).
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 import torch.fx
 from torch import nn
 
 from lemon_fx.analysis.width import AxisUse, Claim
-from lemon_fx.axes.expansion import embed, split_equal, split_lemon
 from lemon_fx.axes.vocabulary import CIRC
 from lemon_fx.errors import NotLosslessError
+from lemon_fx.recipe.recipe import Step, TensorRecipe
 from lemon_fx.resolution.rewrite import Edits, NodeRewrite
 from lemon_fx.resolution.width import Resolution
 from passes.result import PassResult
 
-__all__ = ["grow_parameter", "plan_edits", "widen"]
+__all__ = ["plan_edits", "widen", "width_recipe", "width_recipes"]
 
 
 def plan_edits(res: Resolution) -> Edits:
@@ -40,54 +38,47 @@ def plan_edits(res: Resolution) -> Edits:
     return edits
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
-    # per-parameter streams: a weight does not change when another layer is added
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-
-
-def noise_bound(source: torch.Tensor, fan_in: int) -> float:
-    """The bound of LEMON's uniform split noise: the layer's own weight scale.
-
-    LEMON draws the noise from the layer's initialization. What a trained layer was
-    initialized with is not recorded, so its weights' spread stands in for it: a uniform
-    draw with the same standard deviation (``sqrt(3) * std``). PyTorch's default
-    ``U(+-1/sqrt(fan_in))`` is used for a constant weight. Matching the weights' own scale
-    matters: noise far above it (a Hugging Face model initialized at std 0.02, split with
-    PyTorch's default bound) amplifies float32 rounding differences between copies from
-    layer to layer.
-    """
-    std = float(source.detach().double().std()) if source.numel() > 1 else 0.0
-    if std > 0:
-        return 3.0**0.5 * std
-    return 1.0 / max(fan_in, 1) ** 0.5
-
-
-def grow_parameter(name: str, tensor: torch.Tensor, claim: Claim, res: Resolution,
-                   edits: Edits) -> torch.Tensor:
-    """Expand fan-out axes by ``E``, then split fan-in axes (LEMON or Net2Net)."""
+def width_recipe(name: str, dtype: torch.dtype, claim: Claim, res: Resolution
+                 ) -> TensorRecipe:
+    """How the width pass makes parameter ``name``: expand its fan-out axes by ``E``, then
+    split its fan-in axes (LEMON's split with the noise stream ``name``, or Net2Net's),
+    then the claim's own transforms. Reads no values: shapes and layouts only."""
     dims = res.analysis.param_dims[name]
-    t = tensor.detach().to(torch.float64)
+    shape = [res.analysis.dims.size(d) for d in dims]
+    steps: list[Step] = []
     uses = list(claim.axes) + [None] * (len(dims) - len(claim.axes))
     for axis, use in enumerate(uses):
         if isinstance(use, AxisUse) and use.kind == "expand" and res.grows(dims[axis]):
-            t = embed(t, axis, res.axis_growth(dims[axis], res.form(use.slot)))
+            steps.append(Step("embed", axis=axis,
+                              layout=res.axis_growth(dims[axis], res.form(use.slot))))
+            shape[axis] = res.grown(dims[axis])
     for axis, use in enumerate(uses):
         if isinstance(use, AxisUse) and use.kind == "split" and res.grows(dims[axis]):
-            growth = res.axis_growth(dims[axis], res.form(use.slot))
-            shape = list(t.shape)
+            layout = res.axis_growth(dims[axis], res.form(use.slot))
             shape[axis] = res.grown(dims[axis])
             if res.plan.method == "net2net":
-                t = split_equal(t, axis, growth)
+                steps.append(Step("split", axis=axis, layout=layout))
                 continue
             fan_in = shape[axis] if axis != 1 else math.prod(shape[1:])
-            bound = res.plan.noise_scale * noise_bound(tensor, fan_in)
-            noise = torch.rand(shape, generator=_generator(res.plan.seed, name),
-                               dtype=torch.float64) * (2 * bound) - bound
-            t = split_lemon(t, axis, growth, noise)
-    if claim.transform is not None:
-        layouts = tuple(res.axis_growth(d, CIRC) for d in claim.transform.dims)
-        t = claim.transform.fn(tensor.detach().to(torch.float64), t, layouts)
-    return t.to(tensor.dtype)
+            steps.append(Step("split", axis=axis, layout=layout, stream=name, fan_in=fan_in))
+    for transform in claim.transforms:
+        steps.append(Step("transform", name=transform.name, layouts=tuple(
+            res.axis_growth(d, CIRC) for d in transform.dims)))
+    return TensorRecipe(name, tuple(shape), dtype, tuple(steps))
+
+
+def width_recipes(res: Resolution) -> dict[str, TensorRecipe]:
+    """The recipe of every parameter and buffer that has a growing axis."""
+    source = res.analysis.gm
+    made = {}
+    for name, dims in res.analysis.param_dims.items():
+        if not any(res.grows(d) for d in dims):
+            continue
+        claim = res.analysis.claims[name][0]
+        dtype = (source.get_parameter(name) if _is_param(source, name)
+                 else source.get_buffer(name)).dtype
+        made[name] = width_recipe(name, dtype, claim, res)
+    return made
 
 
 def _set_tensor(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> None:
@@ -102,17 +93,17 @@ def _set_tensor(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> Non
         setattr(owner, attr, value)
 
 
-def widen(gm: torch.fx.GraphModule, res: Resolution, edits: Edits | None = None) -> PassResult:
-    """Phase 2 on ``gm``, a private copy of ``res.analysis.gm`` (nodes match by name)."""
+def widen(gm: torch.fx.GraphModule, res: Resolution, edits: Edits | None = None
+          ) -> tuple[PassResult, dict[str, TensorRecipe]]:
+    """Phase 2 on ``gm``, a private copy of ``res.analysis.gm`` (nodes match by name).
+
+    The graph's literals and module attributes are rewritten; every tensor with a
+    growing axis is replaced by an empty one of its grown shape on the meta device, and
+    its recipe returned (``GrowthRecipe.apply`` makes the values)."""
     edits = edits if edits is not None else plan_edits(res)
-    source = res.analysis.gm
-    new_tensors = {}
-    for name, dims in res.analysis.param_dims.items():
-        if not any(res.grows(d) for d in dims):
-            continue
-        claim = res.analysis.claims[name][0]
-        tensor = source.get_parameter(name) if _is_param(source, name) else source.get_buffer(name)
-        new_tensors[name] = grow_parameter(name, tensor, claim, res, edits)
+    recipes = width_recipes(res)
+    new_tensors = {name: torch.empty(r.shape, dtype=r.dtype, device="meta")
+                   for name, r in recipes.items()}
     nodes = {n.name: n for n in gm.graph.nodes}
     for node_name, key, value in edits.args:
         node = nodes[node_name]
@@ -143,9 +134,10 @@ def widen(gm: torch.fx.GraphModule, res: Resolution, edits: Edits | None = None)
                 owner._buffers[attr] = shared
     gm.graph.lint()
     gm.recompile()
+    source = res.analysis.gm
     rewrites = [f"grew {n}: {tuple(source.get_parameter(n).shape) if _is_param(source, n) else ''}"
                 f" -> {tuple(v.shape)}" for n, v in new_tensors.items()] + edits.notes
-    return PassResult(gm, bool(new_tensors or edits.args or edits.attrs), rewrites)
+    return PassResult(gm, bool(new_tensors or edits.args or edits.attrs), rewrites), recipes
 
 
 def _is_param(gm: torch.nn.Module, name: str) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,6 @@ import torch.fx
 from lemon_fx.analysis.registry import Registry
 from lemon_fx.analysis.rule import Rule
 from lemon_fx.axes.dims import DimTable, FactorMismatch
-from lemon_fx.axes.expansion import AxisGrowth
 from lemon_fx.axes.vocabulary import (
     ANY_FORM,
     CHANNELS,
@@ -89,14 +87,16 @@ class ParamTransform:
     """A rule's own growth of one parameter, where the generic expand/split is not it
     (a norm's gamma scaled by eta, its beta padded with zeros).
 
-    ``fn(source, generic, layouts)`` returns the grown tensor: ``source`` is the source
-    tensor, ``generic`` what the claim's axis uses made of it, and ``layouts`` the growth
-    (``AxisGrowth``, every leaf in the circ form) of each dim in ``dims``, in that order.
-    A transform sees exactly those growths: nothing of the graph, the plan or the
-    rewrite, so a recipe can apply it to any tensor.
+    ``name`` names a function in the recipe's transform table
+    (``lemon_fx.recipe.transforms.register_transform``), ``fn(source, generic, layouts)``:
+    ``source`` is the source tensor (float64), ``generic`` what the steps before made of
+    it, and ``layouts`` the growth (``AxisGrowth``, every leaf in the circ form) of each
+    dim in ``dims``, in that order. A transform sees exactly those growths: nothing of the
+    graph, the plan or the rewrite, so a recipe (plain JSON) can name it and apply it to
+    any tensor.
     """
 
-    fn: Callable[[torch.Tensor, torch.Tensor, tuple[AxisGrowth, ...]], torch.Tensor]
+    name: str
     dims: tuple[int, ...]
 
 
@@ -108,7 +108,8 @@ class Claim:
 
     ``param``: the parameter's or buffer's qualified name (the first name of a tied
     tensor); ``axes``: one ``AxisUse`` or None per axis; ``node``: the node whose rule
-    made the claim; ``transform``: the rule's own growth, or None for the generic one;
+    made the claim; ``transforms``: the rules' own steps after the generic ones (a
+    norm's gamma scaled by eta, then a tied head's 1/k), in order;
     ``default``: True for the claim made for a free parameter nobody else claimed (a
     position table, a class token: every axis expanded); ``readers``: other nodes that
     read the parameter as part of the claimed pattern (the ``w * ...`` of a decomposed
@@ -119,7 +120,7 @@ class Claim:
     param: str
     axes: tuple[AxisUse | None, ...]
     node: torch.fx.Node
-    transform: ParamTransform | None = None
+    transforms: tuple[ParamTransform, ...] = ()
     # made for a free parameter nobody else claimed (a position table, a class token)
     default: bool = False
     # nodes other than ``node`` that read the parameter as part of the claimed pattern
@@ -426,8 +427,9 @@ class NodeAnalysis:
         """State how a parameter grows: one ``AxisUse`` (or None) per axis, optionally
         the rule's own ``transform``; see ``Claim``."""
         qualname = self._a.canonical(qualname)
+        transforms = (transform,) if transform is not None else ()
         self._a.claims.setdefault(qualname, []).append(
-            Claim(qualname, tuple(axes), self.node, transform, readers=readers)
+            Claim(qualname, tuple(axes), self.node, transforms, readers=readers)
         )
 
     # -- refusals ----------------------------------------------------------------------

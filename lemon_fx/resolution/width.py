@@ -291,11 +291,11 @@ def _check_claims(res: Resolution) -> list[Problem]:
             # a transform (a norm's eta, zero extras) changes the tensor only where the
             # axis grows by a non-multiple; there a plain expansion is something else
             whole = not any(res.non_multiple(leaf) for leaf in a.dims.leaves(dims[axis]))
-            if not whole and len({c.transform is None for c in claims}) > 1:
+            if not whole and len({not c.transforms for c in claims}) > 1:
                 problems.append(Problem(
                     reason=f"parameter {name!r} is rescaled for its norm at this width "
                     f"(LEMON's eta) and also read as a value by "
-                    f"{', '.join(sorted({c.node.name for c in claims if c.transform is None}))}",
+                    f"{', '.join(sorted({c.node.name for c in claims if not c.transforms}))}",
                     node=", ".join(sorted({c.node.name for c in claims})),
                     fix="grow this width by a whole multiple (2x, 3x, ...), or read a copy "
                     "of the parameter that the norm does not own"))

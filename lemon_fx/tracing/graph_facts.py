@@ -97,13 +97,20 @@ def _record(node: torch.fx.Node, result: Any) -> None:
 def record_facts(gm: torch.fx.GraphModule, example_inputs: Iterable[Any]) -> None:
     """Run ``gm`` once on ``example_inputs`` (no grad) and store shapes and values on nodes.
 
-    The run leaves no other trace: a BatchNorm in train mode updates its running statistics
+    A model on the meta device (weightless planning) runs on meta copies of the inputs:
+    shapes and sizes are recorded, values that need data are not. The run leaves no other
+    trace: a BatchNorm in train mode updates its running statistics
     (and ``num_batches_tracked``) on every forward, which would make the traced and the
     grown model differ from the user's; every buffer is put back afterwards.
     """
     example_inputs = tuple(example_inputs)
+    run_on = example_inputs
+    if any(t.is_meta for t in gm.state_dict().values()):
+        # a weightless model: shapes only, so its inputs go to the meta device too
+        run_on = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x
+                       for x in example_inputs)
     with torch.no_grad(), preserved_state(gm):
-        _FactRecorder(gm).run(*example_inputs)
+        _FactRecorder(gm).run(*run_on)
     gm.meta[EXAMPLE_INPUTS_KEY] = example_inputs
 
 

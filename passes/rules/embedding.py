@@ -37,6 +37,7 @@ from lemon_fx.analysis.registry import Registry
 from lemon_fx.analysis.rule import Rule
 from lemon_fx.analysis.width import AxisUse, Claim, NodeAnalysis, ParamTransform, WidthAnalysis
 from lemon_fx.axes.expansion import AxisGrowth, source_size, target_size
+from lemon_fx.recipe.transforms import register_transform
 from lemon_fx.resolution.rewrite import NodeRewrite
 from passes.rules.norm import MEANS, DecomposedRMSNorm, _FeatureNormRule
 
@@ -87,7 +88,7 @@ class EmbeddingRule(Rule):
                 head.axes = (head.axes[0], mine[0].axes[1])
                 dim = analysis.param_dims[name][1]
                 for claim in _norm_claims(analysis, norm):
-                    claim.transform = _divided_by_k(claim.transform, dim)
+                    claim.transforms += (ParamTransform("tied_head.divided_by_copies", (dim,)),)
 
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
         if ctx.module is not None:
@@ -124,16 +125,15 @@ def _norm_claims(analysis: WidthAnalysis, norm: torch.fx.Node) -> list[Claim]:
     return [c for claims in analysis.claims.values() for c in claims if c.node is norm]
 
 
-def _divided_by_k(transform: ParamTransform | None, dim: int) -> ParamTransform:
-    """The norm's own transform, then divided by ``k``, the tied width's copy count."""
-    inner = transform.dims if transform is not None else ()
+def _divided_by_copies(_source: torch.Tensor, grown: torch.Tensor,
+                       layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
+    """A tied head's final norm: what the steps before made, divided by ``k`` (the tied
+    width's copy count), so that the head's k-fold logits come out as the source's."""
+    (layout,) = layouts
+    return grown / (target_size(layout) // source_size(layout))
 
-    def scaled(original: torch.Tensor, generic: torch.Tensor,
-               layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
-        grown = transform.fn(original, generic, layouts[:-1]) if transform else generic
-        return grown / (target_size(layouts[-1]) // source_size(layouts[-1]))
 
-    return ParamTransform(scaled, inner + (dim,))
+register_transform("tied_head.divided_by_copies", _divided_by_copies)
 
 
 def register_rules(registry: Registry) -> None:

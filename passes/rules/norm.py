@@ -51,6 +51,7 @@ from lemon_fx.analysis.rule import Rule, argument, parameter_name
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis, ParamTransform
 from lemon_fx.axes.expansion import AxisGrowth, LeafGrowth, embed, source_size, with_form
 from lemon_fx.axes.vocabulary import AVG, NORM_HINT, ZERO, Form
+from lemon_fx.recipe.transforms import register_transform
 from lemon_fx.resolution.rewrite import NodeRewrite
 
 __all__ = ["DecomposedRMSNorm", "LayerNormRule", "RMSNormRule", "register_rules"]
@@ -89,24 +90,30 @@ def norm_growth(layout: AxisGrowth) -> LeafGrowth | None:
     return LeafGrowth(size, size * copies)
 
 
-def _scaled_gamma(dim: int) -> ParamTransform:
+def _grow_gamma(gamma: torch.Tensor, _generic: torch.Tensor,
+                layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
     """gamma' = eta * gamma laid out as the axis (circ: every copy keeps its gamma)."""
-    def grow_gamma(gamma: torch.Tensor, _generic: torch.Tensor,
-                   layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
-        (layout,) = layouts
-        return embed(gamma, 0, layout) * norm_growth(layout).eta
+    (layout,) = layouts
+    return embed(gamma, 0, layout) * norm_growth(layout).eta
 
-    return ParamTransform(grow_gamma, (dim,))
+
+def _grow_beta(beta: torch.Tensor, _generic: torch.Tensor,
+               layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
+    """beta' = beta laid out as the axis, with zeros in the extra entries."""
+    (layout,) = layouts
+    return embed(beta, 0, with_form(layout, ZERO))
+
+
+register_transform("norm.gamma", _grow_gamma)
+register_transform("norm.beta", _grow_beta)
+
+
+def _scaled_gamma(dim: int) -> ParamTransform:
+    return ParamTransform("norm.gamma", (dim,))
 
 
 def _zero_padded(dim: int) -> ParamTransform:
-    """beta' = beta laid out as the axis with zeros in the extra entries."""
-    def grow_beta(beta: torch.Tensor, _generic: torch.Tensor,
-                  layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
-        (layout,) = layouts
-        return embed(beta, 0, with_form(layout, ZERO))
-
-    return ParamTransform(grow_beta, (dim,))
+    return ParamTransform("norm.beta", (dim,))
 
 
 _UNEQUAL_COPIES = ("the normalized axis is made of several width groups (a concatenation, "

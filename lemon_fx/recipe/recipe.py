@@ -1,0 +1,350 @@
+"""``GrowthRecipe``: what every tensor of the grown state_dict is made of, as plain data.
+
+The passes decide, per tensor, which source tensor it starts from and which steps make
+it (LEMON's maps along axes, splits with their noise streams, a rule's named transform,
+a new block's cancelling weights). That decision is this object; applying it is separate,
+so one recipe grows a state_dict in memory, a sharded safetensors checkpoint one tensor
+at a time, on CPU or GPU, and is planned without any weight values.
+
+A ``TensorRecipe`` is ``source`` (a key of the source state_dict) and ``steps``, applied
+in order to that tensor:
+
+- ``embed(axis, layout)``: ``E t`` along ``axis`` (fan-out: rows, biases, norms' weights);
+- ``split(axis, layout, stream)``: LEMON's fan-in split ``W P + R - (R E) P`` with ``R``
+  uniform in ``+-noise_scale * bound`` (``bound`` from the *source* tensor's spread,
+  ``passes.widen.noise_bound``), drawn from the stream ``(seed, stream)``; without a
+  stream, Net2Net's equal split ``W P``;
+- ``transform(name, layouts)``: a rule's named transform (``recipe.transforms``);
+- ``cancel(axis, layout, stream)``: replace the tensor by ``W_c = R - (R E) P`` (a new
+  block's branch end: ``W_c E = 0``), ``R`` bounded by the tensor's own spread;
+- ``fill(value)``: replace the tensor by a constant (zeroed biases, identity norms).
+
+Arithmetic runs in float64 one tensor at a time and is cast back to the tensor's dtype;
+a tensor made only of copies (every step an ``embed`` whose leaves copy entries) is
+tiled in its own dtype, which is the same bytes. Noise comes from ``(seed, stream)``
+alone, so the order in which tensors are made never matters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lemon_fx.axes.expansion import (
+    AxisGrowth,
+    LeafGrowth,
+    embed,
+    split_equal,
+    split_lemon,
+    target_size,
+)
+from lemon_fx.axes.vocabulary import CIRC, FORMS
+from lemon_fx.recipe.transforms import transform_named
+
+__all__ = ["GrowthRecipe", "Step", "TensorRecipe", "layout_from_json", "layout_to_json",
+           "noise_bound", "noise_generator"]
+
+FORMAT = "lemon_fx.recipe"
+VERSION = 1
+
+
+# -- noise ---------------------------------------------------------------------------------
+def noise_generator(seed: int, stream: str) -> torch.Generator:
+    """The generator of one noise stream: a weight does not change when another layer
+    is added, and tensors can be made in any order."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(stream.encode()))
+                                         % 2**63)
+
+
+def noise_bound(source: torch.Tensor, fan_in: int) -> float:
+    """The bound of LEMON's uniform split noise: the layer's own weight scale.
+
+    LEMON draws the noise from the layer's initialization. What a trained layer was
+    initialized with is not recorded, so its weights' spread stands in for it: a uniform
+    draw with the same standard deviation (``sqrt(3) * std``). PyTorch's default
+    ``U(+-1/sqrt(fan_in))`` is used for a constant weight. Matching the weights' own scale
+    matters: noise far above it (a Hugging Face model initialized at std 0.02, split with
+    PyTorch's default bound) amplifies float32 rounding differences between copies from
+    layer to layer.
+    """
+    std = float(source.detach().double().std()) if source.numel() > 1 else 0.0
+    if std > 0:
+        return 3.0**0.5 * std
+    return 1.0 / max(fan_in, 1) ** 0.5
+
+
+def _uniform(shape: list[int], seed: int, stream: str, bound: float,
+             device: torch.device | None) -> torch.Tensor:
+    noise = torch.rand(shape, generator=noise_generator(seed, stream), dtype=torch.float64)
+    noise = noise * (2 * bound) - bound
+    return noise if device is None else noise.to(device)
+
+
+# -- layouts as JSON -----------------------------------------------------------------------
+def layout_to_json(g: AxisGrowth) -> Any:
+    """A leaf as ``[source, target, form]``; a product or sum as ``{"prod"|"sum": [...]}``."""
+    if isinstance(g, LeafGrowth):
+        return [g.source, g.target, g.form]
+    kind, children = g
+    return {kind: [layout_to_json(c) for c in children]}
+
+
+def layout_from_json(data: Any) -> AxisGrowth:
+    if isinstance(data, list):
+        source, target, form = data
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r} in a recipe layout")
+        return LeafGrowth(int(source), int(target), form)
+    (kind, children), = data.items()
+    if kind not in ("prod", "sum"):
+        raise ValueError(f"unknown layout kind {kind!r} in a recipe")
+    return (kind, [layout_from_json(c) for c in children])
+
+
+def _copies_only(g: AxisGrowth) -> bool:
+    """Whether ``embed`` along ``g`` only copies entries (no mean of an avg form)."""
+    if isinstance(g, LeafGrowth):
+        return g.form == CIRC or g.r == 0 or g.form == "zero"
+    return all(_copies_only(c) for c in g[1])
+
+
+# -- steps and tensors ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    """One operation of a tensor's recipe; ``kind`` says which fields it uses (see the
+    module text): ``embed``/``split``/``cancel`` use ``axis`` and ``layout`` (split and
+    cancel a noise ``stream`` and the layer's ``fan_in``), ``transform`` uses ``name``
+    and ``layouts``, ``fill`` uses ``value``."""
+
+    kind: str
+    axis: int | None = None
+    layout: AxisGrowth | None = None
+    stream: str | None = None
+    fan_in: int | None = None
+    name: str | None = None
+    layouts: tuple[AxisGrowth, ...] = ()
+    value: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.axis is not None:
+            out["axis"] = self.axis
+        if self.layout is not None:
+            out["layout"] = layout_to_json(self.layout)
+        for key in ("stream", "fan_in", "name", "value"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.layouts:
+            out["layouts"] = [layout_to_json(g) for g in self.layouts]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Step:
+        if data["kind"] not in ("embed", "split", "transform", "cancel", "fill"):
+            raise ValueError(f"unknown recipe step {data['kind']!r}")
+        return cls(
+            kind=data["kind"], axis=data.get("axis"),
+            layout=layout_from_json(data["layout"]) if "layout" in data else None,
+            stream=data.get("stream"), fan_in=data.get("fan_in"), name=data.get("name"),
+            layouts=tuple(layout_from_json(g) for g in data.get("layouts", ())),
+            value=data.get("value"))
+
+
+@dataclass(frozen=True)
+class TensorRecipe:
+    """How one grown tensor is made: ``steps`` applied to the source tensor ``source``;
+    ``shape`` and ``dtype`` are the grown tensor's."""
+
+    source: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    steps: tuple[Step, ...] = ()
+
+    def with_steps(self, *steps: Step) -> TensorRecipe:
+        return TensorRecipe(self.source, self.shape, self.dtype, self.steps + steps)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "shape": list(self.shape),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "steps": [s.to_json() for s in self.steps]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorRecipe:
+        dtype = getattr(torch, data["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {data['dtype']!r} in a recipe")
+        return cls(data["source"], tuple(int(s) for s in data["shape"]), dtype,
+                   tuple(Step.from_json(s) for s in data["steps"]))
+
+
+@dataclass
+class GrowthRecipe:
+    """For every tensor of the grown state_dict, what it is made of; reads no weights.
+
+    ``tensors``: grown name -> ``TensorRecipe``, in the grown state_dict's order;
+    ``aliases``: grown name -> the grown name it shares storage with (tied weights);
+    ``seed`` and ``noise_scale``: the plan's, for the noise streams.
+
+    ``shapes`` gives ``{name: (shape, dtype)}``; ``apply(state_dict)`` makes the grown
+    state_dict; ``apply_safetensors(src, out_dir)`` does so from and to safetensors files
+    one tensor at a time; ``save(path)`` / ``GrowthRecipe.load(path)`` are plain JSON.
+    """
+
+    tensors: dict[str, TensorRecipe]
+    aliases: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    noise_scale: float = 1.0
+
+    # -- what it makes ---------------------------------------------------------------------
+    @property
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        out = {name: (r.shape, r.dtype) for name, r in self.tensors.items()}
+        for alias, name in self.aliases.items():
+            out[alias] = out[name]
+        return out
+
+    def source_names(self) -> set[str]:
+        """The source tensors the recipe reads."""
+        return {r.source for r in self.tensors.values()}
+
+    def make(self, name: str, source: torch.Tensor, device: torch.device | str | None = None
+             ) -> torch.Tensor:
+        """The grown tensor ``name`` from its source tensor."""
+        recipe = self.tensors[name]
+        device = None if device is None else torch.device(device)
+        tensor = source.detach()
+        if device is not None:
+            tensor = tensor.to(device)
+        if not recipe.steps:  # a new tensor all the same: the grown model owns its weights
+            return tensor.to(recipe.dtype, copy=True)
+        if all(s.kind == "embed" and _copies_only(s.layout) for s in recipe.steps):
+            out = tensor  # copies only: the same bytes in the tensor's own dtype
+            for step in recipe.steps:
+                out = embed(out, step.axis, step.layout)
+            return out.to(recipe.dtype)
+        wide = tensor.to(torch.float64)
+        out = wide
+        for step in recipe.steps:
+            out = self._step(step, wide, out, tensor, recipe.dtype, device)
+        return out.to(recipe.dtype)
+
+    def _step(self, step: Step, source64: torch.Tensor, t: torch.Tensor,
+              source: torch.Tensor, dtype: torch.dtype, device: torch.device | None
+              ) -> torch.Tensor:
+        if step.kind == "embed":
+            return embed(t, step.axis, step.layout)
+        if step.kind == "split":
+            if step.stream is None:
+                return split_equal(t, step.axis, step.layout)
+            shape = list(t.shape)
+            shape[step.axis] = target_size(step.layout)
+            bound = self.noise_scale * noise_bound(source, step.fan_in)
+            noise = _uniform(shape, self.seed, step.stream, bound, device)
+            return split_lemon(t, step.axis, step.layout, noise)
+        if step.kind == "transform":
+            return transform_named(step.name)(source64, t, step.layouts)
+        if step.kind == "cancel":
+            if step.stream is None:
+                return torch.zeros_like(t)
+            # the bound is the spread of the weight being replaced, as it is stored
+            bound = self.noise_scale * noise_bound(t.to(dtype), step.fan_in)
+            noise = _uniform(list(t.shape), self.seed, step.stream, bound, device)
+            shape = list(t.shape)
+            shape[step.axis] = _source_size(step.layout)
+            zeros = torch.zeros(shape, dtype=torch.float64, device=t.device)
+            return split_lemon(zeros, step.axis, step.layout, noise)
+        if step.kind == "fill":
+            return torch.full_like(t, step.value)
+        raise ValueError(f"unknown recipe step {step.kind!r}")
+
+    def apply(self, state_dict: Mapping[str, torch.Tensor],
+              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The grown state_dict from the source's, one tensor at a time (tied names share
+        one tensor). ``device``: where the grown tensors are made (default: where each
+        source tensor is)."""
+        missing = sorted(self.source_names() - set(state_dict))
+        if missing:
+            raise KeyError(f"the state_dict lacks {len(missing)} tensors the recipe reads, "
+                           f"e.g. {missing[:3]}")
+        out = {name: self.make(name, state_dict[r.source], device)
+               for name, r in self.tensors.items()}
+        for alias, name in self.aliases.items():
+            out[alias] = out[name]
+        return out
+
+    def apply_safetensors(self, src: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                          max_shard_size: int | str = "5GB",
+                          device: torch.device | str | None = None,
+                          progress: bool | None = None) -> Path:
+        """Grow a safetensors checkpoint on disk without loading it.
+
+        ``src``: a ``.safetensors`` file, or a folder with one ``model.safetensors`` or
+        shards and ``model.safetensors.index.json`` (as transformers writes them). Each
+        source tensor is read when a grown tensor needs it and each grown tensor is
+        written as soon as it is made, so memory holds a few tensors, not the model.
+        Writes ``model.safetensors`` (one shard) or ``model-0000k-of-0000n.safetensors``
+        with ``model.safetensors.index.json`` into ``out_dir``; the same bytes as
+        ``apply``. ``progress``: a line on stderr per tensor (default: when stderr is a
+        terminal).
+        """
+        from lemon_fx.recipe.safetensors_io import SourceCheckpoint, write_sharded
+
+        checkpoint = SourceCheckpoint(src)
+        missing = sorted(self.source_names() - set(checkpoint.keys()))
+        if missing:
+            raise KeyError(f"{src} lacks {len(missing)} tensors the recipe reads, e.g. "
+                           f"{missing[:3]}")
+
+        def made() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, recipe in self.tensors.items():
+                yield name, self.make(name, checkpoint.tensor(recipe.source), device)
+
+        return write_sharded(made(), self.shapes, self.aliases, out_dir, max_shard_size,
+                             progress=progress)
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "seed": self.seed,
+                "noise_scale": self.noise_scale, "aliases": dict(self.aliases),
+                "tensors": {name: r.to_json() for name, r in self.tensors.items()}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GrowthRecipe:
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError(f"not a lemon_fx recipe of version {VERSION} "
+                             f"(format {data.get('format')!r}, version {data.get('version')!r})")
+        return cls({name: TensorRecipe.from_json(r) for name, r in data["tensors"].items()},
+                   dict(data.get("aliases", {})), int(data["seed"]),
+                   float(data["noise_scale"]))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the recipe as JSON (no pickle) and return the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> GrowthRecipe:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def __repr__(self) -> str:
+        grown = sum(math.prod(s) for s, _ in self.shapes.values())
+        return (f"GrowthRecipe({len(self.tensors)} tensors, {grown:,} values, "
+                f"seed={self.seed})")
+
+
+def _source_size(g: AxisGrowth) -> int:
+    if isinstance(g, LeafGrowth):
+        return g.source
+    kind, children = g
+    sizes = [_source_size(c) for c in children]
+    return math.prod(sizes) if kind == "prod" else sum(sizes)
+
