@@ -374,3 +374,49 @@ def test_inputs_that_disagree_on_the_batch_are_refused(tmp_path: pathlib.Path) -
     text = refused_dynamic_export(Two(), (torch.randn(3, 5), torch.randn(5)), tmp_path / "t.onnx")
     assert text.startswith("cannot export with a dynamic batch")
     assert "the inputs disagree on dimension 0 (input_0: 3, input_1: 5)" in text
+
+
+def test_external_data_is_written_and_checked_as_it_lies_on_disk(tmp_path: pathlib.Path
+                                                                  ) -> None:
+    # the path a model past protobuf's 2 GiB takes, forced at a small size
+    torch.manual_seed(0)
+    small = MLP().eval()
+    gm = lemon_fx.trace(small, (torch.randn(2, 6),))
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))
+    x = torch.randn(3, 6)
+    path = export_onnx(big, (x,), tmp_path / "big.onnx", external_data=True)
+    data = tmp_path / "big.onnx.data"
+    assert data.exists() and data.stat().st_size > 0
+    proto = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, onnx_input_feed((x,), {}))
+    np.testing.assert_allclose(got, small(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_broken_external_data_file_fails_the_check(tmp_path: pathlib.Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = onnx_export._save
+
+    def save_then_corrupt(exported, path, external):
+        wrote = real_save(exported, path, external)
+        data = path.with_name(path.name + ".data")
+        raw = bytearray(data.read_bytes())
+        raw[:64] = bytes(64)  # zero the first weights
+        data.write_bytes(bytes(raw))
+        return wrote
+
+    monkeypatch.setattr(onnx_export, "_save", save_then_corrupt)
+    torch.manual_seed(0)
+    with pytest.raises(VerificationError, match="external data does not match"):
+        export_onnx(MLP().eval(), (torch.randn(2, 6),), tmp_path / "m.onnx", external_data=True)
+
+
+def test_the_same_model_gives_the_same_onnx_file(tmp_path: pathlib.Path) -> None:
+    torch.manual_seed(0)
+    gm = lemon_fx.trace(MLP().eval(), (torch.randn(2, 6),))
+    files = []
+    for i in range(2):
+        big = lemon_fx.grow(gm, lemon_fx.Plan(width=2.0, seed=1))
+        files.append(export_onnx(big, (torch.randn(2, 6),), tmp_path / f"{i}.onnx").read_bytes())
+    assert files[0] == files[1]

@@ -85,6 +85,7 @@ def export_onnx(
     example_kwargs: dict[str, Any] | None = None,
     opset: int | None = None,
     dynamic_batch: bool = False,
+    external_data: bool | None = None,
 ) -> pathlib.Path:
     """Write ``module`` as a float32 ONNX model to ``path`` and return the path.
 
@@ -93,7 +94,10 @@ def export_onnx(
     are untouched. Graph inputs are named ``input_0, input_1, ...`` for positional tensors
     and by keyword for ``example_kwargs``; outputs are named after their place in the
     output structure (``output``, ``output_0``, ``output_logits``). The file carries its
-    weights inline (an external ``<name>.data`` file only above protobuf's 2 GiB limit).
+    weights inline, or in an external ``<name>.data`` file beside it: above protobuf's
+    2 GiB limit, or always with ``external_data=True`` (``False`` forbids it). A file with
+    external data is run in onnxruntime once more after it is written and compared with
+    the module (float32, rtol 1e-5, atol 1e-6): the layout on disk is what gets checked.
     ``opset=None`` lets the exporter choose its default opset.
 
     ``dynamic_batch=True`` names dimension 0 of every tensor input ``batch`` (they must
@@ -137,7 +141,8 @@ def export_onnx(
                     exporter_name,
                     "; ".join(f"{n}: {_exception_summary(e)}" for n, e in failures),
                 )
-            _save_self_contained(exported, path)
+            if _save(exported, path, external_data):
+                _check_saved(path, model, args32, kwargs32, outputs)
             return path
     raise _export_error(failures, opset, dynamic_batch)
 
@@ -451,8 +456,9 @@ def _quiet_exporter(exporter_name: str) -> Iterator[None]:
             _log.debug("%s exporter printed:\n%s", exporter_name, stdout.getvalue())
 
 
-def _save_self_contained(exported: pathlib.Path, path: pathlib.Path) -> None:
-    """Re-save with the weights inline, whatever layout the exporter chose.
+def _save(exported: pathlib.Path, path: pathlib.Path, external: bool | None) -> bool:
+    """Re-save with the weights inline, whatever layout the exporter chose, unless they
+    pass protobuf's limit or ``external`` asks for a data file; True when one was written.
 
     Some torch versions write weights to an external data file by default; a file that
     travels alone is what users expect from ``big.onnx``.
@@ -463,17 +469,42 @@ def _save_self_contained(exported: pathlib.Path, path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data_file = path.with_name(path.name + ".data")
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weight_bytes < _EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path))
-        return
+    if external is None:
+        external = weight_bytes >= _EXTERNAL_DATA_THRESHOLD
     data_file.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if not external:
+        if weight_bytes >= _EXTERNAL_DATA_THRESHOLD:
+            raise VerificationError("the ONNX file would pass protobuf's 2 GiB limit", [
+                Problem(reason=f"{weight_bytes / 2**30:.1f} GiB of weights with "
+                        "external_data=False", fix="pass external_data=True or None")])
+        onnx.save_model(model, str(path))
+        return False
     onnx.save_model(
         model,
         str(path),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=data_file.name,
+        size_threshold=0,
     )
+    return True
+
+
+def _check_saved(path: pathlib.Path, model: nn.Module, args: tuple, kwargs: dict,
+                 outputs: Any) -> None:
+    """Run the file as written (external data included) and compare with the module."""
+    got = onnxruntime_outputs(path, onnx_input_feed(args, kwargs))
+    want = [t for _, t in flatten_outputs(outputs) if isinstance(t, torch.Tensor)]
+    rtol, atol = ONNX_TOLERANCE
+    failed = [c for c in (compare_tensors(f"output {i}", w, torch.from_numpy(np.asarray(g)),
+                                          rtol=rtol, atol=atol, check_dtype=False)
+                          for i, (w, g) in enumerate(zip(want, got))) if not c.passed]
+    if failed or len(got) != len(want):
+        raise VerificationError(f"{path} with external data does not match the module", [
+            Problem(reason=c.reason or f"{c.name}: max abs error {c.max_abs_error:.3e}",
+                    fix="report this as a bug with the model") for c in failed] or [
+            Problem(reason=f"{len(got)} outputs in the file, {len(want)} in the module",
+                    fix="report this as a bug with the model")])
 
 
 def _exception_summary(exc: BaseException, max_lines: int = 4) -> str:
