@@ -130,9 +130,15 @@ def _along(t: torch.Tensor, dim: int, g: AxisGrowth, leaf_op, in_attr: str) -> t
                      dim=dim)
 
 
+def _tile(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
+    """The circ layout: ``k`` whole copies of ``t`` along ``dim``, then its first ``r``
+    entries (the same entries as an index_select of ``i % S``, copied as blocks)."""
+    parts = [t] * g.k + ([t.narrow(dim, 0, g.r)] if g.r else [])
+    return torch.cat(parts, dim=dim)
+
+
 def _embed_leaf(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
-    idx = torch.arange(g.target, device=t.device) % g.source
-    out = t.index_select(dim, idx)
+    out = _tile(t, dim, g)
     if g.form == CIRC or g.r == 0:
         return out
     extra = out.narrow(dim, g.k * g.source, g.r)
@@ -160,9 +166,12 @@ def _gather_leaf(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
 
 def _split_leaf(t: torch.Tensor, dim: int, g: LeafGrowth) -> torch.Tensor:
     """``W P`` along ``dim``: copy ``c`` of entry ``j`` gets ``W[j] / m_j`` (S -> T)."""
-    m = g.copies().to(device=t.device, dtype=t.dtype)
-    scaled = t / m.reshape([-1 if i == dim else 1 for i in range(t.dim())])
-    out = _embed_leaf(scaled, dim, LeafGrowth(g.source, g.target, CIRC))
+    if g.r == 0:
+        scaled = t / float(g.k)  # every entry has k copies
+    else:
+        m = g.copies().to(device=t.device, dtype=t.dtype)
+        scaled = t / m.reshape([-1 if i == dim else 1 for i in range(t.dim())])
+    out = _tile(scaled, dim, g)
     if g.form != CIRC and g.r:
         out.narrow(dim, g.k * g.source, g.r).zero_()
     return out

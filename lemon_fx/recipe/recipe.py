@@ -84,7 +84,7 @@ def noise_bound(source: torch.Tensor, fan_in: int) -> float:
 def _uniform(shape: list[int], seed: int, stream: str, bound: float,
              device: torch.device | None) -> torch.Tensor:
     noise = torch.rand(shape, generator=noise_generator(seed, stream), dtype=torch.float64)
-    noise = noise * (2 * bound) - bound
+    noise.mul_(2 * bound).sub_(bound)  # in place: the same values as noise * 2b - b
     return noise if device is None else noise.to(device)
 
 

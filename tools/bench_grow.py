@@ -1,0 +1,180 @@
+"""How fast and how lean growing is, against building the target from scratch.
+
+Measured on a GPT-2-shaped Pre-LN decoder (``lemon_fx.cli.demo.TinyGPT`` with a tied
+head): growing GPT-2 small's shape (12 x 768, vocab 50257, 124M parameters) to GPT-2
+medium's (24 x 1024, 355M) with ``lemon_fx.grow``, against building that target with
+PyTorch's default initialization. Each side runs in a fresh process (a build timed after
+a large growth in the same process runs several times slower), best of ``--runs``:
+
+- ``time``: seconds of ``grow(gm, plan)`` (tracing excluded: it is done once per source)
+  over seconds of ``TinyGPT(target config)``;
+- ``memory``: the peak resident memory added during growth (Linux ``VmHWM`` reset
+  before it) over the target's parameter bytes;
+- ``planning``: trace + ``plan_growth`` of a weightless (meta-device) model at 12, 24 and
+  48 blocks, seconds per graph node (linear growth keeps it flat).
+
+    python tools/bench_grow.py                  # float32, 3 runs each side
+    python tools/bench_grow.py --dtype bfloat16
+    python tools/bench_grow.py --quick          # tiny shapes, one run (a smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GPT2_SMALL = {"vocab": 50257, "dim": 768, "depth": 12, "num_heads": 12, "max_len": 1024}
+GPT2_MEDIUM = {"vocab": 50257, "dim": 1024, "depth": 24, "num_heads": 16, "max_len": 1024}
+QUICK_SOURCE = {"vocab": 512, "dim": 64, "depth": 2, "num_heads": 4, "max_len": 64}
+QUICK_TARGET = {"vocab": 512, "dim": 96, "depth": 4, "num_heads": 6, "max_len": 64}
+
+
+def _memory() -> dict[str, int]:
+    """VmRSS and VmHWM of this process, in bytes."""
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * 1024
+    return found
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+
+
+def _model(config: dict, dtype, device: str = "cpu"):
+    import torch
+
+    from lemon_fx.cli.demo import TinyGPT
+
+    with torch.device(device):
+        model = TinyGPT(mlp_ratio=4, **config)
+    model.head.weight = model.wte.weight  # GPT-2 ties its head to the embedding
+    return model.to(dtype)
+
+
+def _plan(source: dict, target: dict):
+    import lemon_fx
+
+    return lemon_fx.Plan(width={"@residual": target["dim"], "@ffn": 4 * target["dim"],
+                                "@heads": target["num_heads"]},
+                         depth={"blocks": target["depth"]}, seed=0)
+
+
+def _child(args: argparse.Namespace) -> dict:
+    """One measurement in this (fresh) process."""
+    import torch
+
+    import lemon_fx
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    source, target = json.loads(args.source), json.loads(args.target)
+    if args.child == "build":
+        _reset_peak()
+        before = _memory()["VmRSS"]
+        start = time.perf_counter()
+        model = _model(target, dtype)
+        seconds = time.perf_counter() - start
+        peak = _memory()["VmHWM"] - before
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        return {"seconds": seconds, "peak_extra": peak, "target_bytes": params}
+    if args.child == "grow":
+        model = _model(source, dtype)
+        ids = torch.randint(0, source["vocab"], (1, 8))
+        gm = lemon_fx.trace(model, (ids,))
+        del model
+        _reset_peak()
+        before = _memory()["VmRSS"]
+        start = time.perf_counter()
+        big = lemon_fx.grow(gm, _plan(source, target))
+        seconds = time.perf_counter() - start
+        peak = _memory()["VmHWM"] - before
+        params = sum(p.numel() * p.element_size() for p in big.parameters())
+        return {"seconds": seconds, "peak_extra": peak, "target_bytes": params}
+    if args.child == "plan":
+        config = dict(source, depth=args.depth)
+        model = _model(config, dtype, device="meta")
+        start = time.perf_counter()
+        gm = lemon_fx.trace(model, (torch.randint(0, config["vocab"], (1, 8)),))
+        recipe = lemon_fx.plan_growth(gm, _plan(config, dict(target, depth=2 * args.depth)))
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "nodes": len(gm.graph.nodes),
+                "tensors": len(recipe.tensors)}
+    raise ValueError(args.child)
+
+
+def _run_child(kind: str, args: argparse.Namespace, source: dict, target: dict,
+               depth: int = 0) -> dict:
+    command = [sys.executable, __file__, "--child", kind, "--dtype", args.dtype,
+               "--source", json.dumps(source), "--target", json.dumps(target),
+               "--depth", str(depth), "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _best(kind: str, args: argparse.Namespace, source: dict, target: dict) -> dict:
+    runs = [_run_child(kind, args, source, target) for _ in range(args.runs)]
+    return {"seconds": min(r["seconds"] for r in runs),
+            "peak_extra": min(r["peak_extra"] for r in runs),
+            "target_bytes": runs[0]["target_bytes"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one run")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args)))
+        return 0
+    source, target = (QUICK_SOURCE, QUICK_TARGET) if args.quick else (GPT2_SMALL, GPT2_MEDIUM)
+    if args.quick:
+        args.runs = 1
+    build = _best("build", args, source, target)
+    grow = _best("grow", args, source, target)
+    depths = (2, 4, 8) if args.quick else (12, 24, 48)
+    planning = [dict(_run_child("plan", args, source, target, depth=d), depth=d)
+                for d in depths]
+    results = {
+        "dtype": args.dtype, "source": source, "target": target, "runs": args.runs,
+        "build_seconds": build["seconds"], "grow_seconds": grow["seconds"],
+        "time_ratio": grow["seconds"] / build["seconds"],
+        "target_bytes": grow["target_bytes"], "grow_peak_extra": grow["peak_extra"],
+        "memory_ratio": grow["peak_extra"] / grow["target_bytes"],
+        "planning": planning,
+    }
+    print(f"growth {source['depth']}x{source['dim']} -> {target['depth']}x{target['dim']} "
+          f"({args.dtype}, best of {args.runs}, each in a fresh process)")
+    print(f"  build target  {build['seconds']:8.2f} s")
+    print(f"  grow          {grow['seconds']:8.2f} s   time ratio   "
+          f"{results['time_ratio']:.2f}x")
+    print(f"  peak extra    {grow['peak_extra'] / 2**30:8.2f} GiB for "
+          f"{grow['target_bytes'] / 2**30:.2f} GiB of target weights: memory ratio "
+          f"{results['memory_ratio']:.2f}x")
+    for p in planning:
+        print(f"  plan {p['depth']:3d} blocks (meta)  {p['seconds']:6.2f} s  {p['nodes']:5d} "
+              f"nodes  {1e3 * p['seconds'] / p['nodes']:.2f} ms/node")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
