@@ -203,3 +203,57 @@ def test_dynamic_batch_files_from_export_and_grow(workdir):
             with torch.no_grad():
                 want = source(x)
             torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_grow_stream_grows_a_sharded_checkpoint_without_loading_it(workdir):
+    sys.path.insert(0, str(workdir))
+    try:
+        import models
+    finally:
+        sys.path.pop(0)
+    source = models.build()
+    with torch.no_grad():  # trained-looking: no gamma 1 / beta 0 to hide a misplacement
+        for p in source.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    from safetensors.torch import save_file
+
+    from lemon_fx.recipe.safetensors_io import INDEX_NAME
+    shards = workdir / "small"
+    shards.mkdir()
+    names = list(source.state_dict())
+    weight_map = {}
+    for i, chunk in enumerate((names[0::2], names[1::2])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: source.state_dict()[n] for n in chunk}, shards / file)
+        weight_map.update(dict.fromkeys(chunk, file))
+    (shards / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    done = run("grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8",
+               "--checkpoint", "small", "--stream", "--out", "big", "--recipe", "recipe.json",
+               "--max-shard-size", "4000", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    out = workdir / "big"
+    state = {}
+    for file in out.glob("*.safetensors"):
+        state.update(load_file(str(file)))
+    assert (out / INDEX_NAME).exists() and len(list(out.glob("*.safetensors"))) > 1
+    target = models.bigger().double()
+    target.load_state_dict(state, strict=True)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(target(x), source.double()(x), rtol=1e-5, atol=1e-5)
+    # the same bytes as growing in memory from the same checkpoint, and the recipe says so
+    import lemon_fx
+
+    recipe = lemon_fx.GrowthRecipe.load(workdir / "recipe.json")
+    in_memory = run("grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8",
+                    "--checkpoint", "small", "--out", "big_in_memory", cwd=workdir)
+    assert in_memory.returncode == 0, in_memory.stderr
+    loaded = load_file(str(workdir / "big_in_memory" / "model.safetensors"))
+    assert set(loaded) == set(state) == set(recipe.shapes)
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_stream_needs_a_checkpoint(workdir):
+    done = run("grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8", "--stream",
+               "--out", "big", cwd=workdir)
+    assert done.returncode == 2 and "--stream" in done.stderr and "fix" in done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -66,8 +67,9 @@ def _model_args(parser: argparse.ArgumentParser, plan: str | None) -> None:
     parser.add_argument("--input", metavar="SPEC", action="append", required=True,
                         help="SHAPE[:DTYPE[:HIGH]] per forward argument, e.g. 2x3x224x224 "
                         "or 2x128:int64:50000; repeat for several arguments")
-    parser.add_argument("--checkpoint", metavar="FILE",
-                        help="a .safetensors or .pt state_dict loaded into the model first")
+    parser.add_argument("--checkpoint", metavar="FILE_OR_FOLDER",
+                        help="a .safetensors or .pt state_dict, or a folder of safetensors "
+                        "shards with model.safetensors.index.json, loaded into the model first")
     if plan == "required":
         parser.add_argument("--plan", metavar="PLAN", required=True,
                             help="YAML or JSON file with Plan fields (width, depth, placement, "
@@ -99,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     _dynamic_batch_arg(p, "with --onnx: ")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
                    help="dtype of the saved grown weights (default float32)")
+    p.add_argument("--stream", action="store_true",
+                   help="grow --checkpoint (a .safetensors file or a folder of shards) on "
+                   "disk without loading it: the model is built on the meta device, planned "
+                   "without weights, and the recipe writes sharded safetensors one tensor at "
+                   "a time (no check: run lemon-fx verify on a machine that fits the model)")
+    p.add_argument("--recipe", metavar="FILE", help="also write the growth recipe (JSON)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="with --stream: the largest shard (default 5GB)")
     p = _verb(verbs, "verify", "grow in memory and check the result against the source "
               "(float64, and onnxruntime with --onnx)")
     _model_args(p, "required")
@@ -208,6 +218,50 @@ def _save_state(big, path: Path, dtype: str) -> None:
     save_file(state, str(path))
 
 
+def _grow_streamed(args, plan, out: Path, say: _Say) -> int:
+    """grow --stream: plan on a weightless model, grow the checkpoint on disk."""
+    import torch
+
+    import lemon_fx
+    from lemon_fx.cli.targets import TargetError, load_target, make_inputs
+
+    if not args.checkpoint:
+        raise TargetError("--stream without --checkpoint", [lemon_fx.Problem(
+            reason="--stream grows a checkpoint on disk, and none was given",
+            fix="add --checkpoint model.safetensors (or a folder of shards)")])
+    if args.onnx:
+        raise TargetError("--stream with --onnx", [lemon_fx.Problem(
+            reason="a streamed growth never holds the model in memory, so it cannot be "
+            "exported", fix="drop --onnx, or grow without --stream")])
+    with say.step("building the model on the meta device"), torch.device("meta"):
+        model = load_target(args.target)
+    with say.step("tracing and planning without weights"):
+        gm = lemon_fx.trace(model.eval(), make_inputs(args.input, seed=0))
+        recipe = lemon_fx.plan_growth(gm, plan)
+    if args.dtype != "float32":
+        target = getattr(torch, args.dtype)
+        recipe = lemon_fx.GrowthRecipe(
+            {name: type(r)(r.source, r.shape, target if r.dtype.is_floating_point else r.dtype,
+                           r.steps) for name, r in recipe.tensors.items()},
+            recipe.aliases, recipe.seed, recipe.noise_scale)
+    if args.recipe:
+        recipe.save(args.recipe)
+    with say.step("growing the checkpoint on disk"):
+        recipe.apply_safetensors(args.checkpoint, out, args.max_shard_size,
+                                 progress=not (args.quiet or args.json))
+    report = {"plan": plan.to_dict(), "streamed": True, "source": str(args.checkpoint),
+              "tensors": len(recipe.shapes),
+              "parameters": sum(math.prod(s) for s, _ in recipe.shapes.values()),
+              "verification": None}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif not args.quiet:
+        print(f"grew {args.checkpoint} into {out} ({report['parameters']:,} parameters, "
+              "not checked: lemon-fx verify checks a grown model that fits in memory)")
+    return 0
+
+
 def _cmd_inspect(args, say: _Say) -> int:
     import lemon_fx
 
@@ -233,8 +287,13 @@ def _cmd_grow(args, say: _Say) -> int:
             reason="--dynamic-batch shapes the ONNX file, and without --onnx none is written",
             fix="add --onnx")])
     plan = _plan(args)
+    if args.stream:
+        return _grow_streamed(args, plan, out, say)
     model, gm, fresh = _load(args, say)
     big = _grow(gm, plan, say)
+    if args.recipe:
+        with say.step("writing the recipe"):
+            lemon_fx.plan_growth(gm, plan).save(args.recipe)
     with tempfile.TemporaryDirectory(prefix=".lemon-fx-", dir=out.parent if out.parent.exists()
                                      else None) as tmp:
         staging = Path(tmp)

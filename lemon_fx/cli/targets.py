@@ -83,12 +83,18 @@ def load_target(target: str) -> nn.Module:
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a ``.safetensors`` or ``.pt`` state_dict into ``model`` (strictly)."""
+    """Load a ``.safetensors`` or ``.pt`` state_dict, or a folder of safetensors shards
+    with ``model.safetensors.index.json``, into ``model`` (strictly)."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise _fail(f"no checkpoint file {path}", "check the --checkpoint path")
     try:
-        if file.suffix == ".safetensors":
+        if file.is_dir():
+            from lemon_fx.recipe.safetensors_io import SourceCheckpoint
+
+            folder = SourceCheckpoint(file)
+            state = {name: folder.tensor(name) for name in folder.keys()}
+        elif file.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(file))
