@@ -64,7 +64,6 @@ class SourceCheckpoint:
             self._files = self._keys_of(path)
         else:
             raise FileNotFoundError(f"no checkpoint at {path}")
-        self._open: dict[Path, object] = {}
 
     @staticmethod
     def _keys_of(file: Path) -> dict[str, Path]:
@@ -75,11 +74,10 @@ class SourceCheckpoint:
         return list(self._files)
 
     def tensor(self, name: str) -> torch.Tensor:
-        file = self._files[name]
-        handle = self._open.get(file)
-        if handle is None:
-            handle = self._open[file] = safe_open(str(file), framework="pt")
-        return handle.get_tensor(name)
+        # opened for each read: a file kept mapped keeps every page read so far resident,
+        # and the whole source would end up counted in the process' memory
+        with safe_open(str(self._files[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
