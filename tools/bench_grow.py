@@ -11,11 +11,15 @@ a large growth in the same process runs several times slower), best of ``--runs`
 - ``memory``: the peak resident memory added during growth (Linux ``VmHWM`` reset
   before it) over the target's parameter bytes;
 - ``planning``: trace + ``plan_growth`` of a weightless (meta-device) model at 12, 24 and
-  48 blocks, seconds per graph node (linear growth keeps it flat).
+  48 blocks, seconds per graph node (linear growth keeps it flat);
+- ``--stream``: a ~1.3B-parameter target (24 x 2048) grown on disk from a 200M source
+  written first as bfloat16 shards with an index (not timed), planned on the meta device;
+  peak resident memory of the growth and its seconds.
 
     python tools/bench_grow.py                  # float32, 3 runs each side
     python tools/bench_grow.py --dtype bfloat16
     python tools/bench_grow.py --quick          # tiny shapes, one run (a smoke test)
+    python tools/bench_grow.py --stream         # the streamed ~1.3B growth
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GPT2_SMALL = {"vocab": 50257, "dim": 768, "depth": 12, "num_heads": 12, "max_len": 1024}
 GPT2_MEDIUM = {"vocab": 50257, "dim": 1024, "depth": 24, "num_heads": 16, "max_len": 1024}
+STREAM_SOURCE = {"vocab": 50257, "dim": 1024, "depth": 12, "num_heads": 16, "max_len": 1024}
+STREAM_TARGET = {"vocab": 50257, "dim": 2048, "depth": 24, "num_heads": 32, "max_len": 1024}
 QUICK_SOURCE = {"vocab": 512, "dim": 64, "depth": 2, "num_heads": 4, "max_len": 64}
 QUICK_TARGET = {"vocab": 512, "dim": 96, "depth": 4, "num_heads": 6, "max_len": 64}
 
@@ -108,6 +114,37 @@ def _child(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "nodes": len(gm.graph.nodes),
                 "tensors": len(recipe.tensors)}
+    if args.child == "stream":
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="bench_grow_", dir=args.scratch) as tmp:
+            folder = Path(tmp)
+            model = _model(source, dtype)
+            state = {k: v.contiguous() for k, v in model.state_dict().items()
+                     if k != "head.weight"}  # the tied head is the embedding
+            del model
+            names, weight_map = list(state), {}
+            for i in range(4):
+                file = f"model-{i + 1:05d}-of-00004.safetensors"
+                save_file({n: state[n] for n in names[i::4]}, folder / file)
+                weight_map.update(dict.fromkeys(names[i::4], file))
+            (folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}))
+            del state
+            weightless = _model(source, dtype, device="meta")
+            gm = lemon_fx.trace(weightless, (torch.randint(0, source["vocab"], (1, 8)),))
+            recipe = lemon_fx.plan_growth(gm, _plan(source, target))
+            _reset_peak()
+            before = _memory()["VmRSS"]
+            start = time.perf_counter()
+            recipe.apply_safetensors(folder, folder / "grown", progress=False)
+            seconds = time.perf_counter() - start
+            peak = _memory()["VmHWM"]
+            values = sum(torch.Size(s).numel() for s, _ in recipe.shapes.values())
+            return {"seconds": seconds, "peak": peak, "peak_extra": peak - before,
+                    "target_values": values}
     raise ValueError(args.child)
 
 
@@ -116,6 +153,8 @@ def _run_child(kind: str, args: argparse.Namespace, source: dict, target: dict,
     command = [sys.executable, __file__, "--child", kind, "--dtype", args.dtype,
                "--source", json.dumps(source), "--target", json.dumps(target),
                "--depth", str(depth), "--threads", str(args.threads)]
+    if getattr(args, "scratch", None):
+        command += ["--scratch", args.scratch]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
@@ -136,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--stream", action="store_true",
+                        help="the streamed ~1.3B growth (writes ~3 GB of shards)")
+    parser.add_argument("--scratch", default=None, help="folder for --stream's shards")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
@@ -143,6 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(args)))
+        return 0
+    if args.stream:
+        args.dtype = "bfloat16"
+        result = _run_child("stream", args, STREAM_SOURCE, STREAM_TARGET)
+        print(f"streamed growth {STREAM_SOURCE['depth']}x{STREAM_SOURCE['dim']} -> "
+              f"{STREAM_TARGET['depth']}x{STREAM_TARGET['dim']} (bfloat16 shards, "
+              f"{result['target_values'] / 1e9:.2f}B values): {result['seconds']:.1f} s, "
+              f"peak resident memory {result['peak'] / 2**30:.2f} GiB "
+              f"(+{result['peak_extra'] / 2**30:.2f} GiB during the growth)")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
     source, target = (QUICK_SOURCE, QUICK_TARGET) if args.quick else (GPT2_SMALL, GPT2_MEDIUM)
     if args.quick:
