@@ -197,3 +197,19 @@ def test_tensors_can_be_made_in_any_order() -> None:
     for name in reversed(list(recipe.tensors)):
         made = recipe.make(name, state[recipe.tensors[name].source])
         assert torch.equal(made, forward[name]), name
+
+
+def test_a_hugging_face_model_built_on_the_meta_device_is_planned() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32)
+    plan = Plan(width=2.0, depth={"model.layers": 4}, seed=1)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        weightless = transformers.LlamaForCausalLM(config)
+    recipe = lemon_fx.plan_growth(lemon_fx.trace(weightless, (ids,)), plan)
+    torch.manual_seed(0)
+    real = lemon_fx.trace(transformers.LlamaForCausalLM(config), (ids,))
+    assert recipe == lemon_fx.plan_growth(real, plan)
+    _assert_same_bytes(recipe.apply(real.state_dict()), lemon_fx.grow(real, plan).state_dict())

@@ -225,6 +225,9 @@ class GrowthRecipe:
             tensor = tensor.to(device)
         if not recipe.steps:  # a new tensor all the same: the grown model owns its weights
             return tensor.to(recipe.dtype, copy=True)
+        if recipe.steps[-1].kind == "fill":  # nothing before it shows: no copy to replace
+            return torch.full(recipe.shape, recipe.steps[-1].value, dtype=recipe.dtype,
+                              device=tensor.device)
         if all(s.kind == "embed" and _copies_only(s.layout) for s in recipe.steps):
             out = tensor  # copies only: the same bytes in the tensor's own dtype
             for step in recipe.steps:
