@@ -64,6 +64,12 @@ class OutputComparison:
     tolerance: float = math.nan
     reason: str | None = None
 
+    @classmethod
+    def structure_failure(cls, reason: str) -> OutputComparison:
+        """A failure of the whole output (its structure or count), not of one tensor."""
+        return cls(name="output", shape=(), dtype="", max_abs_error=math.inf,
+                   max_rel_error=math.inf, passed=False, reason=reason)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (non-finite errors are written as the strings "inf"/"nan")."""
         return {
@@ -131,17 +137,7 @@ def compare_outputs(
         detail = f"source has {ref_names}, grown has {cand_names}"
         if missing or extra:
             detail += f" (missing in grown: {missing}, extra in grown: {extra})"
-        return [
-            OutputComparison(
-                name="output",
-                shape=(),
-                dtype="",
-                max_abs_error=math.inf,
-                max_rel_error=math.inf,
-                passed=False,
-                reason=f"output structure differs: {detail}",
-            )
-        ]
+        return [OutputComparison.structure_failure(f"output structure differs: {detail}")]
     return [
         _compare_leaf(name, ref, cand, rtol=rtol, atol=atol, check_dtype=check_dtype)
         for (name, ref), (_, cand) in zip(ref_leaves, cand_leaves, strict=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import os
 import pathlib
 import tempfile
@@ -344,18 +343,9 @@ def _onnx_check(
 
     ref_tensors = [(n, t) for n, t in flatten_outputs(reference) if isinstance(t, torch.Tensor)]
     if len(results) != len(ref_tensors):
-        return [
-            OutputComparison(
-                name="output",
-                shape=(),
-                dtype="",
-                max_abs_error=math.inf,
-                max_rel_error=math.inf,
-                passed=False,
-                reason=f"the ONNX model has {len(results)} outputs, the source model "
-                f"{len(ref_tensors)} tensors ({[n for n, _ in ref_tensors]})",
-            )
-        ]
+        return [OutputComparison.structure_failure(
+            f"the ONNX model has {len(results)} outputs, the source model "
+            f"{len(ref_tensors)} tensors ({[n for n, _ in ref_tensors]})")]
     assert report.onnx_rtol is not None and report.onnx_atol is not None
     return [
         compare_tensors(
