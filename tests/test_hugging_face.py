@@ -269,3 +269,24 @@ def test_vision_cnns_grow_in_width(name, width):
         want = _logits(model(x))
     assert want.abs().max() > 1e-3  # a check of numbers, not of zeros
     _check_images(model, big)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_the_usual_causal_lm_call_traces_and_grows(family: str) -> None:
+    # model(ids, attention_mask=mask, use_cache=False): keywords that skip arguments, one
+    # of them no tensor; before, "keyword inputs leave a gap in forward"
+    build, tolerance = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    gm = lemon_fx.trace(model, (ids,), example_kwargs={"attention_mask": mask,
+                                                       "use_cache": False})
+    big = lemon_fx.grow(gm, Plan(width=2.0))
+    fresh = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    report = lemon_fx.verify(gm, big, (fresh,), example_kwargs={"attention_mask": mask},
+                             rtol=tolerance, atol=tolerance)
+    assert report.ok

@@ -52,13 +52,39 @@ def test_example_kwargs_follow_the_signature():
     assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x", "scale"]
 
 
-def test_example_kwargs_with_a_gap_are_a_trace_error():
+def test_example_kwargs_may_skip_arguments_and_pin_python_values():
+    # no positional gap rule: b keeps its default, flag=False is pinned, c is a graph input
+    class Gap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.out = nn.Linear(6, 4)
+
+        def forward(self, a, b=None, flag=True, c=None):
+            h = torch.relu(self.fc(a))
+            if b is not None:
+                h = h * b
+            if flag:
+                h = h + 100.0
+            return self.out(h) + c
+
+    model = Gap().double()
+    a, c = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    gm = lemon_fx.trace(model, (a,), example_kwargs={"flag": False, "c": c})
+    torch.testing.assert_close(gm(a, c=c), model(a, flag=False, c=c), rtol=0, atol=0)
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))
+    a2, c2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(big(a2, c=c2), model(a2, flag=False, c=c2), rtol=0, atol=1e-12)
+
+
+def test_an_example_kwarg_forward_does_not_take_is_a_trace_error():
     class Two(nn.Module):
-        def forward(self, a, b=None, c=None):
+        def forward(self, a, b=None):
             return a
 
-    with pytest.raises(lemon_fx.TraceError, match="leave a gap"):
-        lemon_fx.trace(Two(), (torch.randn(2),), example_kwargs={"c": torch.randn(2)})
+    with pytest.raises(lemon_fx.TraceError, match="no argument 'c'"):
+        lemon_fx.trace(Two(), (torch.randn(2),), example_kwargs={"c": torch.randn(2)},
+                       frontend="fx")
 
 
 def test_leaf_modules_are_kept_whole():

@@ -38,54 +38,65 @@ def _user_frame(exc: BaseException) -> str | None:
     return None
 
 
-def _positional_inputs(
-    model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None
-) -> tuple[Any, ...]:
+def _fx_arguments(model: nn.Module, example_inputs: Any,
+                  example_kwargs: dict[str, Any] | None,
+                  concrete_args: dict[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """What symbolic_trace gets for each argument of ``forward``, in its order.
+
+    Positional examples come first; then every parameter is a graph input when its
+    keyword example is a tensor, and pinned (a concrete argument) otherwise: a keyword
+    example that is no tensor (``use_cache=False``), ``concrete_args``, or the default of
+    a parameter given no example (so ``if mask is not None:`` traces the branch the graph
+    will run). Keywords may skip parameters: there is no positional gap rule. Returns the
+    values to run the graph with (one per placeholder) and the pinned arguments.
+    """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     args = tuple(example_inputs)
-    if not example_kwargs:
-        return args
-    params = list(pyinspect.signature(model.forward).parameters)
-    values = list(args)
-    for name in params[len(args):]:
-        if name in example_kwargs:
-            values.append(example_kwargs[name])
-        else:
-            break
-    unused = set(example_kwargs) - set(params[len(args): len(values)])
-    if unused:
+    kwargs = dict(example_kwargs or {})
+    pinned_by_user = dict(concrete_args or {})
+    params = [p for p in pyinspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = sorted(set(kwargs) - {p.name for p in params})
+    if unknown:
         raise TraceError(
-            "example_kwargs do not follow forward()'s signature",
-            [
-                Problem(
-                    reason=f"keyword inputs {sorted(unused)} leave a gap in forward{params}",
-                    fix="pass every argument up to the last one you use, positionally "
-                    "or as keywords",
-                )
-            ],
-        )
-    return tuple(values)
-
-
-def _unused_defaults(model: nn.Module, given: int) -> dict[str, Any]:
-    """Arguments not given as examples are pinned to their defaults while tracing.
-
-    Otherwise ``if mask is not None:`` would trace the branch for a tensor the graph will
-    never receive.
-    """
-    pinned: dict[str, Any] = {}
-    params = list(pyinspect.signature(model.forward).parameters.values())
-    for p in params[given:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            f"{type(model).__name__}.forward has no argument {unknown[0]!r}",
+            [Problem(reason=f"example_kwargs {unknown} are not arguments of forward"
+                     f"({', '.join(p.name for p in params)})",
+                     fix="name forward()'s own arguments in example_kwargs")])
+    inputs, pinned = list(args), {}
+    for p in params[len(args):]:
+        if p.name in pinned_by_user:
+            value = pinned_by_user[p.name]
+        elif p.name in kwargs and isinstance(kwargs[p.name], torch.Tensor):
+            inputs.append(kwargs[p.name])  # a graph input
             continue
-        if p.default is p.empty:
+        elif p.name in kwargs:
+            value = kwargs[p.name]
+        elif p.default is not p.empty:
+            value = p.default
+        else:
             raise TraceError(
                 f"{type(model).__name__}.forward needs argument {p.name!r}",
                 [Problem(reason=f"no example was given for {p.name!r}",
                          fix="add it to example_inputs or example_kwargs")])
-        pinned[p.name] = p.default
-    return pinned
+        pinned[p.name] = value
+        inputs.append(value)
+    return tuple(inputs), pinned
+
+
+def _pin_defaults(gm: torch.fx.GraphModule, model: nn.Module, pinned: dict[str, Any]) -> None:
+    """A pinned argument's placeholder defaults to its pinned value, so the traced module
+    is called like the model was (``gm(ids)`` after ``use_cache=False``)."""
+    names = [p.name for p in pyinspect.signature(model.forward).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(names):
+        return
+    for name, node in zip(names, placeholders):
+        if name in pinned and isinstance(pinned[name], (bool, int, float, str, type(None))):
+            node.args = (pinned[name],)
+    gm.recompile()
 
 
 def trace(
@@ -164,8 +175,7 @@ def _trace_fx(
             "lemon_fx.trace needs an nn.Module",
             [Problem(reason=f"got {type(model).__name__}", fix="pass the model instance")],
         )
-    inputs = _positional_inputs(model, example_inputs, example_kwargs)
-    concrete_args = {**_unused_defaults(model, len(inputs)), **(concrete_args or {})}
+    inputs, concrete_args = _fx_arguments(model, example_inputs, example_kwargs, concrete_args)
     private = copy.deepcopy(model)
     leaves = tuple(leaf_modules)
     class _Tracer(torch.fx.Tracer):
@@ -193,6 +203,7 @@ def _trace_fx(
             ],
         ) from exc
     gm = torch.fx.GraphModule(private, graph, class_name=type(model).__name__)
+    _pin_defaults(gm, model, concrete_args)
     set_source(gm, type(model))
     try:
         record_facts(gm, inputs)
