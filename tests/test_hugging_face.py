@@ -290,3 +290,24 @@ def test_the_usual_causal_lm_call_traces_and_grows(family: str) -> None:
     report = lemon_fx.verify(gm, big, (fresh,), example_kwargs={"attention_mask": mask},
                              rtol=tolerance, atol=tolerance)
     assert report.ok
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_grown_export_graph_returns_the_models_own_output(family: str) -> None:
+    build, tolerance = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    kwargs = {"use_cache": False} if family == "llama" else {}
+    gm = lemon_fx.trace(model, (ids,), example_kwargs=kwargs)
+    big = lemon_fx.grow(gm, Plan(width=2.0))
+    fresh = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(fresh, **kwargs), big(fresh, **kwargs)
+    assert type(got) is type(want) and list(got.keys()) == list(want.keys())
+    # the original model object, not its trace, is the reference
+    assert lemon_fx.verify(model, big, (fresh,), example_kwargs=kwargs, rtol=tolerance,
+                           atol=tolerance).ok

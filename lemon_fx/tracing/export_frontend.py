@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
 
 from lemon_fx.tracing.graph_facts import export_value, module_stack, set_module_stack, set_source
 
@@ -57,10 +59,50 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict | None = None
                                   dynamic_shapes=_dynamic_shapes(private, args, kwargs))
     gm = program.module()
     _flatten(gm)
+    _accept_pinned(gm, kwargs)
     _drop_dtype_pins(gm)
     _resolve_module_stack(gm, private)
     set_source(gm, type(model), exported=True, config=config)
     return gm
+
+
+class OutputTreeCodeGen(_PyTreeCodeGen):
+    """Positional inputs as they are, the output rebuilt by ``out_spec``: a traced Hugging
+    Face model returns its ``ModelOutput`` (or dict, tuple) as the model does, so
+    ``verify(model, grown)`` compares like with like."""
+
+    def __init__(self, out_spec: pytree.TreeSpec):
+        super().__init__(_PyTreeInfo([], None, out_spec))
+
+    def process_inputs(self, *inputs: Any) -> Any:
+        return list(inputs)
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *,
+                   expanded_def: bool = False) -> str:
+        return torch.fx.graph.CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation,
+                                                 expanded_def=expanded_def)
+
+
+def _accept_pinned(gm: torch.fx.GraphModule, kwargs: dict) -> None:
+    """Keyword examples that are no tensors (``use_cache=False``) were baked into the
+    graph; they become trailing inputs that default to their value and are not read, so
+    the traced module is called as the model was (``gm(ids, use_cache=False)``)."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    taken = {n.name for n in placeholders}
+    after = placeholders[-1] if placeholders else None
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) or name in taken or not isinstance(
+                value, (bool, int, float, str, type(None))):
+            continue
+        if after is None:
+            with graph.inserting_before(next(iter(graph.nodes))):
+                after = graph.placeholder(name, default_value=value)
+        else:
+            with graph.inserting_after(after):
+                after = graph.placeholder(name, default_value=value)
+    graph.lint()
+    gm.recompile()
 
 
 def _flatten(gm: torch.fx.GraphModule) -> None:
@@ -75,7 +117,10 @@ def _flatten(gm: torch.fx.GraphModule) -> None:
         if node.op == "placeholder" and not node.users and not isinstance(
                 export_value(node), torch.Tensor):
             graph.erase_node(node)
-    graph._codegen = torch.fx.graph.CodeGen()  # plain positional forward, tuple output
+    out_spec = getattr(getattr(graph._codegen, "pytree_info", None), "out_spec", None)
+    # a plain positional forward that returns the model's own output structure
+    graph._codegen = (OutputTreeCodeGen(out_spec) if out_spec is not None
+                      else torch.fx.graph.CodeGen())
     graph.lint()
     gm.recompile()
 
