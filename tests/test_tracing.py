@@ -1,5 +1,8 @@
 """lemon_fx.trace: shapes and values on every node, inputs remembered, model untouched."""
 
+import collections
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +115,44 @@ def test_not_a_module_is_a_trace_error():
 def test_inputs_that_do_not_fit_are_a_trace_error():
     with pytest.raises(lemon_fx.TraceError, match="failed on the example inputs"):
         lemon_fx.trace(_Net(), (torch.randn(3, 5),))
+
+
+_Out = collections.namedtuple("_Out", "logits extra")
+
+
+@dataclasses.dataclass
+class _DataOut:
+    logits: torch.Tensor
+    pooled: torch.Tensor
+
+
+class _Structured(nn.Module):
+    """Returns a namedtuple, a dataclass or both nested, as model code does."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.fc(x)))
+        if self.kind == "namedtuple":
+            return _Out(y, y * 2)
+        if self.kind == "dataclass":
+            return _DataOut(y, y.mean(-1))
+        return _Out(_DataOut(y, y.sum(-1)), {"none": None, "scaled": y / 3})
+
+
+@pytest.mark.parametrize("kind", ["namedtuple", "dataclass", "nested"])
+def test_the_grown_module_returns_the_models_own_output_structure(kind: str):
+    # on the fx frontend the constructors were ops without a rule: growth was refused
+    model = _Structured(kind).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    gm = lemon_fx.trace(model, (torch.randn(2, 4, dtype=torch.float64),), frontend="fx")
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))
+    fresh = torch.randn(5, 4, dtype=torch.float64)
+    assert type(big(fresh)) is type(model(fresh))
+    assert lemon_fx.verify(model, big, (fresh,)).ok

@@ -25,10 +25,9 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-from torch.utils import _pytree as pytree
 
 from lemon_fx.tracing.graph_facts import export_value, module_stack, set_module_stack, set_source
+from lemon_fx.tracing.output_structure import OutputTreeCodeGen
 
 __all__ = ["export_graph"]
 
@@ -64,23 +63,6 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict | None = None
     _resolve_module_stack(gm, private)
     set_source(gm, type(model), exported=True, config=config)
     return gm
-
-
-class OutputTreeCodeGen(_PyTreeCodeGen):
-    """Positional inputs as they are, the output rebuilt by ``out_spec``: a traced Hugging
-    Face model returns its ``ModelOutput`` (or dict, tuple) as the model does, so
-    ``verify(model, grown)`` compares like with like."""
-
-    def __init__(self, out_spec: pytree.TreeSpec):
-        super().__init__(_PyTreeInfo([], None, out_spec))
-
-    def process_inputs(self, *inputs: Any) -> Any:
-        return list(inputs)
-
-    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *,
-                   expanded_def: bool = False) -> str:
-        return torch.fx.graph.CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation,
-                                                 expanded_def=expanded_def)
 
 
 def _accept_pinned(gm: torch.fx.GraphModule, kwargs: dict) -> None:

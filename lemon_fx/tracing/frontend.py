@@ -24,6 +24,7 @@ from torch import nn
 from lemon_fx.errors import Problem, TraceError, first_line
 from lemon_fx.tracing.export_frontend import export_graph
 from lemon_fx.tracing.graph_facts import record_facts, set_source
+from lemon_fx.tracing.output_structure import lift_output_structure
 
 __all__ = ["trace"]
 
@@ -204,6 +205,7 @@ def _trace_fx(
         ) from exc
     gm = torch.fx.GraphModule(private, graph, class_name=type(model).__name__)
     _pin_defaults(gm, model, concrete_args)
+    lift_output_structure(gm)
     set_source(gm, type(model))
     try:
         record_facts(gm, inputs)
