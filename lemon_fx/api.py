@@ -27,7 +27,7 @@ from lemon_fx.errors import PlanError, Problem, TraceError, first_line
 from lemon_fx.plan import Plan
 from lemon_fx.recipe.recipe import GrowthRecipe, TensorRecipe
 from lemon_fx.resolution.depth import StackGrowth, resolve_depth
-from lemon_fx.resolution.width import Resolution, resolve_width
+from lemon_fx.resolution.width import Resolution, grown_outputs, resolve_width
 from lemon_fx.tracing.frontend import trace as trace_model
 from lemon_fx.tracing.graph_facts import (
     example_inputs as example_inputs_of,
@@ -181,7 +181,8 @@ class _Planned:
     structure: torch.fx.GraphModule  # the grown graph and modules, tensors on meta
     recipe: GrowthRecipe
     new_blocks: list[Any]
-    notes: list[str]
+    notes: list[str]  # depth's (Post-LN blocks exact up to eps)
+    output_notes: list[str]  # each grown output (grow_outputs=True)
 
 
 def _weightless_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -230,7 +231,7 @@ def _plan(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int
     source = _with_facts(gm, example_inputs)
     # every check first: width, then depth, then the rewrites' own refusals
     registry = default_registry()
-    analysis = analyze(source, registry)
+    analysis = analyze(source, registry, fix_outputs=not plan.grow_outputs)
     resolution = resolve_width(analysis, plan)
     growths = resolve_depth(find_stacks(source, registry), plan)
     _check_size(analysis, resolution, growths)
@@ -246,7 +247,11 @@ def _plan(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int
     _, new_blocks, notes = deepen(widened.graph_module, growths, resolution, made_of)
     structure = cleanup(widened.graph_module).graph_module
     recipe = _final_recipe(structure, made_of, plan)
-    return _Planned(source, analysis, structure, recipe, new_blocks, list(notes))
+    output_notes = [
+        f"output '{name}' axis {axis} grows {size} -> {grown}: its first {size} entries are "
+        "the source's output" for name, axis, size, grown in grown_outputs(resolution)]
+    return _Planned(source, analysis, structure, recipe, new_blocks, list(notes),
+                    output_notes)
 
 
 def plan_growth(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
@@ -282,7 +287,7 @@ def grow(
     state = planned.recipe.apply(source.state_dict())
     grown.load_state_dict(state, strict=True, assign=True)
     _tie(grown, planned.recipe.aliases)
-    report = GrowthReport(plan, planned.new_blocks, list(planned.notes))
+    report = GrowthReport(plan, planned.new_blocks, planned.notes + planned.output_notes)
     if plan.width is not None:
         report.notes += [held_note(h) for h in planned.analysis.held]
         report.notes += returned_width_notes(planned.analysis)
@@ -291,7 +296,8 @@ def grow(
         if planned.notes and plan.allow_inexact:
             report.measured_error = _measured_error(source, grown, inputs)
         else:
-            report.notes += check_on_example(source, grown, inputs)
+            report.notes += check_on_example(source, grown, inputs,
+                                             leading=plan.grow_outputs)
         record_facts(grown, inputs)
     set_growth(grown, report, plan)
     return grown

@@ -87,6 +87,13 @@ class Plan:
         cancelling new blocks): 1.0, the default, draws at the layer's own weight scale;
         smaller keeps the copies closer together; 0 makes them equal (and new blocks'
         cancelling weights zero). The function is exact at any scale.
+    ``grow_outputs``
+        ``False`` (the default) keeps every model output at its size; ``True`` lets a
+        grown width reach the outputs (a base model returning its hidden states:
+        ``BertModel``, ``ViTModel``). The first ``S`` entries of each grown output axis
+        are then the source's output exactly, ``verify`` compares those, and the growth
+        report names each grown output. An output axis whose first entries would not be
+        the source's (a concatenation whose first part grows) is refused.
     ``extra``
         Free-form data carried along with the plan; it takes no part in growth, in
         equality or in ``repr``, and ``from_dict``/``to_dict`` leave it out.
@@ -104,6 +111,7 @@ class Plan:
     seed: int = 0
     allow_inexact: bool = False
     noise_scale: float = 1.0
+    grow_outputs: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +157,9 @@ class Plan:
             problems.append(Problem(reason=f"noise_scale {self.noise_scale!r} is not a number "
                                     ">= 0", fix="use 1.0 (LEMON's scale) or another "
                                     "non-negative number", node="noise_scale"))
+        if not isinstance(self.grow_outputs, bool):
+            problems.append(Problem(reason=f"grow_outputs {self.grow_outputs!r} is not a bool",
+                                    fix="use true or false", node="grow_outputs"))
         if problems:
             raise PlanError("the plan is invalid", problems)
 

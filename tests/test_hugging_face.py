@@ -91,7 +91,7 @@ def test_traced_through_torch_export(name):
     assert {"residual", "ffn"} <= {g.role for g in report.groups}
 
 
-@pytest.mark.parametrize("width", [2.0, 1.5])
+@pytest.mark.parametrize("width", [2.0, 3.0])  # Post-LN: whole multiples
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_width(name, width):
     model, gm, tol = _traced(name)
@@ -258,7 +258,7 @@ VISION_CNNS = {
 }
 
 
-@pytest.mark.parametrize("width", [2.0, 1.5])
+@pytest.mark.parametrize("width", [2.0, 3.0])  # Post-LN: whole multiples
 @pytest.mark.parametrize("name", sorted(VISION_CNNS))
 def test_vision_cnns_grow_in_width(name, width):
     model, gm = _traced_cnn(VISION_CNNS[name])
@@ -311,3 +311,48 @@ def test_a_grown_export_graph_returns_the_models_own_output(family: str) -> None
     # the original model object, not its trace, is the reference
     assert lemon_fx.verify(model, big, (fresh,), example_kwargs=kwargs, rtol=tolerance,
                            atol=tolerance).ok
+
+
+@pytest.mark.parametrize("width", [2.0, 3.0])  # Post-LN: whole multiples
+def test_a_bare_bert_grows_its_hidden_width_with_grow_outputs(width: float) -> None:
+    def config(scale: float) -> object:
+        return transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=int(32 * scale), num_hidden_layers=2,
+            num_attention_heads=int(4 * scale), intermediate_size=int(64 * scale),
+            max_position_embeddings=32)
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(config(1), add_pooling_layer=False).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = lemon_fx.trace(model, (ids,))
+    kept = lemon_fx.grow(gm, Plan(width=width))  # the default keeps the returned width
+    assert kept(ids).last_hidden_state.shape[-1] == 32
+    big = lemon_fx.grow(gm, Plan(width=width, grow_outputs=True))
+    assert any("its first 32 entries are the source's" in n
+               for n in lemon_fx.growth_report(big).notes)
+    fresh = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    assert lemon_fx.verify(model, big, (fresh,)).ok  # compares the first 32 entries
+    bigger = transformers.BertModel(config(width), add_pooling_layer=False).double().eval()
+    bigger.load_state_dict(big.state_dict(), strict=True)
+    with torch.no_grad():
+        got = bigger(fresh).last_hidden_state
+        want = model(fresh).last_hidden_state
+    assert got.shape[-1] == int(32 * width)
+    torch.testing.assert_close(got[..., :32], want, rtol=0, atol=1e-10)
+
+
+def test_an_output_whose_first_entries_would_move_is_refused() -> None:
+    class CatOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(4, 3)
+
+        def forward(self, x):  # the first part grows: the second part's entries move
+            return torch.cat([torch.relu(self.a(x)), self.b(x)], -1)
+
+    gm = lemon_fx.trace(CatOut().double(), (torch.randn(2, 4, dtype=torch.float64),))
+    with pytest.raises(NotLosslessError, match="first 9 entries would not be the source"):
+        lemon_fx.grow(gm, Plan(width=2.0, grow_outputs=True))

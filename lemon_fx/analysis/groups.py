@@ -131,7 +131,8 @@ def returned_width_notes(analysis: WidthAnalysis) -> list[str]:
         if leaf in hinted and "of model output" in reason and table.size(leaf) > 1:
             notes[reason] = (f"width {table.size(leaf)} is kept at its size: it is the "
                              f"model's hidden width and {reason} returns it; grow a model "
-                             "with a head on top (e.g. ...ForMaskedLM) to grow it")
+                             "with Plan(grow_outputs=True) (the first entries stay the source's "
+                             "output) or grow a model with a head on top (e.g. ...ForMaskedLM)")
     return sorted(notes.values())
 
 

@@ -95,10 +95,12 @@ def _require_facts(gm: torch.fx.GraphModule) -> None:
                      "example_inputs to lemon_fx.grow")])
 
 
-def analyze(gm: torch.fx.GraphModule, registry: Registry) -> WidthAnalysis:
-    """The width analysis of ``gm`` with its groups built; TraceError without facts."""
+def analyze(gm: torch.fx.GraphModule, registry: Registry, *,
+            fix_outputs: bool = True) -> WidthAnalysis:
+    """The width analysis of ``gm`` with its groups built; TraceError without facts.
+    ``fix_outputs=False`` lets widths reach the model's outputs (``grow_outputs``)."""
     _require_facts(gm)
-    analysis = analyze_width(gm, registry)
+    analysis = analyze_width(gm, registry, fix_outputs=fix_outputs)
     build_groups(analysis)
     return analysis
 

@@ -193,6 +193,8 @@ class WidthAnalysis:
     groups: list[Any] = field(default_factory=list)  # list[WidthGroup], set by build_groups
     held: list[Any] = field(default_factory=list)  # list[HeldWidth], set by build_groups
     input_leaves: set[int] = field(default_factory=set)
+    # (output node name, axis, dim) of every tensor the model returns
+    output_axes: list[tuple[str, int, int]] = field(default_factory=list)
     # a tensor registered under several names (tied weights) is analyzed once, under the
     # first name; the others map to it
     aliases: dict[str, str] = field(default_factory=dict)
@@ -472,7 +474,8 @@ def _tensor_args(node: torch.fx.Node, value_dims: dict) -> list[Value]:
     return values
 
 
-def analyze_width(gm: torch.fx.GraphModule, registry: Registry) -> WidthAnalysis:
+def analyze_width(gm: torch.fx.GraphModule, registry: Registry, *,
+                  fix_outputs: bool = True) -> WidthAnalysis:
     """State every coupling in ``gm``; groups, forms and blockers come out of it."""
     table = DimTable()
     analysis = WidthAnalysis(
@@ -505,7 +508,7 @@ def analyze_width(gm: torch.fx.GraphModule, registry: Registry) -> WidthAnalysis
                 for axis, d in enumerate(analysis.value_dims[value]):
                     table.fix(d, f"axis {axis} of model input '{node.name}'")
         elif node.op == "output":
-            _fix_outputs(node, analysis)
+            _fix_outputs(node, analysis, fix_outputs)
         elif node.op == "get_attr":
             _analyze_get_attr(node, analysis)
         else:
@@ -536,11 +539,15 @@ def _values_of(node: torch.fx.Node, analysis: WidthAnalysis) -> list[Value]:
     return [k for k in analysis.value_dims if isinstance(k, tuple) and k[0] is node]
 
 
-def _fix_outputs(node: torch.fx.Node, analysis: WidthAnalysis) -> None:
+def _fix_outputs(node: torch.fx.Node, analysis: WidthAnalysis, fix: bool) -> None:
+    """Record the model's output axes, and keep them at their size unless ``fix`` is
+    False (``Plan(grow_outputs=True)``)."""
     def visit(arg: torch.fx.Node) -> torch.fx.Node:
         for value in _values_of(arg, analysis):
             for axis, d in enumerate(analysis.value_dims[value]):
-                analysis.dims.fix(d, f"axis {axis} of model output '{arg.name}'")
+                analysis.output_axes.append((arg.name, axis, d))
+                if fix:
+                    analysis.dims.fix(d, f"axis {axis} of model output '{arg.name}'")
         return arg
 
     torch.fx.node.map_arg(node.args, visit)

@@ -198,12 +198,48 @@ def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
     unsupported, inexact = _check_blockers(resolution)
     inexact += _solve_forms(resolution)
     inexact += _check_claims(resolution)
+    inexact += _check_grown_outputs(resolution)
     if unsupported:
         raise UnsupportedOpError("growing this model needs ops lemon_fx has no rule for",
                                  unsupported + inexact)
     if inexact:
         raise NotLosslessError("this growth has no exact answer", inexact)
     return resolution
+
+
+def _source_first(layout: AxisGrowth, grows) -> bool:
+    """Whether the first ``S`` entries of an axis of this layout are the source's: a leaf
+    (every form starts with a tile of ``x``), a product whose inner leaves keep their
+    size, a concatenation in which only the last part grows."""
+    if isinstance(layout, LeafGrowth):
+        return True
+    kind, children = layout
+    if kind == "prod":
+        return all(not grows(c) for c in children[1:]) and _source_first(children[0], grows)
+    return all(not grows(c) for c in children[:-1]) and _source_first(children[-1], grows)
+
+
+def grown_outputs(res: Resolution) -> list[tuple[str, int, int, int]]:
+    """(output name, axis, source size, grown size) of every output axis that grows."""
+    return [(name, axis, res.analysis.dims.size(d), res.grown(d))
+            for name, axis, d in res.analysis.output_axes if res.grows(d)]
+
+
+def _check_grown_outputs(res: Resolution) -> list[Problem]:
+    def grows(layout: AxisGrowth) -> bool:
+        if isinstance(layout, LeafGrowth):
+            return not layout.identity
+        return any(grows(c) for c in layout[1])
+
+    problems = []
+    for name, axis, d in res.analysis.output_axes:
+        if res.grows(d) and not _source_first(res.axis_growth(d, CIRC), grows):
+            problems.append(Problem(
+                reason=f"axis {axis} of model output '{name}' would grow, but its first "
+                f"{res.analysis.dims.size(d)} entries would not be the source's (an inner "
+                "factor or an earlier part of a concatenation grows)", node=name,
+                fix="keep that width fixed in the plan, or grow_outputs=False"))
+    return problems
 
 
 def _check_ties(res: Resolution) -> None:

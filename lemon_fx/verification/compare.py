@@ -25,6 +25,7 @@ __all__ = [
     "dtype_name",
     "flatten_outputs",
     "json_float",
+    "leading_part",
 ]
 
 # (rtol, atol) per check dtype. float64 is where lossless growth is exact up to rounding;
@@ -123,10 +124,24 @@ def flatten_outputs(value: Any, name: str = "output") -> list[tuple[str, Any]]:
     return [(name, value)]
 
 
+def leading_part(candidate: Any, reference: Any) -> Any:
+    """The first ``S`` entries of each axis of a grown output, ``S`` the reference's size
+    (``Plan(grow_outputs=True)``: that part is the source's output); anything else as is."""
+    if not (isinstance(candidate, torch.Tensor) and isinstance(reference, torch.Tensor)):
+        return candidate
+    if candidate.dim() != reference.dim() or any(
+            c < r for c, r in zip(candidate.shape, reference.shape)):
+        return candidate
+    return candidate[tuple(slice(0, r) for r in reference.shape)]
+
+
 def compare_outputs(
-    reference: Any, candidate: Any, *, rtol: float, atol: float, check_dtype: bool = True
+    reference: Any, candidate: Any, *, rtol: float, atol: float, check_dtype: bool = True,
+    leading: bool = False,
 ) -> list[OutputComparison]:
-    """Compare two output structures leaf by leaf; a structural difference is a failure."""
+    """Compare two output structures leaf by leaf; a structural difference is a failure.
+    ``leading``: compare each candidate tensor's leading part of the reference's shape
+    (outputs that grew with ``grow_outputs``)."""
     ref_leaves = flatten_outputs(reference)
     cand_leaves = flatten_outputs(candidate)
     ref_names = [n for n, _ in ref_leaves]
@@ -139,7 +154,8 @@ def compare_outputs(
             detail += f" (missing in grown: {missing}, extra in grown: {extra})"
         return [OutputComparison.structure_failure(f"output structure differs: {detail}")]
     return [
-        _compare_leaf(name, ref, cand, rtol=rtol, atol=atol, check_dtype=check_dtype)
+        _compare_leaf(name, ref, leading_part(cand, ref) if leading else cand, rtol=rtol,
+                      atol=atol, check_dtype=check_dtype)
         for (name, ref), (_, cand) in zip(ref_leaves, cand_leaves, strict=True)
     ]
 

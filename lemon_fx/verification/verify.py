@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from lemon_fx.errors import Problem, VerificationError
+from lemon_fx.tracing.graph_facts import grown_plan
 from lemon_fx.verification import onnx_export
 from lemon_fx.verification.compare import (
     BUG_FIX,
@@ -36,6 +37,7 @@ from lemon_fx.verification.compare import (
     dtype_name,
     flatten_outputs,
     json_float,
+    leading_part,
 )
 
 __all__ = ["VerificationReport", "verify"]
@@ -173,8 +175,9 @@ def verify(
 
     reference = _run(source, args, kwargs, check_dtype, role="source")
     candidate = _run(grown, args, kwargs, check_dtype, role="grown")
+    leading = _grew_outputs(grown)
     report = VerificationReport(
-        outputs=compare_outputs(reference, candidate, rtol=rtol, atol=atol),
+        outputs=compare_outputs(reference, candidate, rtol=rtol, atol=atol, leading=leading),
         dtype=dtype_name(check_dtype),
         rtol=rtol,
         atol=atol,
@@ -351,13 +354,20 @@ def _onnx_check(
         compare_tensors(
             name,
             ref,
-            torch.from_numpy(result),
+            leading_part(torch.from_numpy(result), ref) if _grew_outputs(grown)
+            else torch.from_numpy(result),
             rtol=report.onnx_rtol,
             atol=report.onnx_atol,
             check_dtype=False,
         )
         for (name, ref), result in zip(ref_tensors, results, strict=True)
     ]
+
+
+def _grew_outputs(grown: nn.Module) -> bool:
+    """Whether ``grown`` came from ``grow`` with ``Plan(grow_outputs=True)``."""
+    plan = grown_plan(grown) if isinstance(grown, torch.fx.GraphModule) else None
+    return bool(getattr(plan, "grow_outputs", False))
 
 
 def _failure(
