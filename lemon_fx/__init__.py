@@ -30,6 +30,7 @@ from lemon_fx.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from lemon_fx.hub import grow_pretrained
 from lemon_fx.plan import Plan
 from lemon_fx.recipe.recipe import GrowthRecipe
 from lemon_fx.training.schedule import LemonSchedule, lemon_lr_factor
@@ -56,6 +57,7 @@ __all__ = [
     "export_onnx",
     "GrowthRecipe",
     "grow",
+    "grow_pretrained",
     "plan_growth",
     "growth_report",
     "inspect",

@@ -45,8 +45,8 @@ from passes.deepen import deepen
 from passes.rules import default_registry
 from passes.widen import plan_edits, widen
 
-__all__ = ["GrowthReport", "grow", "growth_report", "inspect", "plan_growth", "register",
-           "trace"]
+__all__ = ["GrowthReport", "PlannedGrowth", "grow", "growth_report", "inspect", "plan_growth",
+           "plan_in_detail", "register", "trace"]
 
 
 @dataclass
@@ -173,11 +173,17 @@ def _with_facts(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.Graph
 
 
 @dataclass
-class _Planned:
-    """Everything ``grow`` decides before a single weight is made."""
+class PlannedGrowth:
+    """Everything ``grow`` decides before a single weight is made: the source graph (with
+    facts), its width analysis and resolution (every group's grown size), each stack's
+    growth (block orders), the grown structure (tensors on meta), the recipe, the new
+    blocks and the report's notes. ``plan_in_detail`` returns it for tools that rewrite a
+    model's configuration (``lemon_fx.hub``)."""
 
     source: torch.fx.GraphModule
     analysis: WidthAnalysis
+    resolution: Resolution
+    growths: list[StackGrowth]
     structure: torch.fx.GraphModule  # the grown graph and modules, tensors on meta
     recipe: GrowthRecipe
     new_blocks: list[Any]
@@ -220,8 +226,9 @@ def _final_recipe(structure: torch.fx.GraphModule, made_of: dict[str, TensorReci
     return GrowthRecipe(tensors, aliases, seed=plan.seed, noise_scale=plan.noise_scale)
 
 
-def _plan(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
-          example_inputs: Any) -> _Planned:
+def plan_in_detail(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
+                   example_inputs: Any = None) -> PlannedGrowth:
+    """``plan_growth`` with everything decided on the way (see ``PlannedGrowth``)."""
     if not isinstance(gm, torch.fx.GraphModule):
         raise TraceError("grow needs a torch.fx.GraphModule",
                          [Problem(reason=f"got {type(gm).__name__}",
@@ -250,8 +257,8 @@ def _plan(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int
     output_notes = [
         f"output '{name}' axis {axis} grows {size} -> {grown}: its first {size} entries are "
         "the source's output" for name, axis, size, grown in grown_outputs(resolution)]
-    return _Planned(source, analysis, structure, recipe, new_blocks, list(notes),
-                    output_notes)
+    return PlannedGrowth(source, analysis, resolution, growths, structure, recipe, new_blocks,
+                         list(notes), output_notes)
 
 
 def plan_growth(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
@@ -263,7 +270,7 @@ def plan_growth(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float
     ``recipe.apply_safetensors(src, out_dir)`` grows a checkpoint on disk. Every check
     ``grow`` makes before building anything runs here too, with the same errors.
     """
-    return _plan(gm, plan, example_inputs).recipe
+    return plan_in_detail(gm, plan, example_inputs).recipe
 
 
 def grow(
@@ -277,7 +284,7 @@ def grow(
     is never modified, also when this raises. It is ``plan_growth`` (the graph edits and
     the recipe), the recipe applied to ``gm``'s state_dict, and the last guard.
     """
-    planned = _plan(gm, plan, example_inputs)
+    planned = plan_in_detail(gm, plan, example_inputs)
     source, grown, plan = planned.source, planned.structure, _as_plan(plan)
     if any(t.is_meta for t in source.state_dict().values()):
         raise PlanError("grow needs the source's weights", [Problem(

@@ -41,6 +41,8 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
             return {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+        if isinstance(value, dict):  # what forward's **kwargs collected
+            return {key: spec(item) for key, item in value.items()}
         return None
 
     return {name: spec(value) for name, value in bound.arguments.items()}

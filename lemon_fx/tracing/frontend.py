@@ -56,9 +56,15 @@ def _fx_arguments(model: nn.Module, example_inputs: Any,
     args = tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     pinned_by_user = dict(concrete_args or {})
-    params = [p for p in pyinspect.signature(model.forward).parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    signature = pyinspect.signature(model.forward).parameters.values()
+    params = [p for p in signature if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     unknown = sorted(set(kwargs) - {p.name for p in params})
+    if unknown and any(p.kind == p.VAR_KEYWORD for p in signature):
+        # forward(**kwargs) takes them, symbolic_trace cannot: torch.export can
+        raise TraceError(
+            "symbolic_trace cannot pass keywords through **kwargs",
+            [Problem(reason=f"example_kwargs {unknown} reach forward's **kwargs",
+                     fix="trace with frontend='export'")]) from ValueError(unknown)
     if unknown:
         raise TraceError(
             f"{type(model).__name__}.forward has no argument {unknown[0]!r}",

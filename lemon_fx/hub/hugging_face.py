@@ -1,0 +1,298 @@
+"""``grow_pretrained`` for Hugging Face: a model folder in, a folder ``from_pretrained`` reads
+out, checked by reloading it with the library's own loader.
+
+The grown sizes in ``config.json`` come from what the analysis resolved, not from names:
+the residual group's size is ``hidden_size``, the FFN group's ``intermediate_size``, the
+heads' ``num_attention_heads`` (key/value heads ``num_key_value_heads``), ``head_dim``
+stays, and the block stack's grown length is ``num_hidden_layers`` (per-layer lists such as
+``layer_types`` follow the block order). Spellings such as GPT-2's ``n_embd``/``n_layer``
+go through the config's own ``attribute_map``. A plan the config cannot express (two
+blocks grown to different widths, a width the config does not name) is refused before
+anything is written.
+
+Weights are made one tensor at a time by the recipe and written as sharded safetensors
+with their index (no second full copy in memory); ``generation_config.json`` and every
+tokenizer file are carried over; a README model card states the plan and the check. The
+folder is written beside ``out_dir`` and renamed at the end: a failed check leaves none.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lemon_fx.api import plan_in_detail, trace
+from lemon_fx.axes.vocabulary import FFN, HEAD_DIM, HEADS, KV_HEADS, RESIDUAL
+from lemon_fx.errors import PlanError, Problem, VerificationError
+from lemon_fx.plan import Plan
+from lemon_fx.recipe.safetensors_io import SourceCheckpoint, write_sharded
+from lemon_fx.verification.compare import DEFAULT_TOLERANCES, compare_outputs
+
+__all__ = ["PretrainedGrowth", "grow_hugging_face"]
+
+# files of a model folder that the grown folder writes itself
+_OWN_FILES = {"config.json", "model.safetensors.index.json", "README.md",
+              "pytorch_model.bin", "pytorch_model.bin.index.json"}
+# role -> the config's standard attribute (attribute_map gives each model's spelling)
+_ROLE_ATTRIBUTES = {RESIDUAL: "hidden_size", FFN: "intermediate_size",
+                    HEADS: "num_attention_heads", KV_HEADS: "num_key_value_heads",
+                    HEAD_DIM: "head_dim"}
+_FFN_SPELLINGS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+
+
+@dataclass
+class PretrainedGrowth:
+    """What ``grow_pretrained`` wrote and measured: ``out_dir``; the plan; ``config``, the
+    config fields it rewrote (``{name: (source, grown)}``); ``max_abs_error`` of the
+    reloaded folder against the source on fresh inputs (float32) and ``generate_equal``
+    (causal LMs: greedy ``generate()`` with the KV cache gave the source's tokens; None
+    for other models)."""
+
+    out_dir: Path
+    plan: Plan
+    config: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    max_abs_error: float = 0.0
+    generate_equal: bool | None = None
+
+    def __str__(self) -> str:
+        lines = [f"grew into {self.out_dir}", f"plan: {self.plan.to_dict()}"]
+        lines += [f"config {k}: {a} -> {b}" for k, (a, b) in self.config.items()]
+        lines.append(f"reloaded with from_pretrained: max abs error {self.max_abs_error:.3g}"
+                     " on fresh inputs (float32)")
+        if self.generate_equal is not None:
+            lines.append("greedy generate() with the KV cache: the source's tokens")
+        return "\n".join(lines)
+
+
+def _transformers():
+    import transformers
+
+    return transformers
+
+
+def _model_class(config: Any) -> type:
+    names = list(getattr(config, "architectures", None) or [])
+    transformers = _transformers()
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise PlanError("the model folder names no class transformers has", [Problem(
+        reason=f"config.architectures is {names!r}", node="config.json",
+        fix="save the model with save_pretrained, which records its class")])
+
+
+def _example_inputs(model: Any, config: Any) -> tuple[tuple, dict]:
+    generator = torch.Generator().manual_seed(0)
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        channels = getattr(config, "num_channels", 3)
+        return (torch.randn(1, channels, size, size, generator=generator),), {}
+    ids = torch.randint(0, config.vocab_size, (1, 8), generator=generator)
+    kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
+    return (ids,), kwargs
+
+
+def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+    """A copy of ``config`` with every grown size the resolution found."""
+    grown = config.__class__.from_dict(config.to_dict())
+    changes: dict[str, tuple[Any, Any]] = {}
+    problems: list[Problem] = []
+    by_role: dict[str, set[int]] = {}
+    for group in planned.analysis.groups:
+        by_role.setdefault(group.role, set()).add(planned.resolution.target(group.leaf))
+    for role, targets in by_role.items():
+        sizes = {g.size for g in planned.analysis.groups if g.role == role}
+        if len(targets) > 1:
+            problems.append(Problem(
+                reason=f"the {role} groups grow to different sizes {sorted(targets)}, and "
+                "the config has one size for all layers", node=role,
+                fix=f"grow every {role} group to one size"))
+            continue
+        (target,) = targets
+        if sizes == {target}:
+            continue
+        attribute = _ROLE_ATTRIBUTES.get(role)
+        if role == FFN:
+            attribute = next((a for a in _FFN_SPELLINGS if getattr(config, a, None)
+                              is not None), None)
+            if attribute is None and getattr(config, "n_inner", "absent") is None:
+                attribute = "n_inner"  # GPT-2: None means 4 * n_embd
+        if attribute is None or not hasattr(config, attribute):
+            problems.append(Problem(
+                reason=f"the {role} width grows ({sorted(sizes)} -> {target}), and "
+                f"{type(config).__name__} has no field for it", node=role,
+                fix=f"keep the {role} width fixed in the plan"))
+            continue
+        old = getattr(config, attribute)
+        setattr(grown, attribute, target)
+        changes[attribute] = (old, target)
+    kv = changes.get("num_key_value_heads")
+    if kv is not None and HEADS not in by_role and getattr(config, "num_attention_heads", None):
+        # grouped-query attention: each key/value head serves a fixed number of query heads
+        per_kv = config.num_attention_heads // kv[0]
+        grown.num_attention_heads = per_kv * kv[1]
+        changes["num_attention_heads"] = (config.num_attention_heads, per_kv * kv[1])
+    for growth in planned.growths:
+        old = getattr(config, "num_hidden_layers", None)
+        if old != growth.stack.count:
+            problems.append(Problem(
+                reason=f"stack {growth.stack.name!r} has {growth.stack.count} blocks and "
+                f"the config {old} layers", node=growth.stack.name,
+                fix="grow the model's main block stack only"))
+            continue
+        grown.num_hidden_layers = len(growth.order)
+        changes["num_hidden_layers"] = (old, len(growth.order))
+        for name, value in config.to_dict().items():
+            if isinstance(value, list) and len(value) == old and name != "architectures":
+                setattr(grown, name, [value[i] for i in growth.order])
+                changes[name] = (value, getattr(grown, name))
+    if problems:
+        raise PlanError("the config cannot express this plan", problems)
+    return grown, changes
+
+
+def _outputs(model: Any, inputs: tuple, kwargs: dict) -> Any:
+    with torch.no_grad():
+        return model(*inputs, **kwargs)
+
+
+def _check(source: Any, reloaded: Any, config: Any) -> tuple[float, bool | None]:
+    """The reloaded folder against the source on fresh inputs (float32), and greedy
+    generation with the KV cache for causal LMs."""
+    generator = torch.Generator().manual_seed(1)
+    if getattr(source, "main_input_name", "input_ids") == "pixel_values":
+        size, channels = getattr(config, "image_size", 224), getattr(config, "num_channels", 3)
+        inputs, kwargs = (torch.randn(2, channels, size, size, generator=generator),), {}
+    else:
+        inputs = (torch.randint(0, config.vocab_size, (2, 12), generator=generator),)
+        kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
+    rtol, atol = DEFAULT_TOLERANCES[torch.float32]
+    want, got = _outputs(source, inputs, kwargs), _outputs(reloaded, inputs, kwargs)
+    # with grow_outputs the first entries of each grown output are the source's
+    compared = compare_outputs(want, got, rtol=rtol, atol=atol, check_dtype=False,
+                               leading=True)
+    failed = [c for c in compared if not c.passed]
+    if failed:
+        raise VerificationError("the grown folder, reloaded with from_pretrained, does not "
+                                "compute the source's function", [Problem(
+                                    reason=c.reason or f"{c.name}: max abs error "
+                                    f"{c.max_abs_error:.3e}, allowed {c.tolerance:.3e}",
+                                    fix="report this as a bug with the model and the plan")
+                                    for c in failed])
+    error = max((c.max_abs_error for c in compared), default=0.0)
+    can_generate = getattr(source, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        return error, None
+    with torch.no_grad():
+        ids = inputs[0][:1, :6]
+        a = source.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+        b = reloaded.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+    if not torch.equal(a, b):
+        raise VerificationError("greedy generate() of the grown folder differs", [Problem(
+            reason=f"source tokens {a.tolist()}, grown {b.tolist()}",
+            fix="report this as a bug with the model and the plan")])
+    return error, True
+
+
+def _model_card(source: str, plan: Plan, growth: PretrainedGrowth) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        lemon_version = version("lemon-fx")
+    except PackageNotFoundError:
+        lemon_version = "unknown"
+    changes = "\n".join(f"- `{k}`: {a} -> {b}" for k, (a, b) in growth.config.items())
+    generate = ("\n- greedy `generate()` with the KV cache gives the source's tokens"
+                if growth.generate_equal else "")
+    return (f"---\nbase_model: {source}\ntags:\n- lemon_fx\n---\n\n"
+            f"# Grown from {source} with lemon_fx {lemon_version}\n\n"
+            f"This model computes the same function as `{source}` (LEMON, lossless growth).\n\n"
+            f"Plan: `{json.dumps(plan.to_dict())}`\n\n{changes}\n\n"
+            f"Check: reloaded with `from_pretrained`, max abs error "
+            f"{growth.max_abs_error:.3g} against the source on fresh inputs (float32)"
+            f"{generate}\n")
+
+
+def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
+                      example_inputs: Any = None) -> PretrainedGrowth:
+    """Grow a Hugging Face model folder (or a ``PreTrainedModel``) into ``out_dir``."""
+    plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise PlanError(f"{out} is not empty", [Problem(
+            reason=f"{out} already holds files", node="out_dir",
+            fix="name a new or empty folder")])
+    transformers = _transformers()
+    folder = None
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not (folder / "config.json").exists():
+            raise PlanError(f"{folder} is no Hugging Face model folder", [Problem(
+                reason="it has no config.json", node="source",
+                fix="pass a folder written by save_pretrained")])
+        config = transformers.AutoConfig.from_pretrained(folder)
+        cls = _model_class(config)
+        with torch.device("meta"):
+            weightless = cls(config)
+        model_for_plan = weightless
+        name = str(folder)
+    else:
+        config, cls = source.config, type(source)
+        model_for_plan = source
+        name = getattr(config, "_name_or_path", "") or cls.__name__
+    model_for_plan.eval()
+    if example_inputs is None:
+        args, kwargs = _example_inputs(model_for_plan, config)
+    else:
+        args, kwargs = (example_inputs if isinstance(example_inputs, tuple)
+                        else (example_inputs,)), {}
+    gm = trace(model_for_plan, args, kwargs)
+    planned = plan_in_detail(gm, plan)
+    grown_config, changes = _grown_config(config, planned)
+    recipe = planned.recipe
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        if folder is not None:
+            checkpoint = SourceCheckpoint(folder)
+            source_model = cls.from_pretrained(folder).eval()
+
+            def tensor(key: str) -> torch.Tensor:
+                return checkpoint.tensor(key)
+        else:
+            source_model = source
+            state = source.state_dict()
+
+            def tensor(key: str) -> torch.Tensor:
+                return state[key]
+
+        grown_config.architectures = [cls.__name__]
+        grown_config.save_pretrained(staging)
+        made = ((n, recipe.make(n, tensor(r.source))) for n, r in recipe.tensors.items())
+        write_sharded(made, recipe.shapes, recipe.aliases, staging, "5GB", progress=False)
+        if folder is not None:
+            for file in folder.iterdir():  # tokenizer, generation config, ...
+                if file.is_file() and file.name not in _OWN_FILES and \
+                        file.suffix != ".safetensors":
+                    shutil.copy2(file, staging / file.name)
+        elif getattr(source, "generation_config", None) is not None:
+            source.generation_config.save_pretrained(staging)
+        reloaded = transformers.AutoConfig.from_pretrained(staging)
+        reloaded_model = _model_class(reloaded).from_pretrained(staging).eval()
+        error, generate_equal = _check(source_model, reloaded_model, config)
+        growth = PretrainedGrowth(out, plan, changes, error, generate_equal)
+        (staging / "README.md").write_text(_model_card(name, plan, growth))
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return growth
