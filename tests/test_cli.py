@@ -257,3 +257,29 @@ def test_stream_needs_a_checkpoint(workdir):
     done = run("grow", "models.py:build", "--plan", "plan.yaml", "--input", "4x8", "--stream",
                "--out", "big", cwd=workdir)
     assert done.returncode == 2 and "--stream" in done.stderr and "fix" in done.stderr
+
+
+def test_a_hugging_face_folder_is_inspected_and_grown_from_the_shell(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        max_position_embeddings=32)).eval()
+    model.save_pretrained(tmp_path / "small")
+    (tmp_path / "plan.yaml").write_text("width: 2.0\ndepth: 2.0\n")
+    done = run("inspect", "small", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "kv_heads" in done.stdout and "model.layers: 2" in done.stdout
+    done = run("grow", "small", "--plan", "plan.yaml", "--out", "big", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    grown = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "big").eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids).logits, model(ids).logits, rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_a_factory_without_input_is_one_line_with_the_fix(workdir):
+    done = run("inspect", "models.py:build", cwd=workdir)
+    assert done.returncode == 2 and "--input" in done.stderr and "fix" in done.stderr

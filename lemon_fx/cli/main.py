@@ -63,8 +63,9 @@ def _verb(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
 
 def _model_args(parser: argparse.ArgumentParser, plan: str | None) -> None:
     parser.add_argument("target", metavar="TARGET",
-                        help="file.py:factory or package.module:factory")
-    parser.add_argument("--input", metavar="SPEC", action="append", required=True,
+                        help="file.py:factory or package.module:factory, or a Hugging Face "
+                        "model folder (config.json: inspect and grow)")
+    parser.add_argument("--input", metavar="SPEC", action="append",
                         help="SHAPE[:DTYPE[:HIGH]] per forward argument, e.g. 2x3x224x224 "
                         "or 2x128:int64:50000; repeat for several arguments")
     parser.add_argument("--checkpoint", metavar="FILE_OR_FOLDER",
@@ -129,6 +130,7 @@ def _load(args, say: _Say):
     import lemon_fx
     from lemon_fx.cli.targets import load_checkpoint, load_target, make_inputs
 
+    _needs_input(args)
     with say.step("loading the model"):
         model = load_target(args.target)
         if args.checkpoint:
@@ -262,9 +264,46 @@ def _grow_streamed(args, plan, out: Path, say: _Say) -> int:
     return 0
 
 
+def _hugging_face_folder(args) -> Path | None:
+    folder = Path(args.target)
+    return folder if folder.is_dir() and (folder / "config.json").exists() else None
+
+
+def _needs_input(args) -> None:
+    if not args.input:
+        from lemon_fx.cli.targets import TargetError
+        from lemon_fx.errors import Problem
+
+        raise TargetError("--input is missing", [Problem(
+            reason=f"{args.target} is a factory, and its inputs are not known",
+            fix="add --input SHAPE[:DTYPE[:HIGH]] for each forward argument")])
+
+
+def _trace_hugging_face(folder: Path, say: _Say):
+    """A Hugging Face folder's model on the meta device, traced on inputs its config
+    implies: nothing is loaded."""
+    import torch
+    import transformers
+
+    import lemon_fx
+    from lemon_fx.hub.hugging_face import _example_inputs, _model_class
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with say.step("building the model on the meta device"), torch.device("meta"):
+        model = _model_class(config)(config).eval()
+    args, kwargs = _example_inputs(model, config)
+    with say.step("tracing"):
+        return lemon_fx.trace(model, args, kwargs)
+
+
 def _cmd_inspect(args, say: _Say) -> int:
     import lemon_fx
 
+    folder = _hugging_face_folder(args)
+    if folder is not None:
+        report = lemon_fx.inspect(_trace_hugging_face(folder, say))
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+        return 0
     _, gm, _ = _load(args, say)
     report = lemon_fx.inspect(gm)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
@@ -287,6 +326,14 @@ def _cmd_grow(args, say: _Say) -> int:
             reason="--dynamic-batch shapes the ONNX file, and without --onnx none is written",
             fix="add --onnx")])
     plan = _plan(args)
+    folder = _hugging_face_folder(args)
+    if folder is not None:
+        with say.step("growing the Hugging Face folder and checking it with from_pretrained"):
+            growth = lemon_fx.grow_pretrained(folder, plan, out)
+        if not args.quiet:
+            print(growth)
+        return 0
+    _needs_input(args)
     if args.stream:
         return _grow_streamed(args, plan, out, say)
     model, gm, fresh = _load(args, say)
