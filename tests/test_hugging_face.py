@@ -271,16 +271,22 @@ def test_vision_cnns_grow_in_width(name, width):
     _check_images(model, big)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_the_usual_causal_lm_call_traces_and_grows(family: str) -> None:
-    # model(ids, attention_mask=mask, use_cache=False): keywords that skip arguments, one
-    # of them no tensor; before, "keyword inputs leave a gap in forward"
+def _trained_looking_family(family: str):
+    """A family's float64 model with every parameter moved off its init, and its tolerance."""
     build, tolerance = FAMILIES[family]
     torch.manual_seed(0)
     model = build().double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    return model, tolerance
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_the_usual_causal_lm_call_traces_and_grows(family: str) -> None:
+    # model(ids, attention_mask=mask, use_cache=False): keywords that skip arguments, one
+    # of them no tensor; before, "keyword inputs leave a gap in forward"
+    model, tolerance = _trained_looking_family(family)
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 8, dtype=torch.long)
     gm = lemon_fx.trace(model, (ids,), example_kwargs={"attention_mask": mask,
@@ -294,12 +300,7 @@ def test_the_usual_causal_lm_call_traces_and_grows(family: str) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_a_grown_export_graph_returns_the_models_own_output(family: str) -> None:
-    build, tolerance = FAMILIES[family]
-    torch.manual_seed(0)
-    model = build().double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    model, tolerance = _trained_looking_family(family)
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     kwargs = {"use_cache": False} if family == "llama" else {}
     gm = lemon_fx.trace(model, (ids,), example_kwargs=kwargs)
