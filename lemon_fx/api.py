@@ -43,7 +43,7 @@ from lemon_fx.verification.guard import check_on_example
 from passes.cleanup import cleanup
 from passes.deepen import deepen
 from passes.rules import default_registry
-from passes.widen import plan_edits, widen
+from passes.widen import plan_edits, tie_aliases, widen
 
 __all__ = ["GrowthReport", "PlannedGrowth", "grow", "growth_report", "inspect", "plan_growth",
            "plan_in_detail", "register", "trace"]
@@ -293,7 +293,7 @@ def grow(
                 "recipe.apply(state_dict) or recipe.apply_safetensors(checkpoint, out_dir)")])
     state = planned.recipe.apply(source.state_dict())
     grown.load_state_dict(state, strict=True, assign=True)
-    _tie(grown, planned.recipe.aliases)
+    tie_aliases(grown, planned.recipe.aliases)  # loading gave each name its own tensor
     report = GrowthReport(plan, planned.new_blocks, planned.notes + planned.output_notes)
     if plan.width is not None:
         report.notes += [held_note(h) for h in planned.analysis.held]
@@ -308,20 +308,6 @@ def grow(
         record_facts(grown, inputs)
     set_growth(grown, report, plan)
     return grown
-
-
-def _tie(module: nn.Module, aliases: Mapping[str, str]) -> None:
-    """Loading gives each name its own Parameter; tied names share the first one again."""
-    for alias, name in aliases.items():
-        owner_name, _, attr = alias.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        target_name, _, target_attr = name.rpartition(".")
-        target = module.get_submodule(target_name) if target_name else module
-        shared = getattr(target, target_attr)
-        if isinstance(shared, nn.Parameter):
-            setattr(owner, attr, shared)
-        else:
-            owner._buffers[attr] = shared
 
 
 # 10^12 parameters (4 TB in float32): a plan beyond it is a typo (width=1e6), and

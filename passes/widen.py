@@ -12,6 +12,7 @@ Two phases, so that nothing is built unless everything can be:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.fx
@@ -25,7 +26,7 @@ from lemon_fx.resolution.rewrite import Edits, NodeRewrite
 from lemon_fx.resolution.width import Resolution
 from passes.result import PassResult
 
-__all__ = ["plan_edits", "widen", "width_recipe", "width_recipes"]
+__all__ = ["plan_edits", "tie_aliases", "widen", "width_recipe", "width_recipes"]
 
 
 def plan_edits(res: Resolution) -> Edits:
@@ -122,22 +123,28 @@ def widen(gm: torch.fx.GraphModule, res: Resolution, edits: Edits | None = None
         setattr(gm.get_submodule(path), attr, value)
     for name, value in new_tensors.items():
         _set_tensor(gm, name, value)
-    for alias, name in res.analysis.aliases.items():  # keep tied weights tied
-        if name in new_tensors:
-            owner_name, _, attr = alias.rpartition(".")
-            owner = gm.get_submodule(owner_name) if owner_name else gm
-            tensor_owner, _, tensor_attr = name.rpartition(".")
-            shared = getattr(gm.get_submodule(tensor_owner) if tensor_owner else gm, tensor_attr)
-            if isinstance(shared, nn.Parameter):
-                setattr(owner, attr, shared)
-            else:
-                owner._buffers[attr] = shared
+    tie_aliases(gm, {alias: name for alias, name in res.analysis.aliases.items()
+                     if name in new_tensors})
     gm.graph.lint()
     gm.recompile()
     source = res.analysis.gm
     rewrites = [f"grew {n}: {tuple(source.get_parameter(n).shape) if _is_param(source, n) else ''}"
                 f" -> {tuple(v.shape)}" for n, v in new_tensors.items()] + edits.notes
     return PassResult(gm, bool(new_tensors or edits.args or edits.attrs), rewrites), recipes
+
+
+def tie_aliases(module: nn.Module, aliases: Mapping[str, str]) -> None:
+    """Keep tied tensors tied: each ``alias`` attribute becomes the tensor of ``name``."""
+    for alias, name in aliases.items():
+        owner_name, _, attr = alias.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        target_name, _, target_attr = name.rpartition(".")
+        shared = getattr(module.get_submodule(target_name) if target_name else module,
+                         target_attr)
+        if isinstance(shared, nn.Parameter):
+            setattr(owner, attr, shared)
+        else:
+            owner._buffers[attr] = shared
 
 
 def _is_param(gm: torch.nn.Module, name: str) -> bool:

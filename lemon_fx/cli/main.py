@@ -286,12 +286,12 @@ def _trace_hugging_face(folder: Path, say: _Say):
     import transformers
 
     import lemon_fx
-    from lemon_fx.hub.hugging_face import _example_inputs, _model_class
+    from lemon_fx.hub.hugging_face import example_inputs_for, model_class
 
     config = transformers.AutoConfig.from_pretrained(folder)
     with say.step("building the model on the meta device"), torch.device("meta"):
-        model = _model_class(config)(config).eval()
-    args, kwargs = _example_inputs(model, config)
+        model = model_class(config)(config).eval()
+    args, kwargs = example_inputs_for(model, config)
     with say.step("tracing"):
         return lemon_fx.trace(model, args, kwargs)
 

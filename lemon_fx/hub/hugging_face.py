@@ -34,7 +34,7 @@ from lemon_fx.plan import Plan
 from lemon_fx.recipe.safetensors_io import SourceCheckpoint, write_sharded
 from lemon_fx.verification.compare import DEFAULT_TOLERANCES, compare_outputs
 
-__all__ = ["PretrainedGrowth", "grow_hugging_face"]
+__all__ = ["PretrainedGrowth", "example_inputs_for", "grow_hugging_face", "model_class"]
 
 # files of a model folder that the grown folder writes itself
 _OWN_FILES = {"config.json", "model.safetensors.index.json", "README.md",
@@ -76,7 +76,8 @@ def _transformers():
     return transformers
 
 
-def _model_class(config: Any) -> type:
+def model_class(config: Any) -> type:
+    """The transformers class ``config.architectures`` names; PlanError if none exists."""
     names = list(getattr(config, "architectures", None) or [])
     transformers = _transformers()
     for name in names:
@@ -88,13 +89,16 @@ def _model_class(config: Any) -> type:
         fix="save the model with save_pretrained, which records its class")])
 
 
-def _example_inputs(model: Any, config: Any) -> tuple[tuple, dict]:
-    generator = torch.Generator().manual_seed(0)
+def example_inputs_for(model: Any, config: Any, *, batch: int = 1, length: int = 8,
+                       seed: int = 0) -> tuple[tuple, dict]:
+    """Inputs a model of this config takes: pixel values or ``length`` token ids, as
+    positional arguments and keywords (``use_cache=False`` where forward names it)."""
+    generator = torch.Generator().manual_seed(seed)
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
         size = getattr(config, "image_size", 224)
         channels = getattr(config, "num_channels", 3)
-        return (torch.randn(1, channels, size, size, generator=generator),), {}
-    ids = torch.randint(0, config.vocab_size, (1, 8), generator=generator)
+        return (torch.randn(batch, channels, size, size, generator=generator),), {}
+    ids = torch.randint(0, config.vocab_size, (batch, length), generator=generator)
     return (ids,), _no_cache(model)
 
 
@@ -174,13 +178,7 @@ def _outputs(model: Any, inputs: tuple, kwargs: dict) -> Any:
 def _check(source: Any, reloaded: Any, config: Any) -> tuple[float, bool | None]:
     """The reloaded folder against the source on fresh inputs (float32), and greedy
     generation with the KV cache for causal LMs."""
-    generator = torch.Generator().manual_seed(1)
-    if getattr(source, "main_input_name", "input_ids") == "pixel_values":
-        size, channels = getattr(config, "image_size", 224), getattr(config, "num_channels", 3)
-        inputs, kwargs = (torch.randn(2, channels, size, size, generator=generator),), {}
-    else:
-        inputs = (torch.randint(0, config.vocab_size, (2, 12), generator=generator),)
-        kwargs = _no_cache(source)
+    inputs, kwargs = example_inputs_for(source, config, batch=2, length=12, seed=1)
     rtol, atol = DEFAULT_TOLERANCES[torch.float32]
     want, got = _outputs(source, inputs, kwargs), _outputs(reloaded, inputs, kwargs)
     # with grow_outputs the first entries of each grown output are the source's
@@ -246,7 +244,7 @@ def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
                 reason="it has no config.json", node="source",
                 fix="pass a folder written by save_pretrained")])
         config = transformers.AutoConfig.from_pretrained(folder)
-        cls = _model_class(config)
+        cls = model_class(config)
         with torch.device("meta"):
             weightless = cls(config)
         model_for_plan = weightless
@@ -257,7 +255,7 @@ def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
         name = getattr(config, "_name_or_path", "") or cls.__name__
     model_for_plan.eval()
     if example_inputs is None:
-        args, kwargs = _example_inputs(model_for_plan, config)
+        args, kwargs = example_inputs_for(model_for_plan, config)
     else:
         args, kwargs = (example_inputs if isinstance(example_inputs, tuple)
                         else (example_inputs,)), {}
@@ -293,7 +291,7 @@ def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
         elif getattr(source, "generation_config", None) is not None:
             source.generation_config.save_pretrained(staging)
         reloaded = transformers.AutoConfig.from_pretrained(staging)
-        reloaded_model = _model_class(reloaded).from_pretrained(staging).eval()
+        reloaded_model = model_class(reloaded).from_pretrained(staging).eval()
         error, generate_equal = _check(source_model, reloaded_model, config)
         growth = PretrainedGrowth(out, plan, changes, error, generate_equal)
         (staging / "README.md").write_text(_model_card(name, plan, growth))

@@ -12,7 +12,7 @@ in order to that tensor:
 - ``embed(axis, layout)``: ``E t`` along ``axis`` (fan-out: rows, biases, norms' weights);
 - ``split(axis, layout, stream)``: LEMON's fan-in split ``W P + R - (R E) P`` with ``R``
   uniform in ``+-noise_scale * bound`` (``bound`` from the *source* tensor's spread,
-  ``passes.widen.noise_bound``), drawn from the stream ``(seed, stream)``; without a
+  ``noise_bound`` below), drawn from the stream ``(seed, stream)``; without a
   stream, Net2Net's equal split ``W P``;
 - ``transform(name, layouts)``: a rule's named transform (``recipe.transforms``);
 - ``cancel(axis, layout, stream)``: replace the tensor by ``W_c = R - (R E) P`` (a new
@@ -42,6 +42,7 @@ from lemon_fx.axes.expansion import (
     AxisGrowth,
     LeafGrowth,
     embed,
+    source_size,
     split_equal,
     split_lemon,
     target_size,
@@ -261,7 +262,7 @@ class GrowthRecipe:
             bound = self.noise_scale * noise_bound(t.to(dtype), step.fan_in)
             noise = _uniform(list(t.shape), self.seed, step.stream, bound, device)
             shape = list(t.shape)
-            shape[step.axis] = _source_size(step.layout)
+            shape[step.axis] = source_size(step.layout)
             zeros = torch.zeros(shape, dtype=torch.float64, device=t.device)
             return split_lemon(zeros, step.axis, step.layout, noise)
         if step.kind == "fill":
@@ -342,12 +343,4 @@ class GrowthRecipe:
         grown = sum(math.prod(s) for s, _ in self.shapes.values())
         return (f"GrowthRecipe({len(self.tensors)} tensors, {grown:,} values, "
                 f"seed={self.seed})")
-
-
-def _source_size(g: AxisGrowth) -> int:
-    if isinstance(g, LeafGrowth):
-        return g.source
-    kind, children = g
-    sizes = [_source_size(c) for c in children]
-    return math.prod(sizes) if kind == "prod" else sum(sizes)
 
