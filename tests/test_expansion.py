@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from lemon_fx.axes.expansion import LeafGrowth, embed, gather, split_equal, split_lemon
+from lemon_fx.axes.expansion import (
+    LeafGrowth,
+    copy_map,
+    embed,
+    gather,
+    source_size,
+    split_equal,
+    split_lemon,
+    split_lemon_drawn,
+    target_size,
+)
 
 FORMS = ["circ", "avg", "zero"]
 SIZES = [(4, 4), (4, 8), (4, 6), (4, 11), (3, 7), (5, 15)]
@@ -91,3 +101,65 @@ def test_alpha_and_eta():
     assert (g.k, g.r) == (2, 2)
     assert g.alpha == pytest.approx(0.8)
     assert g.eta == pytest.approx(0.8**0.5)
+
+
+# -- the split that draws only the noise that does not cancel ---------------------------
+LAYOUTS = [
+    LeafGrowth(6, 8), LeafGrowth(4, 8), LeafGrowth(3, 7), LeafGrowth(5, 5),
+    LeafGrowth(6, 8, "avg"), LeafGrowth(6, 8, "zero"), LeafGrowth(3, 7, "avg"),
+    ("prod", [LeafGrowth(3, 4), LeafGrowth(2, 2)]),
+    ("prod", [LeafGrowth(3, 3), LeafGrowth(2, 5), LeafGrowth(2, 2)]),
+    ("sum", [LeafGrowth(2, 3), LeafGrowth(3, 3), LeafGrowth(2, 4)]),
+    ("prod", [LeafGrowth(2, 3, "avg"), LeafGrowth(2, 2)]),
+    ("prod", [LeafGrowth(40, 40), LeafGrowth(3, 4)]),  # 80 stretches: the index_add_ path
+]
+
+
+def _drawer(seed):
+    asked = []
+
+    def fill(view):
+        asked.append(list(view.shape))
+        view.copy_(_rand(*view.shape, seed=seed + len(asked)))
+    return fill, asked
+
+
+@pytest.mark.parametrize("g", LAYOUTS, ids=str)
+def test_drawn_split_inverts_expansion_and_breaks_symmetry(g):
+    source, target = source_size(g), target_size(g)
+    w, x = _rand(5, source, seed=2), _rand(source, 4, seed=1)
+    draw, asked = _drawer(7)
+    grown = split_lemon_drawn(w, 1, g, draw)
+    assert grown.shape == (5, target)
+    torch.testing.assert_close(grown @ embed(x, 0, g), w @ x, rtol=0, atol=1e-12)
+    index = copy_map(g)
+    if index is None:
+        return
+    copies = torch.bincount(index, minlength=source)
+    single = copies[index] == 1
+    # an entry that is its source entry's only copy is that entry, untouched
+    assert torch.equal(grown[:, single], w[:, index[single]])
+    # noise is asked for exactly the other entries, and makes every copy different
+    assert sum(shape[1] for shape in asked) == int((~single).sum())
+    assert all(shape[0] == 5 for shape in asked)
+    for j in (copies > 1).nonzero().flatten().tolist():
+        columns = grown[:, index == j]
+        assert not torch.allclose(columns[:, :1].expand_as(columns), columns)
+
+
+@pytest.mark.parametrize("g", LAYOUTS, ids=str)
+def test_copy_map_is_the_expansion_as_an_index(g):
+    index = copy_map(g)
+    values = 2.0 ** torch.arange(source_size(g), dtype=torch.float64)
+    grown = embed(values, 0, g)
+    if index is None:  # an avg/zero extra entry (a mean or 0) is no power of two: no copy
+        assert not torch.isin(grown, values).all()
+    else:
+        assert torch.equal(grown, values[index])
+
+
+def test_drawn_split_with_one_copy_each_draws_nothing():
+    draw, asked = _drawer(0)
+    w = _rand(3, 4)
+    assert torch.equal(split_lemon_drawn(w, 1, LeafGrowth(4, 4), draw), w)
+    assert asked == []

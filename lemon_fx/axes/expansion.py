@@ -29,8 +29,8 @@ import torch
 
 from lemon_fx.axes.vocabulary import AVG, CIRC, Form
 
-__all__ = ["AxisGrowth", "LeafGrowth", "embed", "gather", "source_size", "split_equal",
-           "split_lemon", "target_size", "with_form"]
+__all__ = ["AxisGrowth", "LeafGrowth", "copy_map", "embed", "gather", "source_size",
+           "split_equal", "split_lemon", "split_lemon_drawn", "target_size", "with_form"]
 
 
 @dataclass(frozen=True)
@@ -195,3 +195,108 @@ def split_equal(t: torch.Tensor, dim: int, g: AxisGrowth) -> torch.Tensor:
 def split_lemon(t: torch.Tensor, dim: int, g: AxisGrowth, noise: torch.Tensor) -> torch.Tensor:
     """LEMON's unequal split ``W P + R - (R E) P``; ``noise`` has the grown shape."""
     return split_equal(t, dim, g) + noise - split_equal(gather(noise, dim, g), dim, g)
+
+
+def copy_map(g: AxisGrowth) -> torch.Tensor | None:
+    """The source entry each grown entry copies (``E`` as an index), or ``None`` when
+    some grown entry is not a copy (an avg/zero leaf with extra entries)."""
+    if isinstance(g, LeafGrowth):
+        if g.form != CIRC and g.r:
+            return None
+        return torch.arange(g.target) % g.source
+    kind, children = g
+    maps = [copy_map(c) for c in children]
+    if any(m is None for m in maps):
+        return None
+    if kind == "prod":  # outer leaf first: entry (i, j) of [A, B] is i * B + j
+        index = maps[0]
+        for child, inner in zip(children[1:], maps[1:]):
+            index = (index[:, None] * source_size(child) + inner[None, :]).reshape(-1)
+        return index
+    offsets = [0]
+    for child in children[:-1]:
+        offsets.append(offsets[-1] + source_size(child))
+    return torch.cat([m + o for m, o in zip(maps, offsets)])
+
+
+def _stretches(index: torch.Tensor, noisy: torch.Tensor) -> list[tuple[int, int, int, bool]]:
+    """``(grown start, source start, length, noisy)`` of the maximal stretches of the
+    grown axis that copy consecutive source entries and are all noisy or all not."""
+    breaks = ((index[1:] - index[:-1] != 1) | (noisy[1:] != noisy[:-1])).nonzero()
+    starts = [0] + (breaks.flatten() + 1).tolist()
+    ends = starts[1:] + [index.numel()]
+    return [(a, int(index[a]), b - a, bool(noisy[a])) for a, b in zip(starts, ends)]
+
+
+# Above this many stretches, index operations beat a narrow per stretch.
+MAX_STRETCHES = 64
+
+
+def split_lemon_drawn(t: torch.Tensor, dim: int, g: AxisGrowth, fill) -> torch.Tensor:
+    """LEMON's split ``W P + R - (R E) P``, drawing only the noise that does not cancel.
+
+    Where every grown entry copies a source entry (``copy_map``), grown entry ``i`` of
+    source entry ``j`` is ``(W_j - sum_{c in copies(j)} R_c) / m_j + R_i``: for ``m_j = 1``
+    that is ``W_j`` whatever ``R_i`` is. So noise is drawn only for the entries whose
+    source entry has several copies: ``fill(view)`` overwrites each such stretch of the
+    grown tensor (or one compact tensor of them, in grown order along ``dim``) with
+    noise, in a fixed order. The result has the distribution of ``split_lemon`` with a
+    full draw, and far fewer draws when the axis grows by less than 2x.
+
+    A single avg/zero leaf with ``k = 1`` has the same property: each tile entry is its
+    source entry's only copy, so only the ``r`` extra entries' noise stays; they are
+    ``R_e``, and (avg, whose extras read ``mean(x)``) every tile entry is
+    ``W_j - sum_e R_e / S``. Other layouts with avg/zero extras draw the full ``R``.
+    """
+    dim = dim % t.dim()
+    shape = list(t.shape)
+    shape[dim] = target_size(g)
+    index = copy_map(g)
+    if index is None and isinstance(g, LeafGrowth) and g.k == 1:
+        out = t.new_empty(shape)
+        extras = out.narrow(dim, g.source, g.r)
+        fill(extras)
+        tiles = out.narrow(dim, 0, g.source).copy_(t)
+        if g.form == AVG:
+            tiles.sub_(extras.sum(dim=dim, keepdim=True) / g.source)
+        return out
+    if index is None:
+        noise = t.new_empty(shape)
+        fill(noise)
+        return split_lemon(t, dim, g, noise)
+    copies = torch.bincount(index, minlength=source_size(g))
+    noisy = copies[index] > 1
+    broadcast = [-1 if i == dim else 1 for i in range(t.dim())]
+    divisor = copies.to(device=t.device, dtype=t.dtype).reshape(broadcast)
+    if not noisy.any():
+        return embed(t / divisor, dim, g)
+    stretches = _stretches(index, noisy)
+    if len(stretches) > MAX_STRETCHES:
+        return _split_lemon_indexed(t, dim, g, fill, index, noisy, divisor)
+    # the noise goes straight into the grown tensor; W - (R E), then / m, is source-sized
+    out = t.new_empty(shape)
+    for grown, _, length, is_noisy in stretches:
+        if is_noisy:
+            fill(out.narrow(dim, grown, length))
+    base = t.clone()
+    for grown, source, length, is_noisy in stretches:
+        if is_noisy:
+            base.narrow(dim, source, length).sub_(out.narrow(dim, grown, length))
+    base.div_(divisor)
+    for grown, source, length, is_noisy in stretches:
+        region, part = out.narrow(dim, grown, length), base.narrow(dim, source, length)
+        region.add_(part) if is_noisy else region.copy_(part)
+    return out
+
+
+def _split_lemon_indexed(t: torch.Tensor, dim: int, g: AxisGrowth, fill, index: torch.Tensor,
+                         noisy: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """``split_lemon_drawn`` by index operations, for axes with many stretches."""
+    positions = noisy.nonzero().flatten()
+    shape = list(t.shape)
+    shape[dim] = positions.numel()
+    noise = t.new_empty(shape)
+    fill(noise)
+    base = t.clone().index_add_(dim, index[positions].to(t.device), noise, alpha=-1)
+    out = embed(base.div_(divisor), dim, g)
+    return out.index_add_(dim, positions.to(t.device), noise)
