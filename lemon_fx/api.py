@@ -302,10 +302,10 @@ def grow(
     if inputs is not None:
         if planned.notes and plan.allow_inexact:
             report.measured_error = _measured_error(source, grown, inputs)
-        else:
+            record_facts(grown, inputs)
+        else:  # the guard's run of the grown model records its shapes too
             report.notes += check_on_example(source, grown, inputs,
-                                             leading=plan.grow_outputs)
-        record_facts(grown, inputs)
+                                             leading=plan.grow_outputs, record_grown=True)
     set_growth(grown, report, plan)
     return grown
 

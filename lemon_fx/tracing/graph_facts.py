@@ -94,8 +94,12 @@ def _record(node: torch.fx.Node, result: Any) -> None:
         node.meta[VALUE_KEY] = result
 
 
-def record_facts(gm: torch.fx.GraphModule, example_inputs: Iterable[Any]) -> None:
-    """Run ``gm`` once on ``example_inputs`` (no grad) and store shapes and values on nodes.
+def record_facts(gm: torch.fx.GraphModule, example_inputs: Iterable[Any], *,
+                 eval_mode: bool = False) -> Any:
+    """Run ``gm`` once on ``example_inputs`` (no grad), store shapes and values on nodes,
+    and return its output (so a check that needs the output does not run it again).
+    ``eval_mode``: run with every submodule in eval mode (the flags are put back); the
+    graph is fixed, so the recorded shapes are the same in either mode.
 
     A model on the meta device (weightless planning) runs on meta copies of the inputs:
     shapes and sizes are recorded, values that need data are not. The run leaves no other
@@ -109,9 +113,10 @@ def record_facts(gm: torch.fx.GraphModule, example_inputs: Iterable[Any]) -> Non
         # a weightless model: shapes only, so its inputs go to the meta device too
         run_on = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x
                        for x in example_inputs)
-    with torch.no_grad(), preserved_state(gm):
-        _FactRecorder(gm).run(*run_on)
+    with torch.no_grad(), preserved_state(gm, eval_mode=eval_mode):
+        output = _FactRecorder(gm).run(*run_on)
     gm.meta[EXAMPLE_INPUTS_KEY] = example_inputs
+    return output
 
 
 @contextlib.contextmanager

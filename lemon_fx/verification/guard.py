@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from lemon_fx.errors import Problem, VerificationError
-from lemon_fx.tracing.graph_facts import computed_dtypes, preserved_state
+from lemon_fx.tracing.graph_facts import computed_dtypes, preserved_state, record_facts
 from lemon_fx.verification.compare import BUG_FIX, DEFAULT_TOLERANCES, compare_outputs
 
 __all__ = ["check_on_example"]
@@ -33,15 +33,18 @@ RANDOM_NOTE = ("not checked on the example inputs: the source model gives differ
 
 
 def check_on_example(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,
-                     inputs: tuple[Any, ...], *, leading: bool = False) -> list[str]:
+                     inputs: tuple[Any, ...], *, leading: bool = False,
+                     record_grown: bool = False) -> list[str]:
     """Raise ``VerificationError`` if ``grown`` differs from ``source`` on ``inputs``;
-    return notes for the growth report (empty when the check passed)."""
+    return notes for the growth report (empty when the check passed). ``record_grown``:
+    the grown model's run also records its shapes (``record_facts``), so that it can be
+    inspected or grown again without running it a second time."""
     dtypes = {t.dtype for t in source.parameters() if t.is_floating_point()}
     dtypes |= computed_dtypes(source)
     coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
     rtol, atol = DEFAULT_TOLERANCES.get(coarsest, DEFAULT_TOLERANCES[torch.float32])
     want = _outputs(source, inputs, "source")
-    got = _outputs(grown, inputs, "grown")
+    got = _outputs(grown, inputs, "grown", record=record_grown)
     # with grow_outputs (``leading``) the leading part of each grown output is the source's
     failed = [c for c in compare_outputs(want, got, rtol=rtol, atol=atol, leading=leading)
               if not c.passed]
@@ -58,8 +61,11 @@ def check_on_example(source: torch.fx.GraphModule, grown: torch.fx.GraphModule,
          for c in failed])
 
 
-def _outputs(module: torch.nn.Module, inputs: tuple[Any, ...], role: str) -> Any:
+def _outputs(module: torch.nn.Module, inputs: tuple[Any, ...], role: str,
+             record: bool = False) -> Any:
     try:
+        if record:
+            return record_facts(module, inputs, eval_mode=True)
         with torch.no_grad(), preserved_state(module, eval_mode=True):
             return module(*inputs)
     except Exception as exc:
