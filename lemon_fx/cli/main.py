@@ -266,7 +266,28 @@ def _grow_streamed(args, plan, out: Path, say: _Say) -> int:
 
 def _hugging_face_folder(args) -> Path | None:
     folder = Path(args.target)
-    return folder if folder.is_dir() and (folder / "config.json").exists() else None
+    if not (folder.is_dir() and (folder / "config.json").exists()):
+        return None
+    from lemon_fx.hub.timm_folder import is_timm_folder
+
+    return None if is_timm_folder(folder) else folder
+
+
+def _pretrained_source(args, say: _Say) -> Any:
+    """What ``grow_pretrained`` takes from the command line: a model folder (Hugging Face
+    or timm), or ``timm:NAME`` built (and ``--checkpoint`` loaded); None otherwise."""
+    folder = Path(args.target)
+    if folder.is_dir() and (folder / "config.json").exists():
+        return folder
+    if not args.target.startswith("timm:"):
+        return None
+    from lemon_fx.cli.targets import load_checkpoint, load_target
+
+    with say.step("building the timm model"):
+        model = load_target(args.target)
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
+    return model.eval()
 
 
 def _needs_input(args) -> None:
@@ -326,10 +347,13 @@ def _cmd_grow(args, say: _Say) -> int:
             reason="--dynamic-batch shapes the ONNX file, and without --onnx none is written",
             fix="add --onnx")])
     plan = _plan(args)
-    folder = _hugging_face_folder(args)
-    if folder is not None:
-        with say.step("growing the Hugging Face folder and checking it with from_pretrained"):
-            growth = lemon_fx.grow_pretrained(folder, plan, out)
+    pretrained = None if args.stream else _pretrained_source(args, say)
+    if pretrained is not None:
+        from lemon_fx.cli.targets import make_inputs
+
+        inputs = make_inputs(args.input, seed=0) if args.input else None
+        with say.step("growing the model into a folder its library reloads, and checking it"):
+            growth = lemon_fx.grow_pretrained(pretrained, plan, out, example_inputs=inputs)
         if not args.quiet:
             print(growth)
         return 0

@@ -1,9 +1,11 @@
 """What the command line grows: a model factory, its checkpoint, and example inputs.
 
 ``TARGET`` is ``path/to/file.py:factory`` or ``package.module:factory``: a callable that
-returns an ``nn.Module``. ``SPEC`` is ``SHAPE[:DTYPE[:HIGH]]``: ``2x3x224x224`` (float32
-normal), ``2x128:int64:50000`` (integers drawn below HIGH). Every mistake is a
-``TargetError`` naming the fix, so the command line prints one line, not a traceback.
+returns an ``nn.Module``; or ``timm:NAME``, the timm architecture ``NAME`` built with
+``timm.create_model`` (random weights; ``--checkpoint`` loads them). ``SPEC`` is
+``SHAPE[:DTYPE[:HIGH]]``: ``2x3x224x224`` (float32 normal), ``2x128:int64:50000``
+(integers drawn below HIGH). Every mistake is a ``TargetError`` naming the fix, so the
+command line prints one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def _fail(reason: str, fix: str) -> TargetError:
 def load_target(target: str) -> nn.Module:
     """Import ``file.py:factory`` or ``package.module:factory`` and call the factory."""
     where, sep, name = target.rpartition(":")
+    if where == "timm" and name:
+        return _timm_model(name)
     if not sep or not where or not name:
         raise _fail(f"TARGET {target!r} is not FILE.py:FACTORY or MODULE:FACTORY",
                     "write e.g. models.py:build or my_pkg.models:build")
@@ -80,6 +84,18 @@ def load_target(target: str) -> nn.Module:
         raise _fail(f"{target} returned {type(model).__name__}, not an nn.Module",
                     "make the factory return the model")
     return model
+
+
+def _timm_model(name: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:
+        raise _fail(f"timm:{name} needs timm, which is not installed", "pip install timm") \
+            from exc
+    if not timm.is_model(name):
+        raise _fail(f"timm has no architecture {name!r}",
+                    "pick a name from timm.list_models()")
+    return timm.create_model(name, pretrained=False)
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:

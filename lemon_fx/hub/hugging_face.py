@@ -18,10 +18,7 @@ folder is written beside ``out_dir`` and renamed at the end: a failed check leav
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +27,9 @@ import torch
 from lemon_fx.api import plan_in_detail, trace
 from lemon_fx.axes.vocabulary import FFN, HEAD_DIM, HEADS, KV_HEADS, RESIDUAL
 from lemon_fx.errors import PlanError, Problem, VerificationError
+from lemon_fx.hub.folder import PretrainedGrowth, check_reloaded, model_card, staged_folder
 from lemon_fx.plan import Plan
 from lemon_fx.recipe.safetensors_io import SourceCheckpoint, write_sharded
-from lemon_fx.verification.compare import DEFAULT_TOLERANCES, compare_outputs
 
 __all__ = ["PretrainedGrowth", "example_inputs_for", "grow_hugging_face", "model_class"]
 
@@ -44,30 +41,6 @@ _ROLE_ATTRIBUTES = {RESIDUAL: "hidden_size", FFN: "intermediate_size",
                     HEADS: "num_attention_heads", KV_HEADS: "num_key_value_heads",
                     HEAD_DIM: "head_dim"}
 _FFN_SPELLINGS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
-
-
-@dataclass
-class PretrainedGrowth:
-    """What ``grow_pretrained`` wrote and measured: ``out_dir``; the plan; ``config``, the
-    config fields it rewrote (``{name: (source, grown)}``); ``max_abs_error`` of the
-    reloaded folder against the source on fresh inputs (float32) and ``generate_equal``
-    (causal LMs: greedy ``generate()`` with the KV cache gave the source's tokens; None
-    for other models)."""
-
-    out_dir: Path
-    plan: Plan
-    config: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    max_abs_error: float = 0.0
-    generate_equal: bool | None = None
-
-    def __str__(self) -> str:
-        lines = [f"grew into {self.out_dir}", f"plan: {self.plan.to_dict()}"]
-        lines += [f"config {k}: {a} -> {b}" for k, (a, b) in self.config.items()]
-        lines.append(f"reloaded with from_pretrained: max abs error {self.max_abs_error:.3g}"
-                     " on fresh inputs (float32)")
-        if self.generate_equal is not None:
-            lines.append("greedy generate() with the KV cache: the source's tokens")
-        return "\n".join(lines)
 
 
 def _transformers():
@@ -179,20 +152,8 @@ def _check(source: Any, reloaded: Any, config: Any) -> tuple[float, bool | None]
     """The reloaded folder against the source on fresh inputs (float32), and greedy
     generation with the KV cache for causal LMs."""
     inputs, kwargs = example_inputs_for(source, config, batch=2, length=12, seed=1)
-    rtol, atol = DEFAULT_TOLERANCES[torch.float32]
     want, got = _outputs(source, inputs, kwargs), _outputs(reloaded, inputs, kwargs)
-    # with grow_outputs the first entries of each grown output are the source's
-    compared = compare_outputs(want, got, rtol=rtol, atol=atol, check_dtype=False,
-                               leading=True)
-    failed = [c for c in compared if not c.passed]
-    if failed:
-        raise VerificationError("the grown folder, reloaded with from_pretrained, does not "
-                                "compute the source's function", [Problem(
-                                    reason=c.reason or f"{c.name}: max abs error "
-                                    f"{c.max_abs_error:.3e}, allowed {c.tolerance:.3e}",
-                                    fix="report this as a bug with the model and the plan")
-                                    for c in failed])
-    error = max((c.max_abs_error for c in compared), default=0.0)
+    error = check_reloaded(want, got, "from_pretrained")
     can_generate = getattr(source, "can_generate", None)
     if not (callable(can_generate) and can_generate()):
         return error, None
@@ -207,34 +168,11 @@ def _check(source: Any, reloaded: Any, config: Any) -> tuple[float, bool | None]
     return error, True
 
 
-def _model_card(source: str, plan: Plan, growth: PretrainedGrowth) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        lemon_version = version("lemon-fx")
-    except PackageNotFoundError:
-        lemon_version = "unknown"
-    changes = "\n".join(f"- `{k}`: {a} -> {b}" for k, (a, b) in growth.config.items())
-    generate = ("\n- greedy `generate()` with the KV cache gives the source's tokens"
-                if growth.generate_equal else "")
-    return (f"---\nbase_model: {source}\ntags:\n- lemon_fx\n---\n\n"
-            f"# Grown from {source} with lemon_fx {lemon_version}\n\n"
-            f"This model computes the same function as `{source}` (LEMON, lossless growth).\n\n"
-            f"Plan: `{json.dumps(plan.to_dict())}`\n\n{changes}\n\n"
-            f"Check: reloaded with `from_pretrained`, max abs error "
-            f"{growth.max_abs_error:.3g} against the source on fresh inputs (float32)"
-            f"{generate}\n")
-
-
 def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
                       example_inputs: Any = None) -> PretrainedGrowth:
     """Grow a Hugging Face model folder (or a ``PreTrainedModel``) into ``out_dir``."""
     plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise PlanError(f"{out} is not empty", [Problem(
-            reason=f"{out} already holds files", node="out_dir",
-            fix="name a new or empty folder")])
     transformers = _transformers()
     folder = None
     if isinstance(source, (str, Path)):
@@ -263,9 +201,7 @@ def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
     planned = plan_in_detail(gm, plan)
     grown_config, changes = _grown_config(config, planned)
     recipe = planned.recipe
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         if folder is not None:
             checkpoint = SourceCheckpoint(folder)
             source_model = cls.from_pretrained(folder).eval()
@@ -294,11 +230,5 @@ def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
         reloaded_model = model_class(reloaded).from_pretrained(staging).eval()
         error, generate_equal = _check(source_model, reloaded_model, config)
         growth = PretrainedGrowth(out, plan, changes, error, generate_equal)
-        (staging / "README.md").write_text(_model_card(name, plan, growth))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / "README.md").write_text(model_card(name, plan, growth))
     return growth
