@@ -5,8 +5,7 @@ BertModel, ViT (classifier and bare). Real transformers classes from tiny config
 Every case goes save_pretrained -> grow_pretrained -> from_pretrained and is then checked
 here, independently of grow_pretrained's own check: the grown config.json sizes, the class
 it names, the outputs on fresh inputs (float32 tolerance) and, for causal LMs, greedy
-generate() with the KV cache. A case that fails because of a library bug keeps asserting
-the correct behaviour and is marked xfail(strict=True) with what is wrong."""
+generate() with the KV cache."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import lemon_fx
-from lemon_fx import LemonError, NotLosslessError, Plan
+from lemon_fx import LemonError, NotLosslessError, Plan, PlanError
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,23 +93,11 @@ CAUSAL = {
     "opt": (_opt, "ffn_dim", False),
 }
 
-NEOX_BUG = ("GPT-NeoX: bare KeyError 'lm_head.weight' - the checkpoint stores it as "
-            "'embed_out.weight' (transformers' key renaming) and hub/hugging_face.py reads "
-            "source tensors by the model's own parameter names")
-OPT_BUG = ("OPT: grown config keeps word_embed_proj_dim=32 while hidden_size becomes 64, so "
-           "from_pretrained adds project_in/out and rejects the 64-wide embed_tokens/lm_head "
-           "(bare RuntimeError 'ignore_mismatched_sizes')")
-
 CAUSAL_CASES = []
 for _family in sorted(CAUSAL):
     for _depth in (None, 2.0):
-        _marks = ()
-        if _family == "gpt_neox":
-            _marks = pytest.mark.xfail(strict=True, reason=NEOX_BUG)
-        elif _family == "opt":
-            _marks = pytest.mark.xfail(strict=True, reason=OPT_BUG)
         CAUSAL_CASES.append(pytest.param(
-            _family, _depth, marks=_marks,
+            _family, _depth,
             id=f"{_family}-width2" + ("-depth2" if _depth else "")))
 
 
@@ -187,14 +174,24 @@ def test_a_tied_gemma_is_refused_before_anything_is_written(tmp_path, depth):
     assert [p.name for p in tmp_path.iterdir()] == ["small"]  # no staging folder either
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "untied Gemma: VerificationError (logits off by ~3e-2) - GemmaTextScaledWordEmbedding's "
-    "non-persistent embed_scale buffer is rebuilt as sqrt(grown hidden_size)=8 instead of "
-    "sqrt(32); hub/hugging_face.py writes the config without compensating or refusing"))
-def test_an_untied_gemma_folder_grows_and_reloads_exactly(tmp_path):
+def test_an_untied_gemma_is_refused_for_its_scaled_embedding(tmp_path):
+    # GemmaTextScaledWordEmbedding multiplies by sqrt(hidden_size), computed from the config:
+    # a model built from the grown config would scale by sqrt(64), the source by sqrt(32)
+    _saved(lambda: _gemma(tied=False), tmp_path / "small")
+    with pytest.raises(PlanError, match="cannot express") as err:
+        lemon_fx.grow_pretrained(tmp_path / "small", Plan(width=2.0), tmp_path / "big")
+    assert "embed_scale" in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["small"]
+
+
+def test_an_untied_gemma_grows_where_the_residual_keeps_its_width(tmp_path):
     model = _saved(lambda: _gemma(tied=False), tmp_path / "small")
-    report = lemon_fx.grow_pretrained(tmp_path / "small", Plan(width=2.0), tmp_path / "big")
-    _check_causal_folder(model, tmp_path / "big", report, "intermediate_size", True, layers=2)
+    report = lemon_fx.grow_pretrained(tmp_path / "small", Plan(width={"@ffn": 2.0}, depth=2.0),
+                                      tmp_path / "big")
+    config = _grown_config(tmp_path / "big")
+    assert config["hidden_size"] == HIDDEN and config["num_hidden_layers"] == 4
+    assert report.generate_equal is True
+    _ = model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +218,6 @@ def _vit_model():
     return transformers.ViTModel(_vit_config())
 
 
-POOLER_BUG = ("pooler.dense's output is resolved as an 'ffn' group (32 -> 64) beside the "
-              "encoder FFNs (64 -> 128): _grown_config raises PlanError 'the ffn groups grow "
-              "to different sizes [64, 128]'; the pooler is hidden_size wide")
-VIT_META_BUG = ("ViT folder: TraceError - grow_hugging_face traces the weightless model on "
-                "the meta device with CPU pixel_values (conv: 'weight is on meta, different "
-                "from other tensors on cpu'); the same model object grows fine")
 
 
 def _check_encoder_config(out, cls, layers):
@@ -244,7 +235,6 @@ def _assert_leading(got, want):
     torch.testing.assert_close(got[..., :want.shape[-1]], want, **TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="BertModel grow_outputs: " + POOLER_BUG)
 def test_a_bare_bert_grows_its_outputs(tmp_path):
     model = _saved(_bert, tmp_path / "small")
     report = lemon_fx.grow_pretrained(tmp_path / "small", Plan(width=2.0, grow_outputs=True),
@@ -260,7 +250,6 @@ def test_a_bare_bert_grows_its_outputs(tmp_path):
     _assert_leading(got.pooler_output, want.pooler_output)
 
 
-@pytest.mark.xfail(strict=True, reason=VIT_META_BUG)
 @pytest.mark.parametrize("depth", [None, 2.0], ids=["width2", "width2-depth2"])
 def test_a_vit_classifier_folder_grows_and_reloads_exactly(tmp_path, depth):
     model = _saved(_vit_classifier, tmp_path / "small")
@@ -295,8 +284,6 @@ def test_a_vit_classifier_object_grows_and_reloads_exactly(tmp_path):
         torch.testing.assert_close(grown(pixels).logits, model(pixels).logits, **TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="ViTModel grow_outputs: " + VIT_META_BUG + "; then "
-                   + POOLER_BUG)
 def test_a_bare_vit_grows_its_outputs(tmp_path):
     model = _saved(_vit_model, tmp_path / "small")
     report = lemon_fx.grow_pretrained(tmp_path / "small", Plan(width=2.0, grow_outputs=True),

@@ -7,11 +7,14 @@ heads' ``num_attention_heads`` (key/value heads ``num_key_value_heads``), ``head
 stays, and the block stack's grown length is ``num_hidden_layers`` (per-layer lists such as
 ``layer_types`` follow the block order). Spellings such as GPT-2's ``n_embd``/``n_layer``
 go through the config's own ``attribute_map``. A plan the config cannot express (two
-blocks grown to different widths, a width the config does not name) is refused before
-anything is written.
+blocks grown to different widths, a width the config does not name, an embedding scaled by
+``sqrt(hidden_size)``) is refused before anything is written. A group as wide as the
+residual stream outside the blocks (a pooler) is sized by ``hidden_size``; fields that
+default to it (``word_embed_proj_dim``) follow it.
 
-Weights are made one tensor at a time by the recipe and written as sharded safetensors
-with their index (no second full copy in memory); ``generation_config.json`` and every
+Weights are made one tensor at a time by the recipe from the loaded source (the check
+loads it anyway) and written as sharded safetensors with their index (no second full copy
+in memory); ``generation_config.json`` and every
 tokenizer file are carried over; a README model card states the plan and the check. The
 folder is written beside ``out_dir`` and renamed at the end: a failed check leaves none.
 """
@@ -29,7 +32,7 @@ from lemon_fx.axes.vocabulary import FFN, HEAD_DIM, HEADS, KV_HEADS, RESIDUAL
 from lemon_fx.errors import PlanError, Problem, VerificationError
 from lemon_fx.hub.folder import PretrainedGrowth, check_reloaded, model_card, staged_folder
 from lemon_fx.plan import Plan
-from lemon_fx.recipe.safetensors_io import SourceCheckpoint, write_sharded
+from lemon_fx.recipe.safetensors_io import write_sharded
 
 __all__ = ["PretrainedGrowth", "example_inputs_for", "grow_hugging_face", "model_class"]
 
@@ -41,6 +44,9 @@ _ROLE_ATTRIBUTES = {RESIDUAL: "hidden_size", FFN: "intermediate_size",
                     HEADS: "num_attention_heads", KV_HEADS: "num_key_value_heads",
                     HEAD_DIM: "head_dim"}
 _FFN_SPELLINGS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+# config fields that name a width equal to hidden_size unless set otherwise (an embedding,
+# a pooler)
+_FOLLOW_HIDDEN = ("word_embed_proj_dim", "embedding_size", "pooler_output_size")
 
 
 def _transformers():
@@ -89,11 +95,18 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
     grown = config.__class__.from_dict(config.to_dict())
     changes: dict[str, tuple[Any, Any]] = {}
     problems: list[Problem] = []
+    pairs = [(g, (g.size, planned.resolution.target(g.leaf))) for g in planned.analysis.groups]
+    residual = {pair for g, pair in pairs if g.role == RESIDUAL}
     by_role: dict[str, set[int]] = {}
-    for group in planned.analysis.groups:
-        by_role.setdefault(group.role, set()).add(planned.resolution.target(group.leaf))
+    for group, pair in pairs:
+        others = {q for g, q in pairs if g.role == group.role and q != pair}
+        if group.role != RESIDUAL and pair in residual and others:
+            # hidden_size wide (BERT's and ViT's pooler after its FFNs): the config's
+            # hidden_size says its size
+            continue
+        by_role.setdefault(group.role, set()).add(pair[1])
     for role, targets in by_role.items():
-        sizes = {g.size for g in planned.analysis.groups if g.role == role}
+        sizes = {g.size for g, _ in pairs if g.role == role}
         if len(targets) > 1:
             problems.append(Problem(
                 reason=f"the {role} groups grow to different sizes {sorted(targets)}, and "
@@ -118,6 +131,20 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
         old = getattr(config, attribute)
         setattr(grown, attribute, target)
         changes[attribute] = (old, target)
+    hidden = changes.get("hidden_size")
+    if hidden is not None:
+        for attribute in _FOLLOW_HIDDEN:
+            # an embedding width that defaults to hidden_size (OPT's word_embed_proj_dim):
+            # left alone it would add projections the grown weights do not have
+            if getattr(config, attribute, None) == hidden[0]:
+                setattr(grown, attribute, hidden[1])
+                changes[attribute] = hidden
+        if _scales_embeddings(planned.source):
+            problems.append(Problem(
+                reason="the model multiplies its embeddings by sqrt(hidden_size) (Gemma's "
+                "embed_scale), which the grown config would change", node="embed_scale",
+                fix="keep the residual width (grow @ffn, @heads or depth), or grow with "
+                "lemon_fx.grow and keep the GraphModule"))
     kv = changes.get("num_key_value_heads")
     if kv is not None and HEADS not in by_role and getattr(config, "num_attention_heads", None):
         # grouped-query attention: each key/value head serves a fixed number of query heads
@@ -141,6 +168,14 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
     if problems:
         raise PlanError("the config cannot express this plan", problems)
     return grown, changes
+
+
+def _scales_embeddings(gm: torch.fx.GraphModule) -> bool:
+    """Whether an embedding is scaled by a number computed from the config at build time
+    (Gemma's non-persistent ``embed_scale``): the traced graph keeps the source's value,
+    a model built from the grown config computes another."""
+    return any(name.endswith("embed_scale") for name, _ in gm.named_buffers()) or any(
+        n.op == "get_attr" and str(n.target).endswith("embed_scale") for n in gm.graph.nodes)
 
 
 def _outputs(model: Any, inputs: tuple, kwargs: dict) -> Any:
@@ -202,18 +237,14 @@ def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
     grown_config, changes = _grown_config(config, planned)
     recipe = planned.recipe
     with staged_folder(out) as staging:
-        if folder is not None:
-            checkpoint = SourceCheckpoint(folder)
-            source_model = cls.from_pretrained(folder).eval()
+        # the check needs the source model loaded, and its state_dict has the class' own
+        # names: transformers renames checkpoint keys as it loads them (GPT-NeoX's
+        # embed_out -> lm_head, ViT's attention.query -> q_proj), so the files' do not
+        source_model = cls.from_pretrained(folder).eval() if folder is not None else source
+        state = source_model.state_dict()
 
-            def tensor(key: str) -> torch.Tensor:
-                return checkpoint.tensor(key)
-        else:
-            source_model = source
-            state = source.state_dict()
-
-            def tensor(key: str) -> torch.Tensor:
-                return state[key]
+        def tensor(key: str) -> torch.Tensor:
+            return state[key]
 
         grown_config.architectures = [cls.__name__]
         grown_config.save_pretrained(staging)

@@ -149,13 +149,22 @@ def trace(
             ) from export_error
 
 
+def _on_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
 def _trace_export(model: nn.Module, example_inputs: Any,
                   example_kwargs: dict[str, Any] | None) -> torch.fx.GraphModule:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    run_args, run_kwargs = args, kwargs
+    if any(t.is_meta for t in model.state_dict().values()):
+        # a weightless model: real inputs would meet meta weights (a conv refuses that)
+        run_args = tuple(_on_meta(x) for x in args)
+        run_kwargs = {k: _on_meta(v) for k, v in kwargs.items()}
     try:
-        gm = export_graph(model, args, kwargs)
+        gm = export_graph(model, run_args, run_kwargs)
     except Exception as exc:  # export raises many types; all mean "could not export"
         raise TraceError(
             f"torch.export could not export {type(model).__name__}",
