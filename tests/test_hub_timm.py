@@ -61,6 +61,8 @@ CASES = {
     "resnet-depth": (_resnet, Plan(depth=2.0), {"layers": [[2, 2, 2, 2], [4, 4, 4, 4]]}, 64),
     "convnext-width": (_convnext, Plan(width=2.0),
                        {"dims": [[40, 80, 160, 320], [80, 160, 320, 640]]}, 64),
+    "convnext-depth": (_convnext, Plan(depth=2.0), {"depths": [[2, 2, 6, 2], [4, 4, 12, 4]]},
+                       64),
 }
 
 
@@ -96,9 +98,11 @@ def test_a_width_timm_cannot_write_is_refused_before_anything_is_written(tmp_pat
 
 
 def test_a_depth_the_analysis_refuses_writes_nothing(tmp_path):
+    # resnet10t has one block per stage, and each of the later ones downsamples
     out = tmp_path / "big"
-    with pytest.raises(UnsupportedOpError):
-        lemon_fx.grow_pretrained(_convnext(), Plan(depth=2.0), out,
+    model = _trained(timm.create_model("resnet10t", pretrained=False, num_classes=10))
+    with pytest.raises(UnsupportedOpError, match="changes the shape of the stream"):
+        lemon_fx.grow_pretrained(model, Plan(depth=2.0), out,
                                  example_inputs=(torch.randn(1, 3, 64, 64),))
     assert list(tmp_path.iterdir()) == []
 

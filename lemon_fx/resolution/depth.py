@@ -127,7 +127,12 @@ def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
             problems.append(Problem(reason="the model has no block stack", node="depth",
                                     fix="leave depth out, or put the blocks in an "
                                     "nn.ModuleList / nn.Sequential"))
-        wanted = {s.name: _target(s, plan.depth, bare=True) for s in stacks}
+        # a stack of stages that cannot grow (ConvNeXt's ``stages``: each stage starts by
+        # downsampling) is a container: a bare depth grows the block stacks inside it
+        inner = {s.name for s in stacks if any(s.name.startswith(o.name + ".")
+                                               for o in stacks)}
+        wanted = {s.name: _target(s, plan.depth, bare=True) for s in stacks
+                  if not (s.problem and any(n.startswith(s.name + ".") for n in inner))}
     growths = []
     blocked: list[Problem] = []
     inexact: list[Problem] = []

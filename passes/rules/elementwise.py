@@ -26,7 +26,8 @@ Refuses:
 - a power whose exponent is a tensor (or whose base is not one), when any of its axes
   grows: use a number as the exponent.
 
-Additive ops, dropout, casts and the other identity-like ops refuse nothing.
+Additive ops, dropout, stochastic depth (drop path), casts and the other identity-like ops
+refuse nothing.
 """
 
 from __future__ import annotations
@@ -77,10 +78,22 @@ def _first_node(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
+def _reads_only_parameters(node: torch.fx.Node, depth: int = 8) -> bool:
+    """Whether ``node`` is computed from parameters and numbers alone (a ``get_attr``, or
+    a view of one: ConvNeXt's ``gamma.reshape(1, -1, 1, 1)``), never from an input."""
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_method", "call_function") or depth == 0:
+        return False
+    inputs = node.all_input_nodes
+    return bool(inputs) and all(_reads_only_parameters(n, depth - 1) for n in inputs)
+
+
 def _single_activation(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The one operand of a binary op that is an activation (not a parameter read by
-    ``get_attr``, not a number), or None when there are two or none."""
-    tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
+    """The one operand of a binary op that is an activation (not a parameter, nor a view of
+    one, nor a number), or None when there are two or none."""
+    tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)
+               and not _reads_only_parameters(a)]
     return tensors[0] if len(tensors) == 1 else None
 
 
@@ -302,6 +315,28 @@ def _zero_at_zero(fn) -> bool:
     return bool(fn(torch.zeros(1, dtype=torch.float64)).abs().item() == 0)
 
 
+def _drop_path_ops() -> list:
+    """Stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth`` and
+    ``stochastic_depth``): the identity in eval mode. In training mode it scales a whole
+    sample's branch by one number (0 or ``1 / keep``), which every entry of an axis shares,
+    so the copies of a width group stay copies, and a branch that writes zero still does.
+    Only the libraries that are installed are registered."""
+    ops = []
+    try:
+        from timm.layers import DropPath
+    except ImportError:
+        DropPath = None
+    if DropPath is not None:
+        ops.append(DropPath)
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except (ImportError, RuntimeError):  # a torchvision built for another torch
+        StochasticDepth = None
+    if StochasticDepth is not None:
+        ops += [StochasticDepth, stochastic_depth]
+    return ops
+
+
 def register_rules(registry: Registry) -> None:
     aten = torch.ops.aten
     passthrough = PassThroughRule()
@@ -314,6 +349,7 @@ def register_rules(registry: Registry) -> None:
         aten.alias.default, aten.detach.default,
         aten.type_as.default,
     ])
+    registry.add(passthrough, _drop_path_ops())
     registry.add(PassThroughRule(keeps_value=False), [torch.zeros_like,
                                                       aten.zeros_like.default])
     activations = {
