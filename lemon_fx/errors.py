@@ -57,17 +57,46 @@ class Problem:
         return "\n".join(lines)
 
 
+# a merged problem names this many nodes, then counts the rest
+NAMED_NODES = 3
+
+
+def merge_repeated(problems: list[Problem] | tuple[Problem, ...]) -> tuple[Problem, ...]:
+    """One problem per distinct cause: problems with the same reason, fix and op at
+    several nodes become one that names the first ``NAMED_NODES`` nodes and counts the
+    rest (the first one's source line stays)."""
+    groups: dict[tuple, list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.reason, p.fix, p.op), []).append(p)
+    merged = []
+    for same in groups.values():
+        nodes = list(dict.fromkeys(p.node for p in same if p.node is not None))
+        if len(nodes) <= 1:
+            merged.append(same[0])
+            continue
+        named = ", ".join(f"'{n}'" for n in nodes[:NAMED_NODES])
+        more = f" and {len(nodes) - NAMED_NODES} more" if len(nodes) > NAMED_NODES else ""
+        first = same[0]
+        merged.append(Problem(reason=f"{first.reason} (at {len(nodes)} nodes: {named}{more})",
+                              fix=first.fix, node=None, op=first.op, source=first.source))
+    return tuple(merged)
+
+
 class LemonError(Exception):
     """Base class of every error lemon_fx raises for a user's model or plan.
 
     ``message`` is the summary line; ``problems`` the ``Problem`` of every distinct cause
-    (one exception lists them all); ``str(error)`` renders the message and each problem,
-    numbered. Catch ``LemonError`` to catch every refusal: it is raised before anything is
+    (one exception lists them all; the same cause at several nodes is one problem naming
+    the first few); ``details`` every problem at every node, as the analysis found them
+    (``lemon-fx --debug`` prints them); ``str(error)`` renders the message and each
+    problem, numbered. Catch ``LemonError`` to catch every refusal: it is raised before anything is
     built, and the source model is never modified.
     """
 
-    def __init__(self, message: str, problems: list[Problem] | tuple[Problem, ...] = ()):
-        self.problems: tuple[Problem, ...] = tuple(problems)
+    def __init__(self, message: str, problems: list[Problem] | tuple[Problem, ...] = (),
+                 details: list[Problem] | tuple[Problem, ...] | None = None):
+        self.details: tuple[Problem, ...] = tuple(problems if details is None else details)
+        self.problems: tuple[Problem, ...] = merge_repeated(problems)
         self.message = message
         super().__init__(self._render())
 

@@ -8,7 +8,7 @@ import torch.fx
 from torch import nn
 
 import lemon_fx
-from lemon_fx import NotLosslessError, Plan, TraceError, UnsupportedOpError
+from lemon_fx import NotLosslessError, Plan, Problem, TraceError, UnsupportedOpError
 
 
 class _TwoUnknownOps(nn.Module):
@@ -204,3 +204,31 @@ def test_first_line_names_the_type_when_the_message_is_empty() -> None:
     assert first_line(ValueError()) == "ValueError"
     assert first_line(ValueError("  \n")) == "ValueError"
     assert first_line(ValueError("first\nsecond")) == "ValueError: first"
+
+
+def test_the_same_cause_at_many_nodes_is_one_problem():
+    from lemon_fx.errors import merge_repeated
+
+    same = [Problem(reason="softmax over a growing axis", fix="keep it", node=f"n{i}", op="op")
+            for i in range(5)]
+    other = Problem(reason="something else", fix="keep it", node="m")
+    merged = merge_repeated(same + [other])
+    assert len(merged) == 2
+    assert "(at 5 nodes: 'n0', 'n1', 'n2' and 2 more)" in merged[0].reason
+    error = lemon_fx.NotLosslessError("no", same + [other])
+    assert len(error.problems) == 2 and len(error.details) == 6
+
+
+def test_a_refusal_is_one_line_per_width_group_not_one_per_node(capsys):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
+    gm = lemon_fx.trace(model, (torch.randn(1, 3, 64, 64),))
+    with pytest.raises(lemon_fx.NotLosslessError) as err:
+        lemon_fx.grow(gm, lemon_fx.Plan(width=1.5))
+    # four stage widths: four problems, each naming its group and every distinct need
+    assert len(err.value.problems) == 4
+    assert len(str(err.value).splitlines()) <= 16
+    assert err.value.problems[0].reason.startswith("residual_1 (40 -> 60 entries): ")
+    assert "LayerNorm needs its input in the avg form (3 nodes, e.g. " in \
+        err.value.problems[0].reason
+    assert len(err.value.details) > 40  # every node, for --debug

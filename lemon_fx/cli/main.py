@@ -463,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (LemonError, OSError) as exc:
         if getattr(args, "debug", False):
+            for i, problem in enumerate(getattr(exc, "details", ()), 1):  # every node
+                print(f"  {i}. {problem.render()}", file=sys.stderr)
             raise
         print(f"lemon-fx: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -196,14 +196,15 @@ def resolve_width(analysis: WidthAnalysis, plan: Plan) -> Resolution:
     _check_ties(resolution)
     # one error lists every problem: unsupported ops first decide the type
     unsupported, inexact = _check_blockers(resolution)
-    inexact += _solve_forms(resolution)
-    inexact += _check_claims(resolution)
-    inexact += _check_grown_outputs(resolution)
+    conflicts, every_conflict = _solve_forms(resolution)
+    rest = _check_claims(resolution) + _check_grown_outputs(resolution)
+    details = unsupported + inexact + every_conflict + rest
+    inexact += conflicts + rest
     if unsupported:
         raise UnsupportedOpError("growing this model needs ops lemon_fx has no rule for",
-                                 unsupported + inexact)
+                                 unsupported + inexact, details)
     if inexact:
-        raise NotLosslessError("this growth has no exact answer", inexact)
+        raise NotLosslessError("this growth has no exact answer", inexact, details)
     return resolution
 
 
@@ -272,32 +273,69 @@ def _check_blockers(res: Resolution) -> tuple[list[Problem], list[Problem]]:
     return unsupported, inexact
 
 
-def _solve_forms(res: Resolution) -> list[Problem]:
+def _solve_forms(res: Resolution) -> tuple[list[Problem], list[Problem]]:
     """Pick each form class' form: circ, else avg, else zero, among what its ops allow.
 
     A class only needs a choice when one of its axes grows by a non-multiple (``r != 0``):
-    for whole multiples all three forms are the same tiling.
+    for whole multiples all three forms are the same tiling. A class with no form left
+    is one problem (its width group, each distinct need with how many nodes have it and
+    the first one); the second list has one problem per node, for ``details``.
     """
     a = res.analysis
-    problems: list[Problem] = []
+    conflicts: list[tuple[set[int], list[Problem]]] = []
+    every: list[Problem] = []
     for root, members in a.form_classes_index().items():
         allowed, reasons = a.allowed_forms(root)
-        needs_choice = any(
-            res.non_multiple(leaf) for slot in members for leaf in a.slot_leaves(slot)
-        )
+        growing = {leaf for slot in members for leaf in a.slot_leaves(slot)
+                   if res.non_multiple(leaf)}
         composite = any(any(res.non_multiple(leaf) for leaf in a.slot_leaves(s))
                         and len(a.slot_leaves(s)) > 1 for s in members)
         if composite:
             allowed &= ONLY_CIRC
         chosen = next((f for f in FORMS if f in allowed), None)
         if chosen is None:
-            if needs_choice:
-                problems.extend(dict.fromkeys(reasons))
+            if growing:
+                reasons = list(dict.fromkeys(reasons))
+                every += [Problem(reason=f"{p.reason}, and another op on this axis needs a "
+                                  "different form: no exact answer at a non-multiple width",
+                                  fix=p.fix, node=p.node, op=p.op, source=p.source)
+                          for p in reasons]
+                conflicts.append((growing, reasons))
             chosen = CIRC
         res.forms[root] = chosen
-    return [Problem(reason=f"{p.reason}, and another op on this axis needs a different "
-                    "form: no exact answer at a non-multiple width", fix=p.fix, node=p.node,
-                    op=p.op, source=p.source) for p in problems]
+    # one problem per width group: its form classes (one per block, say) merged
+    by_group: dict[str, tuple[set[int], list[Problem]]] = {}
+    for growing, reasons in conflicts:
+        key = _group_label(res, growing)
+        leaves, found = by_group.setdefault(key, (set(), []))
+        leaves |= growing
+        found += [p for p in reasons if p not in found]
+    condensed = [_form_conflict(label, reasons) for label, (_, reasons) in by_group.items()]
+    return condensed, every
+
+
+def _group_label(res: Resolution, growing: set[int]) -> str:
+    """``residual (96 -> 144 entries)``: the first width group on these leaves."""
+    groups = [g for g in res.analysis.groups if g.leaf in growing]
+    if not groups:
+        return "a width"
+    g = groups[0]
+    unit = "heads" if "heads" in g.role else "entries"
+    return f"{g.name} ({g.size} -> {res.target(g.leaf)} {unit})"
+
+
+def _form_conflict(label: str, reasons: list[Problem]) -> Problem:
+    """``residual (96 -> 144 entries): LayerNorm needs ... (12 nodes, e.g. 'ln'); a
+    depthwise conv ... (12 nodes, e.g. 'conv'): no exact answer at a non-multiple width``."""
+    by_reason: dict[str, list[Problem]] = {}
+    for p in reasons:
+        by_reason.setdefault(p.reason, []).append(p)
+    needs = "; ".join(
+        f"{reason} ({len(ps)} node{'s' if len(ps) > 1 else ''}, e.g. '{ps[0].node}')"
+        for reason, ps in by_reason.items())
+    first = reasons[0]
+    return Problem(reason=f"{label}: {needs}: no exact answer at a non-multiple width",
+                   fix=first.fix, node=None, source=first.source)
 
 
 def _check_claims(res: Resolution) -> list[Problem]:
