@@ -21,7 +21,7 @@ from torch import nn
 from lemon_fx.analysis.width import AxisUse, Claim
 from lemon_fx.axes.vocabulary import CIRC
 from lemon_fx.errors import NotLosslessError
-from lemon_fx.recipe.recipe import Step, TensorRecipe
+from lemon_fx.recipe.recipe import GrowthRecipe, Step, TensorRecipe
 from lemon_fx.resolution.rewrite import Edits, NodeRewrite
 from lemon_fx.resolution.width import Resolution
 from passes.result import PassResult
@@ -82,6 +82,10 @@ def width_recipes(res: Resolution) -> dict[str, TensorRecipe]:
     return made
 
 
+def _tensor(gm: torch.nn.Module, name: str) -> torch.Tensor:
+    return gm.get_parameter(name) if _is_param(gm, name) else gm.get_buffer(name)
+
+
 def _set_tensor(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
@@ -105,6 +109,16 @@ def widen(gm: torch.fx.GraphModule, res: Resolution, edits: Edits | None = None
     recipes = width_recipes(res)
     new_tensors = {name: torch.empty(r.shape, dtype=r.dtype, device="meta")
                    for name, r in recipes.items()}
+    # a tensor outside the state_dict (BEiT's non-persistent k_bias of zeros) is no
+    # weight a checkpoint carries: it is made here, from the source's value
+    kept = set(res.analysis.gm.state_dict())
+    outside = {name: r for name, r in recipes.items() if name not in kept}
+    if outside:
+        making = GrowthRecipe(outside, seed=res.plan.seed, noise_scale=res.plan.noise_scale)
+        for name in outside:
+            value = _tensor(res.analysis.gm, name)
+            if not value.is_meta:
+                new_tensors[name] = making.make(name, value)
     nodes = {n.name: n for n in gm.graph.nodes}
     for node_name, key, value in edits.args:
         node = nodes[node_name]

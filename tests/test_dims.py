@@ -84,3 +84,26 @@ def test_fixed_composite_fixes_its_leaves():
     t.fix(c, "output")
     assert t.is_fixed(h) == "output"
     assert t.is_fixed(d) == "output"
+
+
+def test_a_concatenation_of_equal_parts_factors_as_a_count_times_the_part():
+    # BEiT: cat(q_bias, k_bias, v_bias) viewed as [3, H, Dh]
+    t = DimTable()
+    q, k, v = t.new(8), t.new(8), t.new(8)
+    fused = t.new(24)
+    t.concatenate_as(fused, [q, k, v])
+    three, heads, head_dim = t.new(3), t.new(2), t.new(4)
+    t.factor_as(fused, [three, heads, head_dim])
+    assert t.find(q) == t.find(k) == t.find(v)  # one layout for every part
+    assert [t.size(leaf) for leaf in t.leaves(fused)] == [3, 2, 4]
+    assert t.is_fixed(t.leaves(fused)[0])  # the count of parts never grows
+    assert t.leaves(q) == t.leaves(fused)[1:]
+
+
+def test_a_concatenation_of_unequal_parts_still_cannot_be_factored():
+    t = DimTable()
+    a, b = t.new(4), t.new(8)
+    fused = t.new(12)
+    t.concatenate_as(fused, [a, b])
+    with pytest.raises(FactorMismatch):
+        t.factor_as(fused, [t.new(3), t.new(4)])

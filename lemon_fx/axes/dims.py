@@ -94,6 +94,11 @@ class DimTable:
             return
         if self.sizes[ra] != self.sizes[rb]:
             raise FactorMismatch(f"sizes {self.sizes[ra]} and {self.sizes[rb]} differ")
+        fa, fb = self.factors.get(ra), self.factors.get(rb)
+        if fa is not None and fb is not None and \
+                (ra in self.concatenations) != (rb in self.concatenations):
+            # a concatenation of equal parts can be the product: [q, 0, v] as [3, C]
+            self._as_product_of_equal_parts(ra if ra in self.concatenations else rb)
         cat_a, cat_b = ra in self.concatenations, rb in self.concatenations
         fa, fb = self.factors.get(ra), self.factors.get(rb)
         if fa is not None and fb is not None and cat_a != cat_b:
@@ -133,7 +138,7 @@ class DimTable:
             return
         root = self.find(d)
         if root in self.concatenations:
-            raise FactorMismatch("a concatenated axis cannot be factored")
+            self._as_product_of_equal_parts(root)
         if root in self.factors:
             self._refine(self.leaves(root), self.leaves_of_list(parts))
         else:
@@ -157,6 +162,29 @@ class DimTable:
         else:
             self.factors[root] = list(parts)
             self.concatenations.add(root)
+
+    def _as_product_of_equal_parts(self, root: int) -> None:
+        """Turn the concatenation ``root`` of ``k`` parts of one size into the product
+        ``[k, P]``, the parts unified into ``P``; ``FactorMismatch`` when it is not one.
+
+        ``cat([a, b, c])`` grows as ``[a', b', c']``; ``[3, P]`` as ``[P', P', P']`` (the
+        Kronecker product with a leading factor that keeps its size). The two agree
+        exactly when every part has one layout, so the parts become one dim: BEiT's fused
+        bias ``cat(q_bias, zeros_like(v_bias), v_bias)`` viewed as ``[3, H, Dh]``. The
+        leading factor counts parts, never a width: it is fixed.
+        """
+        parts = [self.find(p) for p in self.factors[root]]
+        sizes = {self.sizes[p] for p in parts}
+        if len(parts) < 2 or len(sizes) != 1:
+            raise FactorMismatch("a concatenated axis cannot be factored")
+        shared = parts[0]
+        for part in parts[1:]:
+            self.unify(shared, part)
+        count = self.new(len(parts))
+        self.fix(count, "the number of equal parts of a concatenation")
+        root = self.find(root)
+        self.concatenations.discard(root)
+        self.factors[root] = [count, self.find(shared)]
 
     def _refine_sum(self, left: list[int], right: list[int]) -> None:
         i = j = 0

@@ -178,6 +178,17 @@ def _trace_export(model: nn.Module, example_inputs: Any,
     return gm
 
 
+def _constants_out_of_state_dict(gm: torch.fx.GraphModule) -> None:
+    """Tensors that forward builds (timm BEiT's ``torch.zeros_like(v_bias)``, an index
+    table) are lifted by fx into ``_tensor_constant<N>`` buffers: they are no weights of
+    the model, and a state_dict holding them would not load into the model's class. They
+    stay buffers of the GraphModule (so ``.to()`` moves them), outside its state_dict."""
+    for name, value in list(gm.named_buffers(recurse=False)):
+        if name.startswith("_tensor_constant"):
+            del gm._buffers[name]
+            gm.register_buffer(name, value, persistent=False)
+
+
 def _trace_fx(
     model: nn.Module,
     example_inputs: Any,
@@ -219,6 +230,7 @@ def _trace_fx(
             ],
         ) from exc
     gm = torch.fx.GraphModule(private, graph, class_name=type(model).__name__)
+    _constants_out_of_state_dict(gm)
     _pin_defaults(gm, model, concrete_args)
     lift_output_structure(gm)
     set_source(gm, type(model))

@@ -9,8 +9,9 @@ Net2Net's equal split. Leading axes pass through unchanged. ``addmm(b, x, W)`` (
 Conv1D) is the same with ``W`` stored ``[in, out]``.
 
 Refuses:
-- ``F.linear`` whose weight or bias is computed at run time (not read from a parameter),
-  when one of its axes grows: there is no parameter to grow; make it an ``nn.Parameter``;
+- ``F.linear`` whose weight is computed at run time (not read from a parameter), when one
+  of its axes grows: there is no parameter to grow; make it an ``nn.Parameter``. A bias
+  computed at run time is an added activation, grown by the ops that compute it;
 - ``torch.addmm`` whose weight is computed at run time, when any axis of its bias, input
   or weight grows.
 
@@ -90,7 +91,8 @@ class LinearRule(Rule):
 
 
 class FunctionalLinearRule(Rule):
-    """``F.linear(x, weight, bias)`` with parameters read through ``get_attr``.
+    """``F.linear(x, weight, bias)`` with its weight read through ``get_attr``; the bias is
+    a parameter or a tensor computed from them (an added activation).
 
     Ends a residual branch when its weight and bias are parameters (not computed).
     """
@@ -104,16 +106,16 @@ class FunctionalLinearRule(Rule):
         bias = ctx.arg(2, "bias")
         in_slot, out_slot = couple_affine(
             ctx, x, node, ctx.dims(weight), ctx.dims(bias) if ctx.is_tensor(bias) else None)
-        for arg, uses in ((weight, [AxisUse("expand", out_slot), AxisUse("split", in_slot)]),
-                          (bias, [AxisUse("expand", out_slot)])):
-            if not ctx.is_tensor(arg):
-                continue
-            if arg.op == "get_attr":
-                ctx.claim(arg.target, uses)
-            else:
-                ctx.forbid_growth(ctx.dims(arg), "the weight is computed at run time, so "
-                                  "there is no parameter to grow",
-                                  "make the weight an nn.Parameter, or keep this width fixed")
+        if weight.op == "get_attr":
+            ctx.claim(weight.target, [AxisUse("expand", out_slot), AxisUse("split", in_slot)])
+        else:
+            ctx.forbid_growth(ctx.dims(weight), "the weight is computed at run time, so "
+                              "there is no parameter to grow",
+                              "make the weight an nn.Parameter, or keep this width fixed")
+        if ctx.is_tensor(bias) and bias.op == "get_attr":
+            ctx.claim(bias.target, [AxisUse("expand", out_slot)])
+        # a bias computed at run time (BEiT's cat(q_bias, zeros_like(v_bias), v_bias)) is
+        # an added activation on the output axis: the ops that compute it grow it
 
 
 class AddmmRule(Rule):

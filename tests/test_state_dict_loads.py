@@ -1,0 +1,44 @@
+"""A grown state_dict loads strictly into the model's own class built at the grown config,
+and that model computes the source's function (float64, fresh inputs, weights off their
+init). timm BEiT: constants fx lifts out of forward stay out of the state_dict, and its fused
+bias ``cat(q_bias, k_bias, v_bias)`` viewed as ``[3, H, Dh]`` grows with the attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lemon_fx
+from lemon_fx import Plan
+
+timm = pytest.importorskip("timm")
+
+CONFIG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5)
+
+
+def _beit(**changes):
+    return timm.create_model("beit_base_patch16_224", pretrained=False,
+                             **dict(CONFIG, **changes)).double().eval()
+
+
+@pytest.mark.parametrize(("plan", "grown"), [
+    (Plan(depth=2.0), dict(depth=4)),
+    (Plan(width=2.0), dict(embed_dim=128, num_heads=4)),
+    (Plan(width=2.0, depth=2.0), dict(embed_dim=128, num_heads=4, depth=4)),
+], ids=["depth", "width", "width+depth"])
+def test_a_grown_beit_loads_strictly_into_beit(plan, grown):
+    torch.manual_seed(0)
+    source = _beit()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    gm = lemon_fx.trace(source, (torch.randn(1, 3, 32, 32, dtype=torch.float64),))
+    assert not [k for k in gm.state_dict() if k not in source.state_dict()]
+    big = lemon_fx.grow(gm, plan)
+    target = _beit(**grown)
+    target.load_state_dict(big.state_dict(), strict=True)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=1e-10, atol=1e-10)
+    assert sum(p.numel() for p in target.parameters()) > 1.5 * sum(
+        p.numel() for p in source.parameters())
