@@ -1,7 +1,9 @@
 """A grown state_dict loads strictly into the model's own class built at the grown config,
 and that model computes the source's function (float64, fresh inputs, weights off their
 init). timm BEiT: constants fx lifts out of forward stay out of the state_dict, and its fused
-bias ``cat(q_bias, k_bias, v_bias)`` viewed as ``[3, H, Dh]`` grows with the attention."""
+bias ``cat(q_bias, k_bias, v_bias)`` viewed as ``[3, H, Dh]`` grows with the attention.
+GPT-Neo: a bare width keeps the value head size (``att @ v``'s last axis) as it keeps
+q's and k's head_dim, so the doubled config's v_proj fits."""
 
 from __future__ import annotations
 
@@ -11,12 +13,11 @@ import torch
 import lemon_fx
 from lemon_fx import Plan
 
-timm = pytest.importorskip("timm")
-
 CONFIG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5)
 
 
 def _beit(**changes):
+    timm = pytest.importorskip("timm")
     return timm.create_model("beit_base_patch16_224", pretrained=False,
                              **dict(CONFIG, **changes)).double().eval()
 
@@ -42,3 +43,24 @@ def test_a_grown_beit_loads_strictly_into_beit(plan, grown):
         torch.testing.assert_close(target(x), source(x), rtol=1e-10, atol=1e-10)
     assert sum(p.numel() for p in target.parameters()) > 1.5 * sum(
         p.numel() for p in source.parameters())
+
+
+def test_a_bare_width_keeps_the_value_head_size():
+    transformers = pytest.importorskip("transformers")
+    config = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                  attention_types=[[["global", "local"], 1]], max_position_embeddings=32,
+                  window_size=8, eos_token_id=0, bos_token_id=0)
+    torch.manual_seed(0)
+    source = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(**config)).double().eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    gm = lemon_fx.trace(source, (torch.randint(0, 64, (1, 6)),), {"use_cache": False})
+    big = lemon_fx.grow(gm, Plan(width=2.0))
+    target = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        **dict(config, hidden_size=64, num_heads=8))).double().eval()
+    target.load_state_dict(big.state_dict(), strict=True)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=1e-10,
+                                   atol=1e-10)

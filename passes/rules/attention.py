@@ -39,6 +39,7 @@ with the kv heads.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx
@@ -77,6 +78,30 @@ def _batch_axes(ctx: NodeAnalysis, operands: list, out, core: int) -> None:
                 ctx.hint(out_dims[axis], HEADS_HINT)
 
 
+_SOFTMAX = {torch.softmax, F.softmax, torch.nn.Softmax, "softmax",
+            torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
+_VALUE_KEEPING = {"to", "type_as", "contiguous", "float", "half", "bfloat16", "dropout",
+                  F.dropout, torch.nn.Dropout, torch.ops.aten.dropout.default,
+                  torch.ops.aten._to_copy.default}
+
+
+def _attention_weights(node: Any, steps: int = 4) -> bool:
+    """Whether ``node`` is a softmax's output (through casts and dropout): the left
+    operand of ``att @ v``."""
+    for _ in range(steps):
+        if not isinstance(node, torch.fx.Node):
+            return False
+        target = node.target
+        if node.op == "call_module":
+            target = type(node.graph.owning_module.get_submodule(node.target))
+        if target in _SOFTMAX:
+            return True
+        if target not in _VALUE_KEEPING or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
 class MatmulRule(Rule):
     """``a @ b`` for ``[..., n, k] @ [..., k, m]``; a parameter ``b`` makes it a Linear."""
 
@@ -101,6 +126,10 @@ class MatmulRule(Rule):
         ctx.same_form(ctx.slot(a, -2), ctx.slot(node, -2))
         ctx.same_form(ctx.slot(b, -1), ctx.slot(node, -1))
         ctx.hint(ad[-1], HEAD_DIM_HINT)
+        if _attention_weights(a):
+            # att @ v: v's last axis is the value head size, a head_dim like q's and k's
+            # (it could grow exactly, but a model's config has one head_dim: GPT-Neo)
+            ctx.hint(bd[-1], HEAD_DIM_HINT)
         ctx.forbid_growth(ad[-1], "a matmul of two activations sums over this axis, and "
                           "growing it changes the sum", HEAD_DIM_FIX, kind="not_lossless")
         _batch_axes(ctx, [a, b], node, core=2)
