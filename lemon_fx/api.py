@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,7 +298,11 @@ def grow(
     report = GrowthReport(plan, planned.new_blocks, planned.notes + planned.output_notes)
     if plan.width is not None:
         report.notes += [held_note(h) for h in planned.analysis.held]
-        report.notes += returned_width_notes(planned.analysis)
+        kept = returned_width_notes(planned.analysis)
+        report.notes += kept
+        if isinstance(plan.width, (int, float)):  # "grow everything" that did not
+            for note in kept:
+                warnings.warn(f"lemon_fx: {note}", stacklevel=2)
     inputs = example_inputs_of(source)
     if inputs is not None:
         if planned.notes and plan.allow_inexact:

@@ -64,3 +64,32 @@ def test_a_bare_width_keeps_the_value_head_size():
     with torch.no_grad():
         torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=1e-10,
                                    atol=1e-10)
+
+
+def test_a_bare_width_that_keeps_the_hidden_width_says_so_and_grow_outputs_grows_it():
+    # BART returns encoder_last_hidden_state: d_model is an output width
+    transformers = pytest.importorskip("transformers")
+    config = dict(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                  decoder_ffn_dim=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    source = transformers.BartForConditionalGeneration(
+        transformers.BartConfig(**config)).double().eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ids = torch.randint(3, 64, (1, 6))
+    gm = lemon_fx.trace(source, (ids,), {"decoder_input_ids": ids, "use_cache": False})
+    with pytest.warns(UserWarning, match=r"width 32 is kept at its size.*grow_outputs=True"):
+        kept = lemon_fx.grow(gm, Plan(width=2.0))
+    assert any("width 32 is kept" in n for n in lemon_fx.growth_report(kept).notes)
+    big = lemon_fx.grow(gm, Plan(width=2.0, grow_outputs=True))
+    target = transformers.BartForConditionalGeneration(transformers.BartConfig(**dict(
+        config, d_model=64, encoder_attention_heads=8, decoder_attention_heads=8,
+        encoder_ffn_dim=128, decoder_ffn_dim=128))).double().eval()
+    target.load_state_dict(big.state_dict(), strict=True)
+    x = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(target(x, decoder_input_ids=x).logits,
+                                   source(x, decoder_input_ids=x).logits, rtol=1e-10,
+                                   atol=1e-10)

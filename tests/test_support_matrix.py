@@ -37,7 +37,9 @@ def test_docs_support_md_is_up_to_date():
 
 def test_every_registered_op_is_listed():
     text = tool.generate()
-    entries = tool.builtin_registry().entries()
+    entries = [(kind, op, rule) for kind, op, rule in tool.builtin_registry().entries()
+               if str(getattr(op, "__module__", "")).split(".")[0]
+               not in tool.OPTIONAL_LIBRARIES]  # named in the header, not the tables
     assert text.count("\n| `") == len(entries)  # one table row per registered op
     for kind, op, rule in entries:
         row = f"| `{tool.op_spelling(kind, op)}` | {kind} | `{type(rule).__name__}` |"

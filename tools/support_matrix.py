@@ -156,10 +156,17 @@ def summary(rule_cls: type) -> str:
     return inspect.cleandoc(doc).splitlines()[0].strip()
 
 
+# ops of libraries registered only when installed (stochastic depth): left out, so the
+# table is the same on every machine; the header names them
+OPTIONAL_LIBRARIES = ("timm", "torchvision")
+
+
 def rows(entries: Iterable[tuple[str, Any, Any]]) -> list[Row]:
-    """One sorted ``Row`` per registry entry."""
+    """One sorted ``Row`` per registry entry (ops of ``OPTIONAL_LIBRARIES`` left out)."""
     out = []
     for kind, op, rule in entries:
+        if str(getattr(op, "__module__", "")).split(".")[0] in OPTIONAL_LIBRARIES:
+            continue
         cls = type(rule)
         out.append(
             Row(
@@ -203,7 +210,9 @@ def header(table: list[Row]) -> list[str]:
         "# Supported ops",
         "",
         f"lemon_fx has a rule for {len(table)} ops, grouped below by rule family (the module of",
-        "`passes/rules/` the rule lives in). Columns:",
+        "`passes/rules/` the rule lives in), and, when timm or torchvision is installed, for",
+        "their stochastic depth (`DropPath`, `StochasticDepth`, `stochastic_depth`: pass-through",
+        "in `elementwise`). Columns:",
         "",
         "- **Op**: how the op appears in a traced graph. `nn.X` is a module class (matched",
         "  along its MRO, so subclasses use the same rule); `torch.x`, `F.x`",

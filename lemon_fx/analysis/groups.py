@@ -118,22 +118,38 @@ def _held_widths(analysis: WidthAnalysis, owned: set[int]) -> list[HeldWidth]:
 
 
 def returned_width_notes(analysis: WidthAnalysis) -> list[str]:
-    """Normalized feature widths kept because the model returns them.
+    """Stream widths kept at their size, and why: a normalized width (what a bare
+    ``Plan(width=k)`` would be expected to grow) that an op or an output fixes.
 
-    A base model (``BertModel``, ``ViTModel``) returns its residual stream: that width is
-    fixed by the output, so a bare width grows the heads and FFNs around it, and nothing
-    else would tell the user that the hidden size stayed."""
+    A base model (``BertModel``, ``ViTModel``, BART's ``encoder_last_hidden_state``)
+    returns its residual stream: that width is fixed by the output, so a bare width grows
+    the heads and FFNs around it, and nothing else would tell the user that the hidden
+    size stayed. ``grow`` also warns with these when the plan's width is a bare number."""
     table = analysis.dims
-    hinted = {leaf for d, roles in analysis.hints.items() if NORM_HINT in roles
-              for leaf in table.leaves(d)}
+    # a width a norm normalizes over is a feature width (a residual add's hint marks the
+    # sequence axis too)
+    streams = {leaf for d, roles in analysis.hints.items() if NORM_HINT in roles
+               for leaf in table.leaves(d)}
     notes = {}
     for leaf, reason in table.fixed_leaves().items():
-        if leaf in hinted and "of model output" in reason and table.size(leaf) > 1:
+        if leaf not in streams or table.size(leaf) <= 1 or _not_a_width(reason):
+            continue
+        if "of model output" in reason:
             notes[reason] = (f"width {table.size(leaf)} is kept at its size: it is the "
                              f"model's hidden width and {reason} returns it; grow a model "
                              "with Plan(grow_outputs=True) (the first entries stay the source's "
                              "output) or grow a model with a head on top (e.g. ...ForMaskedLM)")
+        else:
+            notes[reason] = (f"width {table.size(leaf)} (a normalized stream) is "
+                             f"kept at its size: {reason} needs it; the rest grows around it "
+                             "(lemon_fx.inspect(gm) shows which widths a plan can change)")
     return sorted(notes.values())
+
+
+def _not_a_width(reason: str) -> bool:
+    """A fixed axis that is no feature width: a sequence, a batch, a vocabulary."""
+    return any(word in reason for word in ("model input", "vocabulary", "created by",
+                                           "broadcast by"))
 
 
 def _role(hints: set[Hint]) -> Role:

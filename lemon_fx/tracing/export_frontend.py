@@ -12,6 +12,7 @@ Clean-ups after export, each needed for growth or for float64 verification:
 - the input guards, pre-hooks and pytree codegen go, so ``forward(input_ids)`` is flat;
 - ``_assert_tensor_metadata`` and casts that changed nothing at export go (they would pin
   float32 and break ``.double()``);
+- pure nodes nothing reads go (they would constrain widths for nothing);
 - ``nn_module_stack`` holds class *names*; they are resolved to classes so block stacks are
   found as for symbolic_trace graphs.
 """
@@ -62,9 +63,19 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict | None = None
     _flatten(gm)
     _accept_pinned(gm, kwargs)
     _drop_dtype_pins(gm)
+    _drop_dead_code(gm)
     _resolve_module_stack(gm, private)
     set_source(gm, type(model), exported=True, config=config)
     return gm
+
+
+def _drop_dead_code(gm: torch.fx.GraphModule) -> None:
+    """Pure nodes whose value nothing reads go: BART's ``inputs_embeds[:, :, -1]``, kept
+    by export although only its shape was wanted, would otherwise fix the hidden width
+    (an int index on it) for nothing."""
+    if gm.graph.eliminate_dead_code():
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _accept_pinned(gm: torch.fx.GraphModule, kwargs: dict) -> None:
