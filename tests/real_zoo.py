@@ -1,0 +1,150 @@
+"""Real timm, torchvision and transformers families at small sizes, random weights (nothing
+downloaded), for the zoo test: a builder and its example inputs per family.
+
+Each builder returns the real class; ``trained`` moves every parameter off its init and
+gives BatchNorm real statistics, so a misplaced entry cannot hide behind gamma 1, beta 0."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    library: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[torch.Generator], tuple]
+    kwargs: Callable[[tuple], dict] | None = None
+
+
+def image(size: int, channels: int = 3):
+    return lambda g: (torch.randn(2, channels, size, size, generator=g, dtype=torch.float64),)
+
+
+def tokens(vocab: int = 64, length: int = 6):
+    return lambda g: (torch.randint(0, vocab, (2, length), generator=g),)
+
+
+def trained(model: torch.nn.Module) -> torch.nn.Module:
+    model = model.double().eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=generator, dtype=b.dtype))
+            elif name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=generator, dtype=b.dtype))
+    return model
+
+
+def _timm(name, **kw):
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=5, **kw)
+    return build
+
+
+def _timm_class(module, name):
+    import importlib
+
+    return getattr(importlib.import_module(f"timm.models.{module}"), name)
+
+
+def _vit_kw(**kw):
+    return dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, **kw)
+
+
+def _tv(factory, **kw):
+    def build():
+        import torchvision
+
+        return getattr(torchvision.models, factory)(num_classes=5, **kw)
+    return build
+
+
+def _tv_convnext():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 2)],
+                    stochastic_depth_prob=0.1, num_classes=5)
+
+
+def _tv_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                             hidden_dim=32, mlp_dim=64, num_classes=5)
+
+
+def _hf(config_name, model_name, **kw):
+    def build():
+        import transformers
+
+        config = getattr(transformers, config_name)(**kw)
+        return getattr(transformers, model_name)(config)
+    return build
+
+
+LM = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+          intermediate_size=64, max_position_embeddings=32)
+def NO_CACHE(args):  # noqa: N802 - a constant-like kwargs builder
+    return {"use_cache": False}
+
+FAMILIES: dict[str, Family] = {
+    # timm
+    "timm.vit": Family("timm", _timm("vit_tiny_patch16_224", **_vit_kw()), image(32)),
+    "timm.deit": Family("timm", _timm("deit_tiny_patch16_224", **_vit_kw()), image(32)),
+    "timm.vit_layerscale": Family("timm", _timm("vit_tiny_patch16_224", init_values=0.1,
+                                                drop_path_rate=0.1, **_vit_kw()), image(32)),
+    "timm.beit": Family("timm", _timm("beit_base_patch16_224", **_vit_kw()), image(32)),
+    "timm.convnext": Family("timm", _timm("convnext_atto"), image(32)),
+    "timm.resnet": Family("timm", _timm("resnet18"), image(32)),
+    "timm.resnet10t": Family("timm", _timm("resnet10t"), image(32)),
+    "timm.mobilenetv3": Family("timm", _timm("mobilenetv3_small_050"), image(32)),
+    "timm.efficientnet": Family("timm", _timm("efficientnet_b0"), image(32)),
+    "timm.regnet": Family("timm", _timm("regnetx_002"), image(32)),
+    "timm.mixer": Family("timm", lambda: _timm_class("mlp_mixer", "MlpMixer")(
+        num_classes=5, img_size=32, patch_size=8, num_blocks=2, embed_dim=32), image(32)),
+    # torchvision
+    "torchvision.resnet": Family("torchvision", _tv("resnet18"), image(32)),
+    "torchvision.mobilenet_v2": Family("torchvision", _tv("mobilenet_v2", width_mult=0.25),
+                                       image(32)),
+    "torchvision.convnext": Family("torchvision", _tv_convnext, image(32)),
+    "torchvision.vit": Family("torchvision", _tv_vit, image(32)),
+    "torchvision.squeezenet": Family("torchvision", _tv("squeezenet1_1"), image(32)),
+    "torchvision.shufflenet": Family("torchvision", _tv("shufflenet_v2_x0_5"), image(32)),
+    # transformers
+    "transformers.llama": Family("transformers", _hf("LlamaConfig", "LlamaForCausalLM",
+                                                     num_key_value_heads=2, **LM),
+                                 tokens(), NO_CACHE),
+    "transformers.qwen2": Family("transformers", _hf("Qwen2Config", "Qwen2ForCausalLM",
+                                                     num_key_value_heads=2, **LM),
+                                 tokens(), NO_CACHE),
+    "transformers.mistral": Family("transformers", _hf("MistralConfig", "MistralForCausalLM",
+                                                       num_key_value_heads=2, **LM),
+                                   tokens(), NO_CACHE),
+    "transformers.gpt2": Family("transformers", _hf("GPT2Config", "GPT2LMHeadModel",
+                                                    vocab_size=64, n_embd=32, n_layer=2,
+                                                    n_head=4, n_positions=32),
+                                tokens(), NO_CACHE),
+    "transformers.gpt_neo": Family("transformers", _hf(
+        "GPTNeoConfig", "GPTNeoForCausalLM", vocab_size=64, hidden_size=32, num_layers=2,
+        num_heads=4, attention_types=[[["global", "local"], 1]], max_position_embeddings=32,
+        window_size=8), tokens(), NO_CACHE),
+    "transformers.opt": Family("transformers", _hf(
+        "OPTConfig", "OPTForCausalLM", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=32),
+        tokens(), NO_CACHE),
+    "transformers.bert": Family("transformers", _hf("BertConfig", "BertForMaskedLM", **LM),
+                                tokens()),
+    "transformers.vit": Family("transformers", _hf(
+        "ViTConfig", "ViTForImageClassification", image_size=32, patch_size=8, hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=5),
+        image(32)),
+}

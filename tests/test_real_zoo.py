@@ -1,0 +1,96 @@
+"""The zoo on the real classes: every family of ``real_zoo`` under four plans, with the
+outcome written here (lossless, or the named refusal), so coverage cannot regress silently.
+
+Lossless means: the grown model equals the source on fresh inputs in float64 (1e-10 of the
+output's scale; 1e-5 for a model that computes its norms in float32, as Hugging Face's
+RMSNorm does), every parameter off its init and BatchNorm statistics real. A refusal must
+be the typed error named here, with the cause in its first problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from real_zoo import FAMILIES, trained
+
+import lemon_fx
+from lemon_fx import NotLosslessError, Plan, PlanError, UnsupportedOpError
+from lemon_fx.tracing.graph_facts import computed_dtypes
+
+PLANS = {"width2": Plan(width=2.0), "width1.5": Plan(width=1.5), "depth2": Plan(depth=2.0),
+         "width2+depth2": Plan(width=2.0, depth=2.0)}
+OK = "lossless"
+STAGE_STARTS = (UnsupportedOpError, "changes the shape of the stream")
+NO_STACK = (PlanError, "the model has no block stack")
+AVG_AGAINST_SCALE = (NotLosslessError, "LayerNorm needs its input in the avg form")
+ZERO_NORM = (NotLosslessError, "a norm's output is in the zero form")
+POST_LN = (NotLosslessError, "is Post-LN")
+
+# family: outcome under width2, width1.5, depth2, width2+depth2
+EXPECTED = {
+    "timm.vit": (OK, OK, OK, OK),
+    "timm.deit": (OK, OK, OK, OK),
+    "timm.vit_layerscale": (OK, AVG_AGAINST_SCALE, OK, OK),
+    "timm.beit": (OK, AVG_AGAINST_SCALE, OK, OK),
+    "timm.convnext": (OK, ZERO_NORM, OK, OK),
+    "timm.resnet": (OK, OK, OK, OK),
+    "timm.resnet10t": (OK, OK, STAGE_STARTS, STAGE_STARTS),
+    "timm.mobilenetv3": (OK, OK, STAGE_STARTS, STAGE_STARTS),
+    "timm.efficientnet": (OK, OK, STAGE_STARTS, STAGE_STARTS),
+    "timm.regnet": (OK, OK, NO_STACK, NO_STACK),
+    "timm.mixer": (OK, AVG_AGAINST_SCALE, OK, OK),
+    "torchvision.resnet": (OK, OK, OK, OK),
+    "torchvision.mobilenet_v2": (OK, OK, NO_STACK, NO_STACK),
+    "torchvision.convnext": (OK, ZERO_NORM, OK, OK),
+    "torchvision.vit": (OK, OK, OK, OK),
+    "torchvision.squeezenet": (OK, OK, NO_STACK, NO_STACK),
+    "torchvision.shufflenet": (OK, OK, (UnsupportedOpError, "'cat_1' on the path"),
+                               (UnsupportedOpError, "'cat_1' on the path")),
+    "transformers.llama": (OK, OK, OK, OK),
+    "transformers.qwen2": (OK, OK, OK, OK),
+    "transformers.mistral": (OK, OK, OK, OK),
+    "transformers.gpt2": (OK, OK, OK, OK),
+    "transformers.gpt_neo": (OK, OK, OK, OK),
+    "transformers.opt": (OK, OK, OK, OK),
+    "transformers.bert": (OK, ZERO_NORM, POST_LN, POST_LN),
+    "transformers.vit": (OK, OK, OK, OK),
+}
+LIBRARY_MODULE = {"timm": "timm", "torchvision": "torchvision", "transformers": "transformers"}
+
+
+def test_every_family_has_its_outcomes_written():
+    assert set(EXPECTED) == set(FAMILIES)
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_real_zoo(family, plan):
+    spec = FAMILIES[family]
+    pytest.importorskip(LIBRARY_MODULE[spec.library])
+    expected = EXPECTED[family][list(PLANS).index(plan)]
+    torch.manual_seed(0)
+    model = trained(spec.build())
+    args = spec.inputs(torch.Generator().manual_seed(0))
+    gm = lemon_fx.trace(model, args, spec.kwargs(args) if spec.kwargs else None)
+    if expected != OK:
+        error, cause = expected
+        with pytest.raises(error) as raised:
+            lemon_fx.grow(gm, PLANS[plan])
+        assert cause in raised.value.problems[0].reason
+        return
+    big = lemon_fx.grow(gm, PLANS[plan])
+    fresh = spec.inputs(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = _first_tensor(model(*fresh, **(spec.kwargs(fresh) if spec.kwargs else {})))
+        got = _first_tensor(big(*fresh))
+    tolerance = 1e-5 if torch.float32 in computed_dtypes(gm) else 1e-10
+    torch.testing.assert_close(got, want, rtol=0,
+                               atol=tolerance * (1 + want.abs().max().item()))
+    assert sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in model.parameters())
