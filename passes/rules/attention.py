@@ -9,7 +9,11 @@ axis) and splits its columns per copied head.
 
 A matmul of two activations sums over its contraction axis; growing that axis changes the
 sum, so the contraction axis (``head_dim`` in ``q @ k^T``, keys in ``att @ v``) must not
-grow. Batch axes of the matmul (the heads) must be circ: softmax is not affine. A matmul
+grow. The value head size (v's last axis in ``att @ v``, ``att`` a softmax's output, and
+in ``scaled_dot_product_attention``) could grow exactly, but it is a ``head_dim`` as q's
+and k's are (one ``head_dim`` in a model's config: GPT-Neo), so it is hinted as one and
+a bare width keeps it. Batch axes of the matmul (the heads) must be circ: softmax is not
+affine. A matmul
 ``x @ W`` with a 2-d parameter ``W`` ``[in, out]`` is an affine layer (see
 ``passes.rules.linear``) and grows like one.
 
