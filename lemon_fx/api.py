@@ -8,7 +8,9 @@ so no floor below fetches it. The pipeline is trace -> analysis -> resolution ->
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -227,9 +229,32 @@ def _final_recipe(structure: torch.fx.GraphModule, made_of: dict[str, TensorReci
     return GrowthRecipe(tensors, aliases, seed=plan.seed, noise_scale=plan.noise_scale)
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector paused, as it was before afterwards.
+
+    Planning copies a graph's thousands of nodes and their metadata; each copy can set
+    off a full collection over every object the process holds (a model, its trace),
+    measured at 0.2 s of a 2 s growth of GPT-2 small. Tensors are freed by their
+    reference counts either way; the cycles planning leaves are collected afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def plan_in_detail(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
                    example_inputs: Any = None) -> PlannedGrowth:
     """``plan_growth`` with everything decided on the way (see ``PlannedGrowth``)."""
+    with _collector_paused():
+        return _plan_in_detail(gm, plan, example_inputs)
+
+
+def _plan_in_detail(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
+                    example_inputs: Any = None) -> PlannedGrowth:
     if not isinstance(gm, torch.fx.GraphModule):
         raise TraceError("grow needs a torch.fx.GraphModule",
                          [Problem(reason=f"got {type(gm).__name__}",
@@ -285,6 +310,12 @@ def grow(
     is never modified, also when this raises. It is ``plan_growth`` (the graph edits and
     the recipe), the recipe applied to ``gm``'s state_dict, and the last guard.
     """
+    with _collector_paused():
+        return _grow(gm, plan, example_inputs)
+
+
+def _grow(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
+          example_inputs: Any) -> torch.fx.GraphModule:
     planned = plan_in_detail(gm, plan, example_inputs)
     source, grown, plan = planned.source, planned.structure, _as_plan(plan)
     if any(t.is_meta for t in source.state_dict().values()):

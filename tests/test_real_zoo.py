@@ -54,6 +54,10 @@ EXPECTED = {
     "transformers.bert": (OK, ZERO_NORM, POST_LN, POST_LN),
     "transformers.vit": (OK, OK, OK, OK),
 }
+# lossless, but the class cannot be built at the grown sizes from its config or arguments:
+# timm's ResNet keeps a 64-channel stem whatever its arguments say; the Mixer is built from
+# its class, not by name
+NO_GROWN_CONFIG = {"timm.resnet", "timm.resnet10t", "timm.mixer"}
 LIBRARY_MODULE = {"timm": "timm", "torchvision": "torchvision", "transformers": "transformers"}
 
 
@@ -94,3 +98,39 @@ def test_the_real_zoo(family, plan):
     torch.testing.assert_close(got, want, rtol=0,
                                atol=tolerance * (1 + want.abs().max().item()))
     assert sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in model.parameters())
+    target = _class_at_grown_config(spec.library, model, gm, PLANS[plan])
+    assert (target is None) == (spec.library == "torchvision" or family in NO_GROWN_CONFIG)
+    if target is not None:  # the state_dict loads strictly into the real class, same function
+        target.load_state_dict(big.state_dict(), strict=True)
+        with torch.no_grad():
+            again = _first_tensor(target(*fresh, **(spec.kwargs(fresh) if spec.kwargs else {})))
+        torch.testing.assert_close(again, want, rtol=0,
+                                   atol=tolerance * (1 + want.abs().max().item()))
+
+
+def _class_at_grown_config(library, model, gm, plan):
+    """The model's own class built at the grown sizes, from the config (transformers) or the
+    model arguments (timm) that grow_pretrained writes; None for torchvision, which has no
+    config to rewrite."""
+    from lemon_fx.api import plan_in_detail
+
+    planned = plan_in_detail(gm, plan)
+    if library == "transformers":
+        from lemon_fx.hub.hugging_face import _grown_config
+
+        config, _ = _grown_config(model.config, planned)
+        return type(model)(config).double().eval()
+    if library == "timm":
+        import timm
+
+        from lemon_fx.hub.timm_folder import _given_args, _grown_args
+
+        architecture = model.pretrained_cfg.get("architecture")
+        if architecture is None:  # a class built directly, not by create_model
+            return None
+        try:
+            args, _ = _grown_args(architecture, model, planned, _given_args(model))
+        except PlanError:
+            return None  # sizes timm's arguments cannot say (a 64-channel ResNet stem)
+        return timm.create_model(architecture, pretrained=False, **args).double().eval()
+    return None

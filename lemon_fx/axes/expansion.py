@@ -232,60 +232,78 @@ def _stretches(index: torch.Tensor, noisy: torch.Tensor) -> list[tuple[int, int,
 MAX_STRETCHES = 64
 
 
-def split_lemon_drawn(t: torch.Tensor, dim: int, g: AxisGrowth, fill) -> torch.Tensor:
+def split_lemon_drawn(t: torch.Tensor, dim: int, g: AxisGrowth, fill,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LEMON's split ``W P + R - (R E) P``, drawing only the noise that does not cancel.
 
     Where every grown entry copies a source entry (``copy_map``), grown entry ``i`` of
     source entry ``j`` is ``(W_j - sum_{c in copies(j)} R_c) / m_j + R_i``: for ``m_j = 1``
     that is ``W_j`` whatever ``R_i`` is. So noise is drawn only for the entries whose
-    source entry has several copies: ``fill(view)`` overwrites each such stretch of the
-    grown tensor (or one compact tensor of them, in grown order along ``dim``) with
-    noise, in a fixed order. The result has the distribution of ``split_lemon`` with a
-    full draw, and far fewer draws when the axis grows by less than 2x.
+    source entry has several copies: ``fill(tensor)`` overwrites a tensor of each such
+    stretch's shape (or one of all of them, in grown order along ``dim``) with noise, in a
+    fixed order. The result has the distribution of ``split_lemon`` with a full draw, and
+    far fewer draws when the axis grows by less than 2x.
 
     A single avg/zero leaf with ``k = 1`` has the same property: each tile entry is its
     source entry's only copy, so only the ``r`` extra entries' noise stays; they are
     ``R_e``, and (avg, whose extras read ``mean(x)``) every tile entry is
     ``W_j - sum_e R_e / S``. Other layouts with avg/zero extras draw the full ``R``.
+
+    The arithmetic runs in ``t``'s dtype; ``out_dtype`` (default ``t``'s) is the dtype the
+    result is written in, so a bfloat16 weight never holds a float32 copy of its grown size.
     """
     dim = dim % t.dim()
+    out_dtype = out_dtype or t.dtype
     shape = list(t.shape)
     shape[dim] = target_size(g)
     index = copy_map(g)
     if index is None and isinstance(g, LeafGrowth) and g.k == 1:
-        out = t.new_empty(shape)
-        extras = out.narrow(dim, g.source, g.r)
+        extra_shape = list(t.shape)
+        extra_shape[dim] = g.r
+        extras = t.new_empty(extra_shape)
         fill(extras)
-        tiles = out.narrow(dim, 0, g.source).copy_(t)
-        if g.form == AVG:
-            tiles.sub_(extras.sum(dim=dim, keepdim=True) / g.source)
+        out = t.new_empty(shape, dtype=out_dtype)
+        tiles = t - extras.sum(dim=dim, keepdim=True) / g.source if g.form == AVG else t
+        out.narrow(dim, 0, g.source).copy_(tiles)
+        out.narrow(dim, g.source, g.r).copy_(extras)
         return out
     if index is None:
         noise = t.new_empty(shape)
         fill(noise)
-        return split_lemon(t, dim, g, noise)
+        return split_lemon(t, dim, g, noise).to(out_dtype)
     copies = torch.bincount(index, minlength=source_size(g))
     noisy = copies[index] > 1
     broadcast = [-1 if i == dim else 1 for i in range(t.dim())]
     divisor = copies.to(device=t.device, dtype=t.dtype).reshape(broadcast)
     if not noisy.any():
-        return embed(t / divisor, dim, g)
+        return embed(t / divisor, dim, g).to(out_dtype)
     stretches = _stretches(index, noisy)
     if len(stretches) > MAX_STRETCHES:
-        return _split_lemon_indexed(t, dim, g, fill, index, noisy, divisor)
-    # the noise goes straight into the grown tensor; W - (R E), then / m, is source-sized
-    out = t.new_empty(shape)
+        return _split_lemon_indexed(t, dim, g, fill, index, noisy, divisor).to(out_dtype)
+    # noise per noisy stretch; W - (R E), then / m, is source-sized; the grown tensor is
+    # written once, in its own dtype
+    noises = {}
     for grown, _, length, is_noisy in stretches:
         if is_noisy:
-            fill(out.narrow(dim, grown, length))
+            part = list(t.shape)
+            part[dim] = length
+            noises[grown] = t.new_empty(part)
+            fill(noises[grown])
     base = t.clone()
     for grown, source, length, is_noisy in stretches:
         if is_noisy:
-            base.narrow(dim, source, length).sub_(out.narrow(dim, grown, length))
+            base.narrow(dim, source, length).sub_(noises[grown])
     base.div_(divisor)
+    out = t.new_empty(shape, dtype=out_dtype)
+    same_dtype = out_dtype == t.dtype
     for grown, source, length, is_noisy in stretches:
-        region, part = out.narrow(dim, grown, length), base.narrow(dim, source, length)
-        region.add_(part) if is_noisy else region.copy_(part)
+        part, region = base.narrow(dim, source, length), out.narrow(dim, grown, length)
+        if not is_noisy:
+            region.copy_(part)
+        elif same_dtype:  # in place: no temporary of the stretch's size
+            region.copy_(part).add_(noises[grown])
+        else:  # added in the working dtype, rounded once
+            region.copy_(part + noises[grown])
     return out
 
 

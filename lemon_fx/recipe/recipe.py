@@ -333,20 +333,24 @@ class GrowthRecipe:
             return out.to(recipe.dtype, copy=out.data_ptr() == tensor.data_ptr())
         wide = tensor.to(working_dtype(tensor.dtype))
         out = wide
-        for step in recipe.steps:
-            out = self._step(step, wide, out, recipe.dtype)
+        for i, step in enumerate(recipe.steps):
+            out = self._step(step, wide, out, recipe.dtype, last=i == len(recipe.steps) - 1,
+                             source_name=recipe.source)
         return out.to(recipe.dtype, copy=out.data_ptr() == tensor.data_ptr())
 
     def _step(self, step: Step, source_wide: torch.Tensor, t: torch.Tensor,
-              dtype: torch.dtype) -> torch.Tensor:
+              dtype: torch.dtype, last: bool = False, source_name: str = "") -> torch.Tensor:
+        """One step in the working dtype; the last split writes ``dtype`` directly."""
         if step.kind == "embed":
             return embed(t, step.axis, step.layout)
         if step.kind == "split":
             if step.stream is None:
                 return split_equal(t, step.axis, step.layout)
-            bound = self.noise_scale * noise_bound(source_wide, step.fan_in)
+            bound = self.noise_scale * self._source_bound(source_name, source_wide,
+                                                          step.fan_in)
             return split_lemon_drawn(t, step.axis, step.layout,
-                                     _UniformFill(self.seed, step.stream, bound))
+                                     _UniformFill(self.seed, step.stream, bound),
+                                     out_dtype=dtype if last else None)
         if step.kind == "transform":
             return transform_named(step.name)(source_wide, t, step.layouts)
         if step.kind == "cancel":
@@ -363,6 +367,17 @@ class GrowthRecipe:
             return torch.full_like(t, step.value)
         raise ValueError(f"unknown recipe step {step.kind!r}")
 
+    def _source_bound(self, name: str, source: torch.Tensor, fan_in: int) -> float:
+        """``noise_bound`` of the source tensor ``name``, once per tensor while ``apply``
+        runs (a new block's copy of a layer reads the same source tensor again)."""
+        cache = getattr(self, "_bounds", None)
+        if cache is None or not name:
+            return noise_bound(source, fan_in)
+        key = (name, fan_in)
+        if key not in cache:
+            cache[key] = noise_bound(source, fan_in)
+        return cache[key]
+
     def apply(self, state_dict: Mapping[str, torch.Tensor],
               device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The grown state_dict from the source's, one tensor at a time (tied names share
@@ -373,9 +388,13 @@ class GrowthRecipe:
             raise KeyError(f"the state_dict lacks {len(missing)} tensors the recipe reads, "
                            f"e.g. {missing[:3]}")
         release, out = _FreedMemoryRelease(), {}
-        for name, r in self.tensors.items():
-            out[name] = self.make(name, state_dict[r.source], device)
-            release.after(out[name])
+        self._bounds: dict[tuple, float] | None = {}  # by source name, for this call only
+        try:
+            for name, r in self.tensors.items():
+                out[name] = self.make(name, state_dict[r.source], device)
+                release.after(out[name])
+        finally:
+            self._bounds = None
         for alias, name in self.aliases.items():
             out[alias] = out[name]
         return out
