@@ -28,12 +28,15 @@ def tokens(vocab: int = 64, length: int = 6):
     return lambda g: (torch.randint(0, vocab, (2, length), generator=g),)
 
 
-def trained(model: torch.nn.Module) -> torch.nn.Module:
-    model = model.double().eval()
+def trained(model: torch.nn.Module, dtype: torch.dtype = torch.float64,
+            scale: float = 0.05) -> torch.nn.Module:
+    """``model`` in ``dtype`` and eval mode, every parameter moved by ``scale`` times a
+    normal draw, BatchNorm statistics made real."""
+    model = model.to(dtype).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
         for name, b in model.named_buffers():
             if name.endswith("running_var"):
                 b.copy_(0.5 + torch.rand(b.shape, generator=generator, dtype=b.dtype))

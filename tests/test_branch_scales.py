@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from real_zoo import trained
 
 import lemon_fx
 from lemon_fx import Plan
 
 
 def _trained(model):
-    torch.manual_seed(0)
-    model = model.double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if "running_var" in name:
-                b.uniform_(0.5, 1.5)
-            elif "running_mean" in name:
-                b.normal_(0, 0.1)
-    return model.eval()
+    return trained(model, dtype=torch.float64, scale=0.05)
 
 
 @pytest.fixture

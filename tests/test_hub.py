@@ -115,3 +115,18 @@ def test_a_model_object_grows_too(tmp_path):
     report = lemon_fx.grow_pretrained(model, Plan(width=2.0), tmp_path / "big")
     assert report.config["hidden_size"] == (32, 64)
     assert report.generate_equal
+
+
+def test_a_non_multiple_width_writes_the_norms_scaled_eps(tmp_path):
+    # at 1.5x the RMSNorm's eps becomes alpha * eps in the graph; the config must say so,
+    # or the reloaded model normalizes with another eps
+    model = _saved(_llama, tmp_path / "small")
+    growth = lemon_fx.grow_pretrained(tmp_path / "small", Plan(width=1.5), tmp_path / "big")
+    config = json.loads((tmp_path / "big" / "config.json").read_text())
+    assert config["hidden_size"] == 48
+    assert config["rms_norm_eps"] == pytest.approx(model.config.rms_norm_eps * 32 / 48)
+    assert growth.config["rms_norm_eps"][0] == model.config.rms_norm_eps
+    grown = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "big").eval()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)

@@ -235,17 +235,21 @@ def _assert_leading(got, want):
     torch.testing.assert_close(got[..., :want.shape[-1]], want, **TOL)
 
 
-def test_a_bare_bert_grows_its_outputs(tmp_path):
-    model = _saved(_bert, tmp_path / "small")
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_a_bare_model_grows_its_outputs(tmp_path, family):
+    build, cls, inputs = {"bert": (_bert, transformers.BertModel, lambda: _ids(2, 10, seed=11)),
+                          "vit": (_vit_model, transformers.ViTModel, lambda: _pixels(seed=11))
+                          }[family]
+    model = _saved(build, tmp_path / "small")
     report = lemon_fx.grow_pretrained(tmp_path / "small", Plan(width=2.0, grow_outputs=True),
                                       tmp_path / "big")
-    _check_encoder_config(tmp_path / "big", transformers.BertModel, layers=2)
+    _check_encoder_config(tmp_path / "big", cls, layers=2)
     assert report.generate_equal is None
     grown = transformers.AutoModel.from_pretrained(tmp_path / "big").eval()
-    assert type(grown) is transformers.BertModel
-    ids = _ids(2, 10, seed=11)
+    assert type(grown) is cls
+    x = inputs()
     with torch.no_grad():
-        want, got = model(ids), grown(ids)
+        want, got = model(x), grown(x)
     _assert_leading(got.last_hidden_state, want.last_hidden_state)
     _assert_leading(got.pooler_output, want.pooler_output)
 
@@ -284,16 +288,3 @@ def test_a_vit_classifier_object_grows_and_reloads_exactly(tmp_path):
         torch.testing.assert_close(grown(pixels).logits, model(pixels).logits, **TOL)
 
 
-def test_a_bare_vit_grows_its_outputs(tmp_path):
-    model = _saved(_vit_model, tmp_path / "small")
-    report = lemon_fx.grow_pretrained(tmp_path / "small", Plan(width=2.0, grow_outputs=True),
-                                      tmp_path / "big")
-    _check_encoder_config(tmp_path / "big", transformers.ViTModel, layers=2)
-    assert report.generate_equal is None
-    grown = transformers.AutoModel.from_pretrained(tmp_path / "big").eval()
-    assert type(grown) is transformers.ViTModel
-    pixels = _pixels(seed=11)
-    with torch.no_grad():
-        want, got = model(pixels), grown(pixels)
-    _assert_leading(got.last_hidden_state, want.last_hidden_state)
-    _assert_leading(got.pooler_output, want.pooler_output)

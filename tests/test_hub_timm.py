@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from real_zoo import trained
 
 import lemon_fx
 from lemon_fx import Plan, PlanError, UnsupportedOpError
@@ -18,16 +19,7 @@ IMAGE = 32
 
 
 def _trained(model):
-    torch.manual_seed(0)
-    with torch.no_grad():  # norms, biases and layer scales off their init
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if "running_var" in name:
-                b.uniform_(0.5, 1.5)
-            elif "running_mean" in name:
-                b.normal_(0, 0.1)
-    return model.eval()
+    return trained(model, dtype=torch.float32, scale=0.02)
 
 
 def _vit(name="vit_tiny_patch16_224"):

@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from lemon_fx.axes.vocabulary import NORM_HINT
 from lemon_fx.errors import PlanError, Problem, VerificationError
 from lemon_fx.plan import Plan
 from lemon_fx.verification.compare import DEFAULT_TOLERANCES, compare_outputs
 
-__all__ = ["PretrainedGrowth", "check_reloaded", "model_card", "staged_folder"]
+__all__ = ["PretrainedGrowth", "check_reloaded", "model_card", "norm_eps_scale",
+           "staged_folder"]
 
 
 @dataclass
@@ -45,6 +47,27 @@ class PretrainedGrowth:
         if self.generate_equal is not None:
             lines.append("greedy generate() with the KV cache: the source's tokens")
         return "\n".join(lines)
+
+
+def norm_eps_scale(planned: Any) -> float | None:
+    """The factor the grown model's norms scale their eps by: ``alpha = k S / T`` when a
+    normalized width grows by a non-multiple (its extra entries change the mean square by
+    ``alpha``, and the norm rule rewrites ``eps`` to ``alpha * eps`` in the graph), 1.0 when
+    none does, None when two normalized widths need different factors.
+
+    A model rebuilt by its library from a config takes its eps from the config: a folder
+    must carry the scaled eps, or the reloaded model computes another function."""
+    res, analysis = planned.resolution, planned.analysis
+    normalized = {leaf for d, hints in analysis.hints.items() if NORM_HINT in hints
+                  for leaf in analysis.dims.leaves(d)}
+    factors = set()
+    for leaf in normalized:
+        source, target = analysis.dims.size(leaf), res.target(leaf)
+        if target != source and res.non_multiple(leaf):
+            factors.add((target // source) * source / target)
+    if len(factors) > 1:
+        return None
+    return factors.pop() if factors else 1.0
 
 
 @contextlib.contextmanager

@@ -8,7 +8,9 @@ stays, and the block stack's grown length is ``num_hidden_layers`` (per-layer li
 ``layer_types`` follow the block order). Spellings such as GPT-2's ``n_embd``/``n_layer``
 go through the config's own ``attribute_map``. A plan the config cannot express (two
 blocks grown to different widths, a width the config does not name, an embedding scaled by
-``sqrt(hidden_size)``) is refused before anything is written. A group as wide as the
+``sqrt(hidden_size)``, a non-multiple width whose norms' scaled eps the config cannot
+hold) is refused before anything is written. At a non-multiple width the norms' eps is
+scaled as the graph's is (``rms_norm_eps``, ``layer_norm_eps``...). A group as wide as the
 residual stream outside the blocks (a pooler) is sized by ``hidden_size``; fields that
 default to it (``word_embed_proj_dim``) follow it.
 
@@ -30,7 +32,13 @@ import torch
 from lemon_fx.api import plan_in_detail, trace
 from lemon_fx.axes.vocabulary import FFN, HEAD_DIM, HEADS, KV_HEADS, RESIDUAL
 from lemon_fx.errors import PlanError, Problem, VerificationError
-from lemon_fx.hub.folder import PretrainedGrowth, check_reloaded, model_card, staged_folder
+from lemon_fx.hub.folder import (
+    PretrainedGrowth,
+    check_reloaded,
+    model_card,
+    norm_eps_scale,
+    staged_folder,
+)
 from lemon_fx.plan import Plan
 from lemon_fx.recipe.safetensors_io import write_sharded
 
@@ -44,6 +52,8 @@ _ROLE_ATTRIBUTES = {RESIDUAL: "hidden_size", FFN: "intermediate_size",
                     HEADS: "num_attention_heads", KV_HEADS: "num_key_value_heads",
                     HEAD_DIM: "head_dim"}
 _FFN_SPELLINGS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+# the config fields a model's norms read their eps from
+_EPS_SPELLINGS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 # config fields that name a width equal to hidden_size unless set otherwise (an embedding,
 # a pooler)
 _FOLLOW_HIDDEN = ("word_embed_proj_dim", "embedding_size", "pooler_output_size")
@@ -120,8 +130,15 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
         if role == FFN:
             attribute = next((a for a in _FFN_SPELLINGS if getattr(config, a, None)
                               is not None), None)
-            if attribute is None and getattr(config, "n_inner", "absent") is None:
-                attribute = "n_inner"  # GPT-2: None means 4 * n_embd
+            derived = next((a for a in _FFN_SPELLINGS if hasattr(config, a)
+                            and getattr(config, a) is None), None)
+            if attribute is None and derived is not None:
+                # None means 4 x the hidden size (GPT-2's n_inner, GPT-Neo's
+                # intermediate_size): said explicitly unless the grown FFN is that again
+                hidden = by_role.get(RESIDUAL, set())
+                if hidden == {target // 4} and target % 4 == 0:
+                    continue
+                attribute = derived
         if attribute is None or not hasattr(config, attribute):
             problems.append(Problem(
                 reason=f"the {role} width grows ({sorted(sizes)} -> {target}), and "
@@ -145,6 +162,19 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
                 "embed_scale), which the grown config would change", node="embed_scale",
                 fix="keep the residual width (grow @ffn, @heads or depth), or grow with "
                 "lemon_fx.grow and keep the GraphModule"))
+    scale = norm_eps_scale(planned)
+    eps_fields = [a for a in _EPS_SPELLINGS if isinstance(getattr(config, a, None), float)]
+    if scale is None or (scale != 1.0 and not eps_fields):
+        problems.append(Problem(
+            reason="the grown norms need their eps scaled (a normalized width grows by a "
+            f"non-multiple), and {type(config).__name__} has "
+            + ("no eps field" if scale else "one eps for norms that need different ones"),
+            node="eps", fix="grow the normalized widths by a whole multiple (2x, 3x)"))
+    elif scale != 1.0:
+        for attribute in eps_fields:
+            old = getattr(config, attribute)
+            setattr(grown, attribute, old * scale)
+            changes[attribute] = (old, old * scale)
     kv = changes.get("num_key_value_heads")
     if kv is not None and HEADS not in by_role and getattr(config, "num_attention_heads", None):
         # grouped-query attention: each key/value head serves a fixed number of query heads

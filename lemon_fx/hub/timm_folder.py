@@ -25,6 +25,9 @@ checked against the class, not trusted:
   PlanError names the first tensor that differs, and ``model_args`` with the grown sizes
   is the fix.
 
+A non-multiple width over a norm needs the norm's eps scaled (see
+``hub.folder.norm_eps_scale``), which timm's arguments cannot say: refused.
+
 The folder holds ``config.json`` (``architecture``, ``num_classes``, ``num_features``,
 ``pretrained_cfg``, ``model_args`` with every argument the caller gave and every one that
 grew) and one ``model.safetensors`` (timm's loader reads one file), made one tensor at a
@@ -48,7 +51,13 @@ import torch
 from lemon_fx.api import plan_in_detail, trace
 from lemon_fx.axes.vocabulary import FFN, RESIDUAL
 from lemon_fx.errors import PlanError, Problem, first_line
-from lemon_fx.hub.folder import PretrainedGrowth, check_reloaded, model_card, staged_folder
+from lemon_fx.hub.folder import (
+    PretrainedGrowth,
+    check_reloaded,
+    model_card,
+    norm_eps_scale,
+    staged_folder,
+)
 from lemon_fx.plan import Plan
 from lemon_fx.recipe.safetensors_io import write_sharded
 
@@ -210,6 +219,12 @@ def _grown_args(architecture: str, source: torch.nn.Module, planned: Any,
                 given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
     """``model_args`` for the grown model, checked by building it on the meta device."""
     timm = _timm()
+    if norm_eps_scale(planned) != 1.0:
+        raise PlanError(f"{architecture}'s model_args cannot hold the grown norms' eps", [
+            Problem(reason="a normalized width grows by a non-multiple, so its norms need "
+                    "eps scaled by k*S/T, and timm builds its norms with a fixed eps",
+                    node="eps", fix="grow the normalized widths by a whole multiple (2x, 3x), "
+                    "or grow with lemon_fx.grow and keep the GraphModule")])
     full = _construction_args(architecture, type(source), given)
     widths = _width_map(planned)
     ffn, residual = _role_ratio(planned, FFN), _role_ratio(planned, RESIDUAL)
