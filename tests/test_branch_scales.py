@@ -18,11 +18,6 @@ def _trained(model):
     return trained(model, dtype=torch.float64, scale=0.05)
 
 
-@pytest.fixture
-def no_guard(monkeypatch):
-    monkeypatch.setattr(lemon_fx.api, "check_on_example", lambda *a, **k: [])
-
-
 def _exact(model, plan, size):
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     gm = lemon_fx.trace(model, (x,))
@@ -39,7 +34,7 @@ PLANS = {"width": Plan(width=2.0), "depth": Plan(depth=2.0),
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
-def test_timm_drop_path_and_layer_scale(plan, no_guard):
+def test_timm_drop_path_and_layer_scale(plan, unguarded):
     timm = pytest.importorskip("timm")
     vit = _trained(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16,
                                      patch_size=8, embed_dim=32, depth=2, num_heads=2,
@@ -52,7 +47,7 @@ def test_timm_drop_path_and_layer_scale(plan, no_guard):
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
-def test_timm_convnext_depth_grows_the_blocks_inside_its_stages(plan, no_guard):
+def test_timm_convnext_depth_grows_the_blocks_inside_its_stages(plan, unguarded):
     timm = pytest.importorskip("timm")
     convnext = _trained(timm.create_model("convnext_atto", pretrained=False, num_classes=5,
                                           drop_path_rate=0.1))
@@ -64,7 +59,7 @@ def test_timm_convnext_depth_grows_the_blocks_inside_its_stages(plan, no_guard):
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
-def test_torchvision_stochastic_depth(plan, no_guard):
+def test_torchvision_stochastic_depth(plan, unguarded):
     pytest.importorskip("torchvision")
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 

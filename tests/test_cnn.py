@@ -292,15 +292,19 @@ def test_subclass_with_its_own_forward_is_traced_through_not_taken_for_its_base(
 
 
 class _ConcatIntoGroupedConv(nn.Module):
-    """Two branches concatenated into a grouped conv, then a growable Linear head."""
+    """Two branches of unequal widths (8 and 4) concatenated into a grouped conv whose
+    groups (3 channels) straddle them, then a growable Linear head. With ``equal`` both
+    branches have 8 channels: the concatenation is [2, 8], and the conv's 4 groups are 2
+    per branch."""
 
-    def __init__(self, head: bool):
+    def __init__(self, head: bool, equal: bool = False):
         super().__init__()
+        other = 8 if equal else 4
         self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(3, 8, 3, padding=1)
-        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
-        self.head = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 5)) if head \
-            else None
+        self.b = nn.Conv2d(3, other, 3, padding=1)
+        self.g = nn.Conv2d(8 + other, 8 + other, 3, padding=1, groups=4)
+        self.head = nn.Sequential(nn.Linear(8 + other, 24), nn.GELU(), nn.Linear(24, 5)) \
+            if head else None
 
     def forward(self, x):
         y = self.g(torch.cat([self.a(x), self.b(x)], dim=1))
@@ -337,3 +341,20 @@ def test_a_model_growing_around_kept_widths_says_which_it_kept():
     fresh = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator()
                         .manual_seed(1))
     torch.testing.assert_close(big(fresh), model(fresh), rtol=0, atol=1e-10)
+
+
+def test_a_grouped_conv_on_a_concatenation_of_equal_parts_grows(unguarded):
+    # cat([a, b]) of two 8-channel branches is [2, 8]; the conv's 4 groups are 2 per branch,
+    # so both branches grow alike and the conv grows by whole groups in each
+    torch.manual_seed(0)
+    model = _ConcatIntoGroupedConv(head=True, equal=True).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    gm = lemon_fx.trace(model, (torch.randn(2, 3, 8, 8, dtype=torch.float64),))
+    for width, channels in ((2.0, 32), (1.5, 24)):
+        big = lemon_fx.grow(gm, Plan(width=width))
+        assert big.get_submodule("g").weight.shape[0] == channels
+        fresh = torch.randn(3, 3, 8, 8, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(big(fresh), model(fresh), rtol=0, atol=1e-10)

@@ -16,16 +16,6 @@ import lemon_fx
 from lemon_fx import NotLosslessError, Plan
 
 
-@pytest.fixture
-def unguarded(monkeypatch: pytest.MonkeyPatch):
-    """grow without its last guard: the rules alone decide what the grown model is."""
-    import importlib
-
-    # the module, not the function of the same name that lemon_fx exports
-    grow_module = importlib.import_module("lemon_fx.api")
-    monkeypatch.setattr(grow_module, "check_on_example", lambda *args, **kwargs: [])
-
-
 class PatchMerging(nn.Module):
     """Two strided slices of the stream, concatenated, then LayerNorm(2C) (Swin)."""
 
