@@ -5,8 +5,9 @@
            ``"@head_dim"``, ``"@channels"``, ``"@hidden"``, or a glob over group names such
            as ``"blocks.3.*"``) to targets: an int is an absolute size (heads counted in
            heads), a float a multiplier. Later entries override earlier ones.
-``depth``  a bare number scales every block stack; a mapping takes stack names to a target
-           count (int) or a multiplier (float).
+``depth``  a bare number scales every block stack (a stack of stages that cannot grow
+           itself, ConvNeXt's ``stages``, is a container: the stacks inside it grow); a
+           mapping takes stack names to a target count (int) or a multiplier (float).
 ``placement``  ``"interleave"`` (LEMON: 1, 1', 2, 2', ...) or ``"stack"`` (copies on top),
            or an explicit list of source indices.
 ``method`` ``"lemon"`` (unequal splits, cancelling new blocks) or ``"net2net"`` (equal
