@@ -144,6 +144,18 @@ class _UniformFill:
             view.copy_(target)
 
 
+def _source_bound(bounds: dict[tuple, float] | None, name: str, source: torch.Tensor,
+                  fan_in: int) -> float:
+    """``noise_bound`` of the source tensor ``name``, looked up in ``bounds`` (one pass's
+    cache, keyed by source name) when given."""
+    if bounds is None or not name:
+        return noise_bound(source, fan_in)
+    key = (name, fan_in)
+    if key not in bounds:
+        bounds[key] = noise_bound(source, fan_in)
+    return bounds[key]
+
+
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a tensor's arithmetic runs in: float32 for 32-bit and narrower floats
     (their result is rounded to at most float32 anyway), float64 otherwise."""
@@ -312,9 +324,11 @@ class GrowthRecipe:
         """The source tensors the recipe reads."""
         return {r.source for r in self.tensors.values()}
 
-    def make(self, name: str, source: torch.Tensor, device: torch.device | str | None = None
-             ) -> torch.Tensor:
-        """The grown tensor ``name`` from its source tensor."""
+    def make(self, name: str, source: torch.Tensor, device: torch.device | str | None = None,
+             *, bounds: dict[tuple, float] | None = None) -> torch.Tensor:
+        """The grown tensor ``name`` from its source tensor. ``bounds``: a dict that one
+        pass over the recipe shares, so a source tensor's noise bound is computed once (a
+        new block's copy of a layer reads the same source tensor again)."""
         recipe = self.tensors[name]
         device = None if device is None else torch.device(device)
         tensor = source.detach()
@@ -335,19 +349,20 @@ class GrowthRecipe:
         out = wide
         for i, step in enumerate(recipe.steps):
             out = self._step(step, wide, out, recipe.dtype, last=i == len(recipe.steps) - 1,
-                             source_name=recipe.source)
+                             source_name=recipe.source, bounds=bounds)
         return out.to(recipe.dtype, copy=out.data_ptr() == tensor.data_ptr())
 
     def _step(self, step: Step, source_wide: torch.Tensor, t: torch.Tensor,
-              dtype: torch.dtype, last: bool = False, source_name: str = "") -> torch.Tensor:
+              dtype: torch.dtype, last: bool = False, source_name: str = "",
+              bounds: dict[tuple, float] | None = None) -> torch.Tensor:
         """One step in the working dtype; the last split writes ``dtype`` directly."""
         if step.kind == "embed":
             return embed(t, step.axis, step.layout)
         if step.kind == "split":
             if step.stream is None:
                 return split_equal(t, step.axis, step.layout)
-            bound = self.noise_scale * self._source_bound(source_name, source_wide,
-                                                          step.fan_in)
+            bound = self.noise_scale * _source_bound(bounds, source_name, source_wide,
+                                                     step.fan_in)
             return split_lemon_drawn(t, step.axis, step.layout,
                                      _UniformFill(self.seed, step.stream, bound),
                                      out_dtype=dtype if last else None)
@@ -367,17 +382,6 @@ class GrowthRecipe:
             return torch.full_like(t, step.value)
         raise ValueError(f"unknown recipe step {step.kind!r}")
 
-    def _source_bound(self, name: str, source: torch.Tensor, fan_in: int) -> float:
-        """``noise_bound`` of the source tensor ``name``, once per tensor while ``apply``
-        runs (a new block's copy of a layer reads the same source tensor again)."""
-        cache = getattr(self, "_bounds", None)
-        if cache is None or not name:
-            return noise_bound(source, fan_in)
-        key = (name, fan_in)
-        if key not in cache:
-            cache[key] = noise_bound(source, fan_in)
-        return cache[key]
-
     def apply(self, state_dict: Mapping[str, torch.Tensor],
               device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The grown state_dict from the source's, one tensor at a time (tied names share
@@ -387,14 +391,10 @@ class GrowthRecipe:
         if missing:
             raise KeyError(f"the state_dict lacks {len(missing)} tensors the recipe reads, "
                            f"e.g. {missing[:3]}")
-        release, out = _FreedMemoryRelease(), {}
-        self._bounds: dict[tuple, float] | None = {}  # by source name, for this call only
-        try:
-            for name, r in self.tensors.items():
-                out[name] = self.make(name, state_dict[r.source], device)
-                release.after(out[name])
-        finally:
-            self._bounds = None
+        release, out, bounds = _FreedMemoryRelease(), {}, {}
+        for name, r in self.tensors.items():
+            out[name] = self.make(name, state_dict[r.source], device, bounds=bounds)
+            release.after(out[name])
         for alias, name in self.aliases.items():
             out[alias] = out[name]
         return out
@@ -423,9 +423,10 @@ class GrowthRecipe:
                            f"{missing[:3]}")
 
         def made() -> Iterator[tuple[str, torch.Tensor]]:
-            release = _FreedMemoryRelease()
+            release, bounds = _FreedMemoryRelease(), {}
             for name, recipe in self.tensors.items():
-                tensor = self.make(name, checkpoint.tensor(recipe.source), device)
+                tensor = self.make(name, checkpoint.tensor(recipe.source), device,
+                                   bounds=bounds)
                 release.after(tensor)
                 yield name, tensor
 
