@@ -153,11 +153,12 @@ def _stage_lengths(planned: Any, model: torch.nn.Module) -> list[tuple[int, int]
     ``stages.0.blocks`` .. ``stages.3.blocks``), those the plan leaves keeping their length.
     A per-stage depth list such as ResNet's ``layers`` lists exactly these."""
     grown = {g.stack.name: len(g.order) for g in planned.growths}
-    patterns = {re.sub(r"\d+", r"\\d+", re.escape(name).replace(r"\.", ".")) for name in grown}
+    # the name with every number free: "stages.0.blocks" -> r"stages\.\d+\.blocks"
+    patterns = {re.sub(r"\d+", r"\\d+", re.escape(name)) for name in grown}
     stages = []
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList)) and \
-                any(re.fullmatch(p.replace(".", r"\."), name) for p in patterns):
+                any(re.fullmatch(p, name) for p in patterns):
             stages.append((len(module), grown.get(name, len(module))))
     return stages
 
