@@ -29,7 +29,7 @@ from lemon_fx.analysis.width import WidthAnalysis
 from lemon_fx.errors import PlanError, Problem, TraceError, first_line
 from lemon_fx.plan import Plan
 from lemon_fx.recipe.recipe import GrowthRecipe, TensorRecipe
-from lemon_fx.resolution.depth import StackGrowth, resolve_depth
+from lemon_fx.resolution.depth import StackGrowth, kept_depth_notes, resolve_depth
 from lemon_fx.resolution.width import Resolution, grown_outputs, resolve_width
 from lemon_fx.tracing.frontend import trace as trace_model
 from lemon_fx.tracing.graph_facts import (
@@ -192,6 +192,9 @@ class PlannedGrowth:
     new_blocks: list[Any]
     notes: list[str]  # depth's (Post-LN blocks exact up to eps)
     output_notes: list[str]  # each grown output (grow_outputs=True)
+    # stacks a bare depth left at their depth (warned), blocks a grown stack kept
+    depth_left_notes: list[str] = field(default_factory=list)
+    depth_kept_notes: list[str] = field(default_factory=list)
 
 
 def _weightless_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -266,7 +269,8 @@ def _plan_in_detail(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | f
     registry = default_registry()
     analysis = analyze(source, registry, fix_outputs=not plan.grow_outputs)
     resolution = resolve_width(analysis, plan)
-    growths = resolve_depth(find_stacks(source, registry), plan)
+    stacks = find_stacks(source, registry)
+    growths = resolve_depth(stacks, plan)
     _check_size(analysis, resolution, growths)
     edits = plan_edits(resolution)
     # widen first, so that new blocks copy widened sources (the order that is lossless)
@@ -284,7 +288,21 @@ def _plan_in_detail(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | f
         f"output '{name}' axis {axis} grows {size} -> {grown}: its first {size} entries are "
         "the source's output" for name, axis, size, grown in grown_outputs(resolution)]
     return PlannedGrowth(source, analysis, resolution, growths, structure, recipe, new_blocks,
-                         list(notes), output_notes)
+                         list(notes), output_notes, *kept_depth_notes(stacks, growths, plan))
+
+
+def warn_what_a_bare_plan_left(planned: PlannedGrowth, plan: Plan, stacklevel: int = 2
+                               ) -> None:
+    """Warn (``warnings.warn``) about what a bare number left at its size: it asked for
+    every width group (``Plan(width=2.0)``) or every block stack (``Plan(depth=2.0)``), so
+    a group kept at its size (the model returns it) or a stack kept at its depth (nothing
+    in it can be copied) is news. A mapping named what grows: nothing to warn about."""
+    notes = []
+    if isinstance(plan.width, (int, float)):
+        notes += returned_width_notes(planned.analysis)
+    notes += planned.depth_left_notes
+    for note in notes:
+        warnings.warn(f"lemon_fx: {note}", stacklevel=stacklevel)
 
 
 def plan_growth(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int,
@@ -329,11 +347,9 @@ def _grow(gm: torch.fx.GraphModule, plan: Plan | Mapping[str, Any] | float | int
     report = GrowthReport(plan, planned.new_blocks, planned.notes + planned.output_notes)
     if plan.width is not None:
         report.notes += [held_note(h) for h in planned.analysis.held]
-        kept = returned_width_notes(planned.analysis)
-        report.notes += kept
-        if isinstance(plan.width, (int, float)):  # "grow everything" that did not
-            for note in kept:
-                warnings.warn(f"lemon_fx: {note}", stacklevel=2)
+        report.notes += returned_width_notes(planned.analysis)
+    report.notes += planned.depth_left_notes + planned.depth_kept_notes
+    warn_what_a_bare_plan_left(planned, plan, stacklevel=4)
     inputs = example_inputs_of(source)
     if inputs is not None:
         if planned.notes and plan.allow_inexact:

@@ -18,7 +18,11 @@ ResNet blocks ``relu(x + F(x))`` whose branch ends in a BatchNorm get that norm'
 ``gamma = beta = 0`` (LEMON's choice for residual CNNs); ``relu(x) = x`` because ``x`` is
 the previous block's ReLU output.
 
-Blocks are renumbered ``0..L_T-1`` in execution order under the container's own naming.
+Blocks are renumbered in execution order under the container's own naming, from its first
+number (``blocks.0``, or ``s1.b1`` in timm's RegNet).
+
+Blocks the analysis keeps (a downsampling block, a plain conv) are never copied; new blocks
+follow the copyable ones.
 """
 
 from __future__ import annotations
@@ -92,12 +96,16 @@ def _under(name: str, path: str) -> bool:
 
 
 def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
-                made_of: dict[str, TensorRecipe], notes: list[str]) -> list[NewBlock]:
+                made_of: dict[str, TensorRecipe], notes: list[str],
+                moved: dict[str, torch.fx.Node]) -> list[NewBlock]:
+    """Grow one stack. ``moved`` maps the name of a stack's old output to the node that
+    replaced it for its readers (the last new block's output): a later stack reading it as
+    its stream reads that node now, and its copies must map that node, not the old one."""
     stack: BlockStack = growth.stack
     by_name = {n.name: n for n in gm.graph.nodes}
 
-    def local(node):  # the source graph's node -> this graph's node
-        return by_name[node.name]
+    def local(node):  # the source graph's node -> the node that holds its value now
+        return moved.get(node.name, by_name[node.name])
 
     blocks: list[Block] = stack.blocks
     originals = [gm.get_submodule(stack.child(i)) for i in range(stack.count)]
@@ -105,7 +113,8 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
     slots: list[_Slot] = []
     seen: set[int] = set()
     current_in: dict[int, torch.fx.Node] = {}  # what each source block reads now
-    prev_out = local(blocks[0].stream_in)
+    # a kept first block that reads several inputs has no single stream in: it reads them
+    prev_out = local(blocks[0].stream_in) if blocks[0].stream_in is not None else None
     last_node = block_nodes[0][0].prev
     graph = gm.graph
     for source in growth.order:
@@ -113,7 +122,7 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
         if source not in seen:
             seen.add(source)
             nodes = block_nodes[source]
-            old_in = local(block.stream_in)
+            old_in = local(block.stream_in) if block.stream_in is not None else None
             if old_in is not prev_out:
                 members = set(nodes)
                 old_in.replace_all_uses_with(
@@ -140,6 +149,7 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
     if final_out is not prev_out:
         inside = {n for s in slots for n in s.nodes}
         final_out.replace_all_uses_with(prev_out, delete_user_cb=lambda u: u not in inside)
+        moved[blocks[-1].stream_out.name] = prev_out
 
     _renumber_recipes(made_of, stack, slots, blocks)
     made = []
@@ -214,11 +224,11 @@ def _post_ln(made_of: dict[str, TensorRecipe], stack: BlockStack, slots: list[_S
 
 
 def _rename(gm: torch.fx.GraphModule, stack: BlockStack, slots: list[_Slot],
-            blocks: list[Block]) -> None:
-    """Number blocks 0..L_T-1 in execution order under the container's naming."""
-    container = nn.Module()
+             blocks: list[Block]) -> None:
+    """Number blocks in execution order under the container's naming (from its first
+    number, 0 or 1). The container keeps its class and any children that are not blocks,
+    the blocks in place of the first one."""
     for position, slot in enumerate(slots):
-        container.add_module(f"{stack.child_prefix}{position}", slot.module)
         old, new = blocks[slot.source].path, stack.child(position)
         for node in slot.nodes:
             if node.op in ("call_module", "get_attr"):
@@ -232,6 +242,18 @@ def _rename(gm: torch.fx.GraphModule, stack: BlockStack, slots: list[_Slot],
                     for k, (p, c) in stack_meta.items()))
     parent_name, _, attr = stack.name.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
+    old_container = getattr(parent, attr)
+    block_names = {b.path.rpartition(".")[2] for b in blocks}
+    container = copy.copy(old_container)  # its class and attributes; children rebuilt
+    container._modules = type(old_container._modules)()
+    placed = False
+    for child_name, child in old_container._modules.items():
+        if child_name not in block_names:
+            container._modules[child_name] = child
+        elif not placed:
+            placed = True
+            for position, slot in enumerate(slots):
+                container._modules[stack.child(position).rpartition(".")[2]] = slot.module
     setattr(parent, attr, container)
 
 
@@ -250,8 +272,9 @@ def deepen(gm: torch.fx.GraphModule, growths: list[StackGrowth], res: Resolution
     Post-LN stacks, identity norms). No tensor value is read or written here."""
     made: list[NewBlock] = []
     notes: list[str] = []
+    moved: dict[str, torch.fx.Node] = {}
     for growth in growths:
-        made += _grow_stack(gm, growth, res, made_of, notes)
+        made += _grow_stack(gm, growth, res, made_of, notes, moved)
     gm.graph.lint()
     gm.recompile()
     rewrites = [f"new block {b.name} from {b.source_name}" for b in made]

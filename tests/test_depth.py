@@ -576,16 +576,19 @@ class _ResidualStage(_Stage):
 
 def test_growing_nested_stacks_in_one_plan_is_refused_and_each_level_grows():
     """Both levels at once built a model that differed by 0.45 (grow's guard caught it as
-    a bug); each level alone is exact, and the message says so."""
+    a bug); each level alone is exact, and the message says so. A bare depth grows the
+    inner level (each stage's block count, as a family's depth multiplier does)."""
     torch.manual_seed(0)
     model = _Staged()
     model.stages = nn.ModuleList(_ResidualStage() for _ in range(2))
     model = model.double().eval()
     gm = lemon_fx.trace(model, (torch.randn(2, 5, 4, dtype=torch.float64),))
-    for plan in (Plan(depth=2.0), Plan(depth={"stages": 3, "stages.0.layers": 3})):
-        with pytest.raises(PlanError, match="are nested, and this plan grows both") as info:
-            lemon_fx.grow(gm, plan)
-        assert "grow one level per plan" in info.value.problems[0].fix
+    with pytest.raises(PlanError, match="are nested, and this plan grows both") as info:
+        lemon_fx.grow(gm, Plan(depth={"stages": 3, "stages.0.layers": 3}))
+    assert "grow one level per plan" in info.value.problems[0].fix
+    bare = lemon_fx.grow(gm, Plan(depth=2.0))
+    assert {s.name: s.count for s in lemon_fx.inspect(bare).stacks} == {
+        "stages": 2, "stages.0.layers": 4, "stages.1.layers": 4}
     x = torch.randn(3, 7, 4, dtype=torch.float64)
     for depth in ({"stages": 3}, {"stages.0.layers": 3, "stages.1.layers": 4}):
         big = lemon_fx.grow(gm, Plan(depth=depth))

@@ -93,10 +93,25 @@ def test_a_depth_the_analysis_refuses_writes_nothing(tmp_path):
     # resnet10t has one block per stage, and each of the later ones downsamples
     out = tmp_path / "big"
     model = _trained(timm.create_model("resnet10t", pretrained=False, num_classes=10))
-    with pytest.raises(UnsupportedOpError, match="changes the shape of the stream"):
-        lemon_fx.grow_pretrained(model, Plan(depth=2.0), out,
+    with pytest.raises(UnsupportedOpError, match="no block can be copied as an identity"):
+        lemon_fx.grow_pretrained(model, Plan(depth={"layer2": 2}), out,
                                  example_inputs=(torch.randn(1, 3, 64, 64),))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bare_depth_grows_the_stages_that_can_and_writes_their_depths(tmp_path):
+    # only layer1's block keeps the stream's shape: layers (1, 1, 1, 1) -> (2, 1, 1, 1)
+    out = tmp_path / "big"
+    model = _trained(timm.create_model("resnet10t", pretrained=False, num_classes=10))
+    with pytest.warns(UserWarning, match="'layer2', 'layer3', 'layer4' keep their depth"):
+        lemon_fx.grow_pretrained(model, Plan(depth=2.0), out,
+                                 example_inputs=(torch.randn(1, 3, 64, 64),))
+    config = json.loads((out / "config.json").read_text())
+    assert list(config["model_args"]["layers"]) == [2, 1, 1, 1]
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=1e-4)
 
 
 def test_a_grown_timm_folder_grows_again_from_the_folder(tmp_path):

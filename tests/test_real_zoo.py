@@ -33,13 +33,13 @@ EXPECTED = {
     "timm.beit": (OK, AVG_AGAINST_SCALE, OK, OK),
     "timm.convnext": (OK, ZERO_NORM, OK, OK),
     "timm.resnet": (OK, OK, OK, OK),
-    "timm.resnet10t": (OK, OK, STAGE_STARTS, STAGE_STARTS),
-    "timm.mobilenetv3": (OK, OK, STAGE_STARTS, STAGE_STARTS),
-    "timm.efficientnet": (OK, OK, STAGE_STARTS, STAGE_STARTS),
-    "timm.regnet": (OK, OK, NO_STACK, NO_STACK),
+    "timm.resnet10t": (OK, OK, OK, OK),
+    "timm.mobilenetv3": (OK, OK, OK, OK),
+    "timm.efficientnet": (OK, OK, OK, OK),
+    "timm.regnet": (OK, OK, OK, OK),
     "timm.mixer": (OK, AVG_AGAINST_SCALE, OK, OK),
     "torchvision.resnet": (OK, OK, OK, OK),
-    "torchvision.mobilenet_v2": (OK, OK, NO_STACK, NO_STACK),
+    "torchvision.mobilenet_v2": (OK, OK, OK, OK),
     "torchvision.convnext": (OK, ZERO_NORM, OK, OK),
     "torchvision.vit": (OK, OK, OK, OK),
     "torchvision.squeezenet": (OK, OK, NO_STACK, NO_STACK),
@@ -57,14 +57,18 @@ EXPECTED = {
 # lossless, but the class cannot be built at the grown sizes from its config or arguments
 # (grow_pretrained refuses these before writing anything): at 1.5x the norms' eps must be
 # scaled and timm's arguments (and OPT's config) hold no eps; timm's ResNet keeps a
-# 64-channel stem; MobileNetV3's, EfficientNet's and RegNet's widths come from multipliers
-# and tables, not from sizes; the Mixer is built from its class, not by name
+# 64-channel stem; MobileNetV3's, EfficientNet's and RegNet's widths and depths come from
+# multipliers and tables, not from sizes (a stage of one block that cannot be copied keeps
+# it, where depth_multiplier=2 would double it); the Mixer is built from its class
 NO_GROWN_CONFIG = {
     ("timm.vit", "width1.5"), ("timm.deit", "width1.5"), ("transformers.opt", "width1.5"),
     ("timm.resnet", "width2"), ("timm.resnet", "width1.5"), ("timm.resnet", "width2+depth2"),
     ("timm.mobilenetv3", "width2"), ("timm.mobilenetv3", "width1.5"),
     ("timm.efficientnet", "width2"), ("timm.efficientnet", "width1.5"),
     ("timm.regnet", "width2"), ("timm.regnet", "width1.5"),
+    ("timm.mobilenetv3", "depth2"), ("timm.mobilenetv3", "width2+depth2"),
+    ("timm.efficientnet", "depth2"), ("timm.efficientnet", "width2+depth2"),
+    ("timm.regnet", "depth2"), ("timm.regnet", "width2+depth2"),
     ("timm.mixer", "width2"), ("timm.mixer", "depth2"), ("timm.mixer", "width2+depth2"),
 }
 LIBRARY_MODULE = {"timm": "timm", "torchvision": "torchvision", "transformers": "transformers"}

@@ -13,8 +13,22 @@ paths the tracer recorded (``nn_module_stack``). For each block the graph gives:
 
 A ResNet block ends in ``relu(x + F(x))``: with ``F = 0`` that is ``relu(x) = x`` because
 ``x``, the previous block's output, is itself a ReLU's output. So a ReLU may close the
-spine when every block ends in one. A first block that changes the shape (a stage's
-downsampling block) is kept but never copied.
+spine when every copied block ends in one.
+
+Blocks that cannot compute the identity are *kept* (they stay where they are, never
+copied), and the stack grows by copying the others: a block that changes the stream's
+shape (a stage's downsampling first block, MobileNetV2's strided blocks in the middle of
+``features``), and one whose spine is not a residual add (no zero branch makes it ``x``:
+a plain conv block, a final 1x1 conv). Keeping a block is always exact; only new blocks
+must be identities. A stack whose every block is kept cannot grow (``nothing_to_copy``).
+A block that is not a link of one chain (several outputs used outside it, or not reading
+the previous block's output) stops the whole stack: there is no stream to insert into.
+
+Children may be numbered from 0 or from 1 (timm's RegNet: ``s1.b1``, ``s1.b2``; a family
+numbered from 1 is a stack only if its blocks form one chain, since ``ls1``, ``ls2`` are
+parts of one block) and be of
+different classes (torchvision's ``features``: a stem conv, inverted residuals, a last
+conv), but not single layers with rules of their own (a ``Sequential`` MLP is not a stack).
 
 Kinds: ``pre_ln`` (norms only inside branches: ``x + F(norm(x))``), ``post_ln`` (the block
 ends in a norm on the stream: ``norm(x + F(x))``), ``residual`` (residual adds, no norms),
@@ -65,8 +79,11 @@ class Block:
     - ``spine_relu``: whether the block's output is an idempotent op (a ReLU) applied to
       the stream.
     - ``changes_shape``: whether it reads a stream of another shape than it writes (a
-      stage's downsampling first block: kept, never copied).
+      stage's downsampling block: kept, never copied).
     - ``problem``: why it cannot be copied as an identity block, or None.
+    - ``kept``: whether, with that problem, the block still is a link of the stack's
+      chain (one stream in, one out), so that it stays in place while others are copied;
+      False with a problem means the stack cannot grow at all.
     - ``problem_node``: the node the problem is at (None when it is the block as a whole).
     - ``fix``: how to fix the problem.
     """
@@ -83,6 +100,7 @@ class Block:
     spine_relu: bool = False
     changes_shape: bool = False
     problem: str | None = None
+    kept: bool = False
     # the node the problem is at (None when it is the block as a whole) and how to fix it
     problem_node: torch.fx.Node | None = field(default=None, repr=False)
     fix: str | None = field(default=None, repr=False)
@@ -107,8 +125,10 @@ class BlockStack:
     - ``problem``: why the stack cannot grow in depth, or None.
     - ``problem_node``: the node the problem is at (None when it is the stack as a whole).
     - ``fix``: how to fix the problem.
-    - ``copyable``: the indices of the blocks a new block may copy (a downsampling first
-      block may not).
+    - ``copyable``: the indices of the blocks a new block may copy (kept blocks may not).
+    - ``first_index``: the number of its first child (0, or 1 for ``s1.b1``).
+    - ``nothing_to_copy``: its only problem is that every block is kept (each changes the
+      stream's shape or has no residual add): a bare depth leaves it as it is.
     """
 
     name: str
@@ -122,10 +142,17 @@ class BlockStack:
     fix: str | None = field(default=None, repr=False, compare=False)
     # blocks that may be copied (a downsampling first block may not)
     copyable: list[int] = field(default_factory=list, repr=False, compare=False)
+    first_index: int = field(default=0, repr=False, compare=False)
+    nothing_to_copy: bool = field(default=False, repr=False, compare=False)
 
     def child(self, index: int) -> str:
-        """The qualified module name of block ``index``."""
-        return f"{self.name}.{self.child_prefix}{index}"
+        """The qualified module name of the block at position ``index`` (from 0)."""
+        return f"{self.name}.{self.child_prefix}{self.first_index + index}"
+
+    @property
+    def kept(self) -> list[int]:
+        """The positions of the blocks that stay as they are, never copied."""
+        return [b.index for b in self.blocks if b.kept]
 
 
 _CHILD = re.compile(r"^(?P<container>.+)\.(?P<prefix>[A-Za-z_]*?)(?P<index>\d+)$")
@@ -157,13 +184,17 @@ def find_stacks(gm: torch.fx.GraphModule, registry: Registry) -> list[BlockStack
     rules = _Rules(gm, registry)
     stacks = []
     for (container, prefix), children in _families(gm).items():
-        classes = set(children.values())
-        if sorted(children) != list(range(len(children))) or len(classes) != 1:
+        first = min(children)
+        if first not in (0, 1) or sorted(children) != list(range(first,
+                                                                first + len(children))):
             continue
-        if registry.has_module_rule(next(iter(classes))):
+        if any(registry.has_module_rule(cls) for cls in set(children.values())):
             continue  # a Sequential of single layers (each one op) is an MLP, not blocks
-        stack = BlockStack(container, len(children), "plain", child_prefix=prefix)
+        stack = BlockStack(container, len(children), "plain", child_prefix=prefix,
+                           first_index=first)
         _analyze_stack(rules, stack)
+        if first == 1 and stack.problem and not stack.nothing_to_copy:
+            continue  # numbered parts of a block (``ls1``, ``ls2``), not a chain of blocks
         stacks.append(stack)
     return stacks
 
@@ -222,25 +253,31 @@ def _analyze_stack(rules: _Rules, stack: BlockStack) -> None:
         nodes = [n for n in rules.gm.graph.nodes if _in_block(n, path)]
         block = _analyze_block(rules, i, path, nodes, previous_out)
         stack.blocks.append(block)
-        if i == 0 and block.changes_shape and stack.count > 1:
-            previous_out = block.stream_out  # a downsampling first block: kept, not copied
-            continue
-        if block.problem:
-            stack.problem = stack.problem or f"block {path}: {block.problem}"
+        if block.problem and not block.kept:  # not a link of one chain: no stream
+            stack.problem = f"block {path}: {block.problem}"
             stack.problem_node, stack.fix = block.problem_node, block.fix
-            stack.kind = "plain" if "residual add" in block.problem else stack.kind
+            stack.copyable = []
             return
         previous_out = block.stream_out
+        if block.kept:
+            continue
         stack.copyable.append(i)
         kinds.add(_kind(rules, block))
-    if any(b.spine_relu for b in stack.blocks) and not all(
-            b.spine_relu for b in stack.blocks[1:]):
+    copied = [stack.blocks[i] for i in stack.copyable]
+    if not copied:
+        # the most telling block: one that keeps the shape yet is no residual block
+        first = next((b for b in stack.blocks if not b.changes_shape), stack.blocks[0])
+        stack.nothing_to_copy = True
+        stack.problem = (f"no block can be copied as an identity: every block changes the "
+                         f"stream's shape or is no residual block (block {first.path}: "
+                         f"{first.problem})")
+        stack.problem_node, stack.fix = first.problem_node, first.fix
+        stack.kind = "plain"
+        return
+    if any(b.spine_relu for b in copied) and not all(b.spine_relu for b in copied):
         stack.problem = "some blocks end in a ReLU and some do not"
     stack.kind = kinds.pop() if len(kinds) == 1 else "mixed"
-    if stack.kind == "plain":
-        stack.problem = ("its blocks have no residual add, so a new block cannot compute "
-                         "the identity")
-    elif stack.kind == "mixed":
+    if stack.kind == "mixed":
         stack.problem = "its blocks are of different kinds"
 
 
@@ -258,22 +295,27 @@ def _analyze_block(rules: _Rules, index, path, nodes, previous_out) -> Block:
         for arg in n.all_input_nodes:
             if arg not in members and arg not in external:
                 external.append(arg)
+    shape = _shape(block.stream_out)
     if previous_out is not None:
         if previous_out not in external:
             block.problem = "it does not read the previous block's output"
             return block
         block.stream_in = previous_out
     else:
-        shape = _shape(block.stream_out)
         candidates = [a for a in external if _shape(a) == shape and _shape(a) is not None]
         tensors = [a for a in external if _shape(a) is not None]
-        if not candidates:
-            if len(tensors) == 1:  # a downsampling block: it starts the stack
-                block.stream_in = tensors[0]
-                block.changes_shape = True
+        if candidates:
+            block.stream_in = candidates[0]
+        elif len(tensors) == 1:  # a downsampling block: it starts the stack
+            block.stream_in = tensors[0]
+        else:  # several inputs of other shapes: it starts the stack, which reads it whole
+            block.changes_shape = block.kept = True
             block.problem = "it changes the shape of the stream"
             return block
-        block.stream_in = candidates[0]
+    if _shape(block.stream_in) != shape or shape is None:
+        block.changes_shape = block.kept = True
+        block.problem = "it changes the shape of the stream"
+        return block
     _walk_spine(rules, block)
     return block
 
@@ -310,9 +352,9 @@ def _walk_spine(rules: _Rules, block: Block) -> None:
         if operands is not None:
             a, b, alpha = operands
             spine = [x for x in (a, b) if on_spine(x)]
-            if len(spine) != 1:
+            if len(spine) != 1:  # a projection shortcut, proj(x) + F(x): not an identity
                 _refuse(block, node, f"'{node.name}' is not a residual add of the stream and "
-                        "a branch")
+                        "a branch", keep=True)
                 return
             if spine[0] is not a and not _is_one(alpha):
                 _refuse(block, node, f"'{node.name}' adds the stream as its second operand "
@@ -337,11 +379,12 @@ def _walk_spine(rules: _Rules, block: Block) -> None:
         elif (passed := rules.passes_value(node)) is not None:
             node = passed
         else:
+            # before any residual add: a plain block (conv, bn, act), kept as it is
             _refuse(block, node, f"'{node.name}' on the path from the block's output to its "
-                    "input is neither a residual add nor a norm")
+                    "input is neither a residual add nor a norm", keep=not seen_add)
             return
     if not seen_add:
-        _refuse(block, None, "it has no residual add")
+        _refuse(block, None, "it has no residual add", keep=True)
 
 
 # the block computes something other than stream + branches: no zero branch makes it x
@@ -350,8 +393,11 @@ _COMBINATION_FIX = ("write the block as x + f(x) (a plain residual add of the st
 
 
 def _refuse(block: Block, node: torch.fx.Node | None, reason: str,
-            fix: str = _COMBINATION_FIX) -> None:
-    block.problem, block.problem_node, block.fix = reason, node, fix
+            fix: str = _COMBINATION_FIX, keep: bool = False) -> None:
+    """``block`` cannot be copied because of ``reason``; ``keep``: it is no residual block
+    at all (plain, or a projection shortcut), so it stays in place while the stack's
+    residual blocks are copied; otherwise a residual block failed and the stack stops."""
+    block.problem, block.problem_node, block.fix, block.kept = reason, node, fix, keep
 
 
 def _branch_ends(rules: _Rules, block: Block, value) -> bool:

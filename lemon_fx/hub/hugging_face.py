@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lemon_fx.api import plan_in_detail, trace
+from lemon_fx.api import plan_in_detail, trace, warn_what_a_bare_plan_left
 from lemon_fx.axes.vocabulary import FFN, HEAD_DIM, HEADS, KV_HEADS, RESIDUAL
 from lemon_fx.errors import PlanError, Problem, VerificationError
 from lemon_fx.hub.folder import (
@@ -264,6 +264,7 @@ def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
                         else (example_inputs,)), {}
     gm = trace(model_for_plan, args, kwargs)
     planned = plan_in_detail(gm, plan)
+    warn_what_a_bare_plan_left(planned, plan, stacklevel=3)
     grown_config, changes = _grown_config(config, planned)
     recipe = planned.recipe
     with staged_folder(out) as staging:

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from lemon_fx.api import plan_in_detail, trace
+from lemon_fx.api import plan_in_detail, trace, warn_what_a_bare_plan_left
 from lemon_fx.axes.vocabulary import FFN, RESIDUAL
 from lemon_fx.errors import PlanError, Problem, first_line
 from lemon_fx.hub.folder import (
@@ -308,6 +308,7 @@ def grow_timm(source: Any, plan: Any, out_dir: str | Path, example_inputs: Any =
         if example_inputs is not None else _example_inputs(source, given)
     gm = trace(source, inputs)
     planned = plan_in_detail(gm, plan)
+    warn_what_a_bare_plan_left(planned, plan, stacklevel=3)
     args, changes = _grown_args(architecture, source, planned, given)
     recipe = planned.recipe
     state = gm.state_dict()

@@ -3,7 +3,10 @@
 The order of a grown stack lists, for each position, the index of the source block it
 comes from. The first occurrence of a source is the source block itself (its weights kept);
 every later occurrence is a new block, built from the (widened) source with its residual
-branches set to write zero. ``placement``:
+branches set to write zero. Blocks the analysis keeps (a stage's downsampling block, a
+plain conv) appear once: copies go to the others. A bare depth leaves a stack with nothing
+to copy as it is when another stack grows (``kept_depth_notes`` tells the user), and
+refuses it when no stack can grow. ``placement``:
 
 - ``"interleave"`` (LEMON): each copy right after its source. With ``N`` new blocks over
   ``L`` sources, every source gets ``N // L`` copies and the last ``N % L`` sources one
@@ -22,7 +25,8 @@ from lemon_fx.errors import NotLosslessError, PlanError, Problem, UnsupportedOpE
 from lemon_fx.plan import Plan
 from lemon_fx.tracing.graph_facts import op_name, source_line
 
-__all__ = ["StackGrowth", "interleave_order", "resolve_depth", "stack_order"]
+__all__ = ["StackGrowth", "interleave_order", "kept_depth_notes", "resolve_depth",
+           "stack_order"]
 
 
 @dataclass
@@ -107,6 +111,62 @@ def _explicit(stack: BlockStack, order: tuple[int, ...]) -> list[Problem]:
     return []
 
 
+def _is_container(stack: BlockStack, stacks: list[BlockStack]) -> bool:
+    """Whether a bare depth grows the stacks inside ``stack`` instead of ``stack`` itself:
+    it cannot grow (ConvNeXt's ``stages``: each stage starts by downsampling) and holds
+    stacks, or it holds a stack that can grow (timm's MobileNetV3 ``blocks``, whose stages
+    of equal-shape residual blocks could be copied whole: scaling each stage's block count
+    is what the family's own depth multiplier does)."""
+    inner = [s for s in stacks if s.name.startswith(stack.name + ".")]
+    return bool(inner) and (stack.problem is not None or any(not s.problem for s in inner))
+
+
+def _unclosed_relus(stack: BlockStack, order: list[int]) -> list[Problem]:
+    """A copy of a block ``relu(x + F(x))`` is the identity only on a stream that is
+    itself a ReLU's output: the block before each such copy must end in one too (always
+    so when copies follow their source; not after a kept block without one)."""
+    problems = []
+    seen: set[int] = set()
+    for position, source in enumerate(order):
+        if source in seen and stack.blocks[source].spine_relu:
+            before = stack.blocks[order[position - 1]]
+            if not before.spine_relu:
+                problems.append(Problem(
+                    reason=f"a copy of block {stack.blocks[source].path} (which ends in "
+                    f"relu(x + F(x))) would follow block {before.path}, whose output is no "
+                    "ReLU's, so relu(x) would not be x", node="placement",
+                    fix="place each copy after its source (placement='interleave')"))
+                break
+        seen.add(source)
+    return problems
+
+
+def kept_depth_notes(stacks: list[BlockStack], growths: list[StackGrowth],
+                     plan: Plan) -> tuple[list[str], list[str]]:
+    """What a depth growth left as it was, as two lists of notes: the stacks a bare depth
+    could not grow (every block changes the stream's shape or is no residual block: the
+    user asked for every stack, so ``grow`` warns), and, in each grown stack, the kept
+    blocks other than a first downsampling block."""
+    if plan.depth is None:
+        return [], []
+    grown = {g.stack.name for g in growths}
+    left, notes = [], []
+    if not isinstance(plan.depth, dict):
+        names = [f"'{s.name}'" for s in stacks if s.nothing_to_copy
+                 and s.name not in grown and not _is_container(s, stacks)]
+        if names:
+            left.append(f"{'stacks' if len(names) > 1 else 'stack'} {', '.join(names)} keep "
+                        "their depth: no block of theirs can be copied as an identity (each "
+                        "changes the stream's shape or is no residual block)")
+    for growth in growths:
+        kept = [growth.stack.blocks[i].path for i in growth.stack.kept if i > 0]
+        if kept:
+            notes.append(f"stack '{growth.stack.name}' grows by copying its residual blocks; "
+                         f"{', '.join(kept)} change the stream's shape or are no residual "
+                         "blocks, and are kept as they are")
+    return left, notes
+
+
 def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
     if plan.depth is None:
         return []
@@ -127,12 +187,12 @@ def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
             problems.append(Problem(reason="the model has no block stack", node="depth",
                                     fix="leave depth out, or put the blocks in an "
                                     "nn.ModuleList / nn.Sequential"))
-        # a stack of stages that cannot grow (ConvNeXt's ``stages``: each stage starts by
-        # downsampling) is a container: a bare depth grows the block stacks inside it
-        inner = {s.name for s in stacks if any(s.name.startswith(o.name + ".")
-                                               for o in stacks)}
         wanted = {s.name: _target(s, plan.depth, bare=True) for s in stacks
-                  if not (s.problem and any(n.startswith(s.name + ".") for n in inner))}
+                  if not _is_container(s, stacks)}
+        # a stack with nothing to copy (a stage of one downsampling block) stays as it is
+        # when another stack grows (``kept_depth_notes`` says so); alone, it is refused
+        if any(not by_name[n].problem for n in wanted):
+            wanted = {n: t for n, t in wanted.items() if not by_name[n].nothing_to_copy}
     growths = []
     blocked: list[Problem] = []
     inexact: list[Problem] = []
@@ -172,10 +232,11 @@ def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
                               - set(stack.copyable))
         if not_copyable:
             problems.append(Problem(
-                reason=f"block(s) {not_copyable} of {name!r} change the shape of the "
-                "stream (downsampling) and cannot be copied", node="placement",
+                reason=f"block(s) {not_copyable} of {name!r} cannot be copied (they change "
+                "the shape of the stream or are no residual blocks)", node="placement",
                 fix=f"copy only blocks {stack.copyable}"))
             continue
+        problems += _unclosed_relus(stack, order)
         if stack.kind == "post_ln" and not plan.allow_inexact:
             inexact.append(Problem(
                 reason=f"stack {name!r} is Post-LN: LEMON's new blocks (identity norm on "
