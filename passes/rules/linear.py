@@ -5,10 +5,16 @@ S_out (expansion ``E_out``). The grown layer must satisfy ``W' E_in = E_out W`` 
 ``b' = E_out b``. Rows (fan-out) are expanded by ``E_out`` in the output axis' form;
 columns (fan-in) are split so copies sum to the source column: LEMON's unequal "proj"
 split with noise at the wide layer's init scale ``U(-1/sqrt(in'), 1/sqrt(in'))``, or
-Net2Net's equal split. Leading axes pass through unchanged. ``addmm(b, x, W)`` (GPT-2's
-Conv1D) is the same with ``W`` stored ``[in, out]``.
+Net2Net's equal split. Leading axes pass through unchanged, row by row: a copied row maps
+to a copy (circ), a mean row to the mean of the outputs (avg: the map is affine), but a
+zero row to the bias, not to zero, so with a bias a leading axis that grows by a
+non-multiple needs the circ or avg form (a Linear over the token axis of a LayerNorm's
+zero-form output, as in a token-mixing MLP). ``addmm(b, x, W)`` (GPT-2's Conv1D) is the
+same with ``W`` stored ``[in, out]``.
 
 Refuses:
+- at a non-multiple width, a leading axis in the zero form when the layer has a bias
+  (no exact answer; grow by a whole multiple, or drop the bias);
 - ``F.linear`` whose weight is computed at run time (not read from a parameter), when one
   of its axes grows: there is no parameter to grow; make it an ``nn.Parameter``. A bias
   computed at run time is an added activation, grown by the ops that compute it;
@@ -30,6 +36,7 @@ from torch import nn
 from lemon_fx.analysis.registry import Registry
 from lemon_fx.analysis.rule import BranchEnd, Rule, argument, parameter_name
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis
+from lemon_fx.axes.vocabulary import CIRC_OR_AVG
 from lemon_fx.resolution.rewrite import NodeRewrite
 
 __all__ = ["FunctionalLinearRule", "LinearRule", "affine_end", "register_rules"]
@@ -41,6 +48,10 @@ def couple_affine(ctx: NodeAnalysis, x, out, weight_dims: list[int], bias_dims: 
     for axis in range(len(x_dims) - 1):
         ctx.unify(x_dims[axis], out_dims[axis])
         ctx.same_form(ctx.slot(x, axis), ctx.slot(out, axis))
+        if bias_dims is not None:  # a zero row of x becomes the bias, not zero
+            ctx.require_form(ctx.slot(out, axis), CIRC_OR_AVG,
+                             "a layer with a bias maps a zero row to its bias: the axes it "
+                             "maps row by row need the circ or avg form")
     ctx.unify(weight_dims[1], x_dims[-1])
     ctx.unify(weight_dims[0], out_dims[-1])
     if bias_dims is not None:

@@ -24,7 +24,14 @@ Swin's PatchMerging, or a flattened ``[H, Dh]``) grows as its own layout: each p
 gamma and beta go with that part's copies. Its mean and variance stay exact only when
 every entry is copied the same number of times ``K`` (then ``alpha = eta = 1``).
 
+The axes before the normalized one (rows) pass through; each row is normalized apart, so
+a leading axis's extra rows must be ones the norm maps to its extras: copies (circ), or
+zero rows when the norm has no beta (``n(0) = 0``; with a beta a zero row becomes
+``beta``). An avg row is no answer: the norm of a mean row is not the mean of the norms.
+
 Refuses:
+- at a non-multiple width, a leading axis in the avg form, or in the zero form under a
+  norm with a beta (no exact answer; grow by a whole multiple);
 - normalization over several axes when one of them grows;
 - a normalized axis of several width groups whose entries are not all copied equally
   (parts grown by different factors, or any part by a non-multiple);
@@ -50,7 +57,7 @@ from lemon_fx.analysis.registry import Registry
 from lemon_fx.analysis.rule import Rule, argument, parameter_name
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis, ParamTransform
 from lemon_fx.axes.expansion import AxisGrowth, LeafGrowth, embed, source_size, with_form
-from lemon_fx.axes.vocabulary import AVG, NORM_HINT, ZERO, Form
+from lemon_fx.axes.vocabulary import AVG, CIRC_OR_ZERO, NORM_HINT, ONLY_CIRC, ZERO, Form
 from lemon_fx.recipe.transforms import register_transform
 from lemon_fx.resolution.rewrite import NodeRewrite
 
@@ -158,10 +165,20 @@ class _FeatureNormRule(Rule):
         x = ctx.arg(0, "input")
         rank = self._normalized_rank(node, ctx)
         x_dims = ctx.dims(x)
+        params = self._params(node, ctx)
+        # each row is normalized on its own: a leading axis's extra rows must be rows the
+        # norm maps to their own extras (copies always; zero rows only without a beta)
+        has_beta = any(kind == "beta" for _, _, kind in params)
+        leading = ONLY_CIRC if has_beta else CIRC_OR_ZERO
         for axis, (a, b) in enumerate(zip(x_dims, ctx.dims(node))):
             ctx.unify(a, b)
             if axis < len(x_dims) - rank:
                 ctx.same_form(ctx.slot(x, axis), ctx.slot(node, axis))
+                ctx.require_form(ctx.slot(node, axis), leading,
+                                 f"{type(self).__name__[:-4]} normalizes each row apart: a "
+                                 "leading axis needs the circ form" + (
+                                     " (or zero: no beta)" if not has_beta
+                                     else " (a zero row becomes beta)"))
         if rank != 1:
             ctx.forbid_growth(x_dims[-rank:], "normalization over several axes",
                               "normalize over the last axis only, or keep these widths fixed")
@@ -173,7 +190,7 @@ class _FeatureNormRule(Rule):
                          f"{self.input_form} form")
         ctx.require_form(ctx.slot(node, -1), {ZERO},
                          "a norm's output is in the zero form")
-        for name, dims, kind in self._params(node, ctx):
+        for name, dims, kind in params:
             ctx.unify(dims[0], dim)
             transform = _scaled_gamma(dim) if kind == "gamma" else _zero_padded(dim)
             ctx.claim(name, [AxisUse("expand", ctx.slot(node, -1))], transform=transform)
