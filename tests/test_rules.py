@@ -371,6 +371,14 @@ SPECS = [
     Spec("max pool with indices", conv_case(lambda s, h: _pooled(h, F.max_pool2d(
         h, 2, return_indices=True))), shape=(2, 3, 6, 6)),
     Spec("repeat", case(lambda s, h: h.repeat(1, 1, 2), d_out=2 * D)),
+    Spec("roll tokens", case(lambda s, h: h.roll(1, 1) + torch.roll(h, -2, dims=1))),
+    # rolling a grown axis is exact when the growth tiles it: whole multiples
+    Spec("roll on grown axis", case(lambda s, h: F.gelu(h).roll(3, -1)), at_1_5x=NL),
+    Spec("stack", case(lambda s, h: torch.stack([h, F.gelu(h)], -1).flatten(-2), d_out=2 * D)),
+    Spec("norm over tokens", case(lambda s, h: F.gelu(h) / h.norm(dim=1, keepdim=True))),
+    Spec("norm over grown axis", case(lambda s, h: h / h.norm(dim=-1, keepdim=True)),
+         at_2x=NL, at_1_5x=NL),
+    Spec("addcmul", case(lambda s, h: torch.addcmul(h, h, F.gelu(h), value=0.5))),
     Spec("cat", case(lambda s, h: torch.cat([h, torch.relu(h)], dim=-1), d_out=2 * D)),
     Spec("cat tokens", case(lambda s, h: torch.cat([h[:, :1], h], dim=1)[:, 1:])),
     Spec("chunk", case(lambda s, h: _add_pieces(h.chunk(2, dim=-1)), d_out=D // 2)),
@@ -417,6 +425,10 @@ SPECS = [
     Spec("sdpa enable_gqa", _GQA),
     Spec("bmm", lambda: _Heads(lambda q, k, v: torch.bmm(q.flatten(0, 1), k.flatten(0, 1)
                                                        .transpose(1, 2)).softmax(-1).view(
+        q.shape[0], q.shape[1], 5, 5) @ v)),
+    Spec("baddbmm", lambda: _Heads(lambda q, k, v: torch.baddbmm(
+        q.flatten(0, 1) @ k.flatten(0, 1).transpose(1, 2), q.flatten(0, 1),
+        k.flatten(0, 1).transpose(1, 2), beta=0.5, alpha=0.3).softmax(-1).view(
         q.shape[0], q.shape[1], 5, 5) @ v)),
     Spec("nn.MultiheadAttention", _MHA),
     Spec("MHA averaged weights", lambda: _MHA(weights=True), at_1_5x=NL),
@@ -568,10 +580,11 @@ def test_tuple_item_by_negative_index_follows_its_source():
 
 
 def test_an_unknown_op_reading_a_tuple_blocks_every_group_it_reads():
-    """``torch.stack`` has no rule; it reads the chunk's items through a tuple, which the
-    unknown-op guard missed: growing the chunk's group alone crashed in the grown graph."""
-    model = Case(lambda s, h: torch.stack(h.chunk(2, dim=-1)[::-1], -1).flatten(-2))
-    spec = Spec("stack of a tuple", lambda: model)
+    """``torch.dstack`` has no rule; it reads the chunk's items through a tuple, which the
+    unknown-op guard missed: growing the chunk's group alone crashed in the grown graph
+    (found with ``torch.stack``, which has a rule now)."""
+    model = Case(lambda s, h: torch.dstack(h.chunk(2, dim=-1)[::-1]))
+    spec = Spec("dstack of a tuple", lambda: model)
     gm = lemon_fx.trace(model.double().eval(), _inputs(spec, 0))
     groups = [g.name for g in lemon_fx.inspect(gm).analysis.groups]
     assert groups

@@ -1,5 +1,5 @@
-"""Rules for attention: matmul/bmm between activations, ``F.scaled_dot_product_attention``
-and ``nn.MultiheadAttention``.
+"""Rules for attention: matmul/bmm/baddbmm between activations,
+``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
 
 Maths (LEMON, "Attention"). Grow the **number of heads**, keep ``head_dim``: the q, k and v
 rows of head ``h'`` copy head ``h' % H`` (circ form on the heads axis), so every new head
@@ -25,6 +25,8 @@ Refuses:
 - growing any other axis a matmul of two activations sums over (the keys in
   ``att @ v``), and the keys' sequence axis of ``scaled_dot_product_attention``;
 - a matmul with a 1-d operand, when any of its axes grows;
+- for ``baddbmm`` (``beta * input + alpha * b1 @ b2``, Bloom's ALiBi scores), what
+  ``bmm`` refuses; its ``input`` is added, in every form;
 - a non-multiple width on a batch axis of a matmul or of attention (the heads) where
   another op on that axis needs the avg or zero form: heads are copied whole (circ);
 - ``nn.MultiheadAttention`` with ``kdim``/``vdim`` other than ``embed_dim`` or with
@@ -57,7 +59,8 @@ from lemon_fx.axes.vocabulary import HEAD_DIM_HINT, HEADS_HINT, KV_HINT, ONLY_CI
 from lemon_fx.resolution.rewrite import NodeRewrite
 from passes.rules.linear import affine_end, couple_affine
 
-__all__ = ["MatmulRule", "MultiheadAttentionRule", "SDPARule", "register_rules"]
+__all__ = ["BaddbmmRule", "MatmulRule", "MultiheadAttentionRule", "SDPARule", "couple_matmul",
+           "register_rules"]
 
 HEAD_DIM_FIX = ("grow the number of heads instead (LEMON keeps head_dim): leave "
                 "'@head_dim' out of the plan")
@@ -123,20 +126,51 @@ class MatmulRule(Rule):
             in_slot, out_slot = couple_affine(ctx, a, node, [w[1], w[0]], None)
             ctx.claim(b.target, [AxisUse("split", in_slot), AxisUse("expand", out_slot)])
             return
-        ad, bd, od = ctx.dims(a), ctx.dims(b), ctx.dims(node)
-        ctx.unify(ad[-1], bd[-2])
-        ctx.unify(ad[-2], od[-2])
-        ctx.unify(bd[-1], od[-1])
-        ctx.same_form(ctx.slot(a, -2), ctx.slot(node, -2))
-        ctx.same_form(ctx.slot(b, -1), ctx.slot(node, -1))
-        ctx.hint(ad[-1], HEAD_DIM_HINT)
-        if _attention_weights(a):
-            # att @ v: v's last axis is the value head size, a head_dim like q's and k's
-            # (it could grow exactly, but a model's config has one head_dim: GPT-Neo)
-            ctx.hint(bd[-1], HEAD_DIM_HINT)
-        ctx.forbid_growth(ad[-1], "a matmul of two activations sums over this axis, and "
-                          "growing it changes the sum", HEAD_DIM_FIX, kind="not_lossless")
-        _batch_axes(ctx, [a, b], node, core=2)
+        couple_matmul(ctx, a, b, node)
+
+
+def couple_matmul(ctx: NodeAnalysis, a, b, out) -> None:
+    """``out = a @ b`` of two activations ``[..., n, k] @ [..., k, m]``: rows and columns
+    pass, the contraction axis ``k`` must not grow, batch axes are circ (the heads)."""
+    ad, bd, od = ctx.dims(a), ctx.dims(b), ctx.dims(out)
+    ctx.unify(ad[-1], bd[-2])
+    ctx.unify(ad[-2], od[-2])
+    ctx.unify(bd[-1], od[-1])
+    ctx.same_form(ctx.slot(a, -2), ctx.slot(out, -2))
+    ctx.same_form(ctx.slot(b, -1), ctx.slot(out, -1))
+    ctx.hint(ad[-1], HEAD_DIM_HINT)
+    if _attention_weights(a):
+        # att @ v: v's last axis is the value head size, a head_dim like q's and k's
+        # (it could grow exactly, but a model's config has one head_dim: GPT-Neo)
+        ctx.hint(bd[-1], HEAD_DIM_HINT)
+    ctx.forbid_growth(ad[-1], "a matmul of two activations sums over this axis, and "
+                      "growing it changes the sum", HEAD_DIM_FIX, kind="not_lossless")
+    _batch_axes(ctx, [a, b], out, core=2)
+
+
+class BaddbmmRule(Rule):
+    """``torch.baddbmm(input, b1, b2, beta=1, alpha=1)`` = ``beta * input + alpha * (b1 @ b2)``.
+
+    Maths: the batched product is ``bmm``'s (``MatmulRule``: ``[B, n, k] @ [B, k, m]``;
+    the contraction axis ``k``, ``head_dim`` in Bloom's ``alibi.baddbmm(q, k^T, beta=1,
+    alpha=1/sqrt(head_dim))``, must not grow; the batch axis, heads folded into it, is
+    circ), and ``input`` is added to it: it broadcasts to the output as in ``add``, one
+    dim and one form per shared axis, a size-1 axis read once for every copy (the ALiBi
+    bias ``[B * H, 1, keys]``). ``beta`` and ``alpha`` are numbers and stay: neither
+    depends on a width that grows (``1/sqrt(head_dim)`` with ``head_dim`` kept).
+
+    Refuses what ``bmm`` refuses: growing the contraction axis (``head_dim``: grow the
+    number of heads instead), and at a non-multiple width the avg or zero form on the
+    batch axis (heads are copied whole). An ``input`` computed from ``num_heads`` (Bloom's
+    ALiBi slopes: ``arange`` and ``pow`` of created tensors) shares the output's batch
+    axis, and with it the heads: their growth is refused where that input is computed.
+    """
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        first = ctx.arg(0, "input")
+        b1, b2 = ctx.arg(1, "batch1"), ctx.arg(2, "batch2")
+        couple_matmul(ctx, b1, b2, node)
+        ctx.broadcast([first], node)
 
 
 class SDPARule(Rule):
@@ -281,6 +315,7 @@ def register_rules(registry: Registry) -> None:
     registry.add(MatmulRule(), [operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm",
                                 "__matmul__", aten.matmul.default, aten.bmm.default,
                                 aten.mm.default, torch.mm, "mm"])
+    registry.add(BaddbmmRule(), [torch.baddbmm, "baddbmm", aten.baddbmm.default])
     registry.add(SDPARule(), [F.scaled_dot_product_attention,
                               aten.scaled_dot_product_attention.default])
     registry.add(MultiheadAttentionRule(), [nn.MultiheadAttention])

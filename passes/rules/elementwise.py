@@ -21,10 +21,13 @@ Refuses:
   that varies along the axis, for ``masked_fill`` with a mask that varies along it, and
   for ``torch.where``, comparisons and ``ones_like``/``full_like``; circ or zero for an
   activation with ``f(0) = 0``, for ``x ** p`` with ``p > 0`` and for the product of two
-  tensors that both vary along the axis. (A LayerNorm's avg input after a GELU, or a
-  LayerNorm's input multiplied by a gate, is such a conflict.)
+  tensors that both vary along the axis (``mul``, and the ``t1 * t2`` of ``addcmul``). (A
+  LayerNorm's avg input after a GELU, or a LayerNorm's input multiplied by a gate, is
+  such a conflict.)
 - a power whose exponent is a tensor (or whose base is not one), when any of its axes
   grows: use a number as the exponent.
+- ``torch.where(cond)`` with one argument (the positions of the nonzero entries), when
+  any axis of ``cond`` grows.
 
 Additive ops, dropout, stochastic depth (drop path), casts and the other identity-like ops
 refuse nothing.
@@ -55,9 +58,11 @@ from lemon_fx.axes.vocabulary import (
 __all__ = [
     "ActivationRule",
     "AdditiveRule",
+    "AddcmulRule",
     "PassThroughRule",
     "ProductRule",
     "QuotientRule",
+    "WhereRule",
     "register_rules",
 ]
 
@@ -302,13 +307,86 @@ class MaskedFillRule(Rule):
 
 
 class WhereRule(Rule):
-    """``torch.where(cond, a, b)``: selection along a grown axis needs circ."""
+    """``torch.where(cond, a, b)``: selection along a grown axis needs circ.
+
+    Maths: ``where(c, a, b)[i] = a[i] if c[i] else b[i]``. The three operands broadcast to
+    the output as in ``add`` (one dim and one form per shared axis; a size-1 axis reads
+    one entry for every copy). In the circ form every copy selects as its source did, so
+    copies stay copies; the avg and zero extras are not selections of the operands'
+    extras in general (a mean of ``a``'s entries where ``c`` is mixed, a number ``b``
+    where zeros are needed), so every output axis asks for circ: conservative, and what
+    the masks (``where(mask, scores, min)``) and T5's position buckets need. The same rule
+    serves the ops whose output is a selection or a flag per entry: comparisons,
+    ``logical_not``, ``ones_like``, ``full_like`` (one operand). ``x.where(c, y)`` (the
+    method, ``self`` first) reads the same three operands.
+
+    Refuses: at a non-multiple width, an output axis that another op needs in the avg or
+    zero form (a conflict of forms); ``torch.where(cond)`` with one argument (it returns
+    the positions of the nonzero entries, which growth moves), when any axis of ``cond``
+    grows.
+    """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
-        operands = list(node.args[:3])
+        named = [node.kwargs[k] for k in ("condition", "input", "self", "other")
+                 if k in node.kwargs]
+        operands = list(node.args[:3]) + named
+        if not ctx.is_tensor(node):  # where(cond): a tuple of positions
+            ctx.forbid_growth([d for a in operands if ctx.is_tensor(a) for d in ctx.dims(a)],
+                              "the result is not one tensor: torch.where with one "
+                              "argument returns the positions of the nonzero entries, "
+                              "which growth moves",
+                              "keep this width fixed", kind="not_lossless")
+            return
         ctx.broadcast(operands, node)
         for axis in range(len(ctx.dims(node))):
             ctx.require_form(ctx.slot(node, axis), ONLY_CIRC, "torch.where needs the circ form")
+
+
+class AddcmulRule(Rule):
+    """``torch.addcmul(input, t1, t2, value=v)`` = ``input + v * t1 * t2``, elementwise.
+
+    Maths: an add and a product, each as its own rule says. The three operands broadcast
+    to the output as in ``add`` and ``mul`` (one dim and one form per shared axis; a
+    size-1 axis reads one entry for every copy); a parameter operand (ResMLP's
+    ``Affine``: ``addcmul(beta, alpha, x)``; ConvNeXtV2's GRN:
+    ``addcmul(bias.view(...), weight.view(...), x * nx)``) is read as a value, so it is
+    expanded in its axes' form, as the ``gamma * x`` of layer scale is. Along an output
+    axis on which ``t1`` and ``t2`` both vary, ``E t1 * E t2 = E (t1 t2)`` holds in the
+    circ and zero forms only (avg extras would hold ``mean(t1) mean(t2)``, not
+    ``mean(t1 t2)``); where one of them is constant along the axis the product is
+    linear, and the add of ``input`` is affine: every form. ``v`` is a number, unchanged.
+    The deprecated spelling ``addcmul(input, v, t1, t2)`` is read the same way.
+
+    Refuses: at a non-multiple width, an axis on which ``t1`` and ``t2`` both vary that
+    another op needs in the avg form (a mean over it: a LayerNorm's input) -- the
+    conflict of forms ``mul`` has. Depth: it answers none of the depth questions
+    (``input + v t1 t2`` is not zero when one factor is, unless ``input`` is too, and it
+    is no residual add ``x + alpha * y`` with a number ``alpha``): depth's walks along a
+    stream or a branch stop at it.
+    """
+
+    def _operands(self, node: torch.fx.Node) -> tuple[Any, Any, Any]:
+        args = node.args
+        if len(args) == 4 and not isinstance(args[1], torch.fx.Node):
+            return args[0], args[2], args[3]  # addcmul(input, value, t1, t2)
+        get = node.kwargs.get
+        first = args[0] if args else get("input", get("self"))
+        t1 = args[1] if len(args) > 1 else get("tensor1")
+        t2 = args[2] if len(args) > 2 else get("tensor2")
+        return first, t1, t2
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        first, t1, t2 = self._operands(node)
+        ctx.broadcast([first, t1, t2], node)
+        factors = [t for t in (t1, t2) if ctx.is_tensor(t)]
+        rank = len(ctx.dims(node))
+        for axis, size in enumerate(ctx.shape(node)):
+            varying = [t for t in factors if len(ctx.dims(t)) >= rank - axis
+                       and ctx.shape(t)[axis - rank] == size]
+            if size > 1 and len(varying) == 2:
+                ctx.require_form(ctx.slot(node, axis), CIRC_OR_ZERO,
+                                 "a product of two tensors along this axis (addcmul's "
+                                 "t1 * t2) needs the circ or zero form")
 
 
 def _zero_at_zero(fn) -> bool:
@@ -410,13 +488,17 @@ def register_rules(registry: Registry) -> None:
                                   aten.div_.Scalar])
     registry.add(MaskedFillRule(), ["masked_fill", "masked_fill_", torch.masked_fill,
                                     aten.masked_fill.Scalar, aten.masked_fill.Tensor])
-    registry.add(WhereRule(), [torch.where, torch.ones_like, torch.full_like, aten.where.self,
-                               aten.ones_like.default, aten.full_like.default])
+    registry.add(WhereRule(), [torch.where, "where", torch.ones_like, torch.full_like,
+                               aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
+                               aten.where.Scalar, aten.ones_like.default,
+                               aten.full_like.default])
+    registry.add(AddcmulRule(), [torch.addcmul, "addcmul", aten.addcmul.default])
     comparison = WhereRule()
     registry.add(comparison, [operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
                               operator.ge, torch.eq, torch.ne, "eq", "ne", "logical_not",
                               torch.logical_not, operator.invert, aten.eq.Tensor,
                               aten.eq.Scalar, aten.ne.Scalar, aten.ne.Tensor, aten.le.Tensor,
                               aten.ge.Scalar, aten.lt.Tensor, aten.gt.Tensor,
+                              aten.gt.Scalar, aten.lt.Scalar, aten.le.Scalar, aten.ge.Tensor,
                               aten.logical_not.default, aten.__and__.Tensor,
                               aten.bitwise_and.Tensor])

@@ -1,11 +1,15 @@
 """Rules for ops that move axes around: view/reshape/flatten, permute/transpose,
-unsqueeze/squeeze, expand/repeat, cat, split/chunk/unbind, indexing, shape queries.
+unsqueeze/squeeze, expand/repeat, cat/stack, split/chunk/unbind, roll, indexing, shape
+queries.
 
 Maths. These ops only relabel entries, so they commute with any expansion as long as the
 grown layout of each axis is followed: a reshape that splits ``C`` into ``[H, Dh]``
 *factors* the dim (``C = H x Dh``, outer first) and the grown axis is the Kronecker
 layout of the grown factors; ``cat`` makes the output axis the *concatenation* of its
-inputs' axes; ``chunk(n)`` factors the axis into ``[n, C/n]``. All of it is recorded in
+inputs' axes; ``stack`` adds an axis with one entry per input (a count, fixed) and keeps
+the others; ``chunk(n)`` factors the axis into ``[n, C/n]``; ``repeat(r)`` makes the axis
+the product ``[r, C]`` (r outer, fixed); ``roll`` moves entries along an axis, which
+commutes with a growth that tiles that axis (see ``RollRule``). All of it is recorded in
 the ``DimTable``; a reshape whose factors do not refine each other fixes those axes.
 
 Rewrites: size literals (``view(B, T, 12, 64)``, ``expand(B, -1, 768)``, split sizes)
@@ -25,8 +29,11 @@ Refuses:
   PyTorch's indexing rules give (a boolean mask with several axes);
 - an item of a tuple result that cannot be traced to its source (a nested tuple, an
   index that cannot be evaluated);
-- ``cat`` of a sequence whose pieces are not visible (a nested tuple), for every axis of
-  its output;
+- ``cat`` and ``stack`` of a sequence whose pieces are not visible (a nested tuple), for
+  every axis of their output;
+- ``roll`` along an axis that grows, unless the growth tiles it (the axis is one width,
+  or a product whose outer factor alone grows, by a whole multiple); ``roll`` without
+  ``dims`` (it rolls the flattened tensor) when any axis of a tensor of rank > 1 grows;
 - ``repeat_interleave`` with tensor repeats or without ``dim``, when any of its axes
   grows;
 - reading an attribute of a growing tensor other than ``shape``, ``dtype``, ``device``,
@@ -40,10 +47,10 @@ Refuses:
 A composite axis (a reshape's ``[H, Dh]``, a ``cat`` of parts) that grows by a
 non-multiple in one of its parts is exact in the circ form only. Kept at their size
 (never widths): axes indexed by an int, taken apart by ``unbind`` or picked from by
-``select``; repeat and broadcast counts and new axes made by ``repeat``; the number of
-pieces of an equal split; the axes of created tensors (``arange``, ``zeros``...) and the
-axes they read; and axes a reshape couples by factors that do not refine each other
-(``inspect`` lists those among the held widths).
+``select``; repeat and broadcast counts and new axes made by ``repeat``; the axis
+``stack`` adds; the number of pieces of an equal split; the axes of created tensors
+(``arange``, ``zeros``...) and the axes they read; and axes a reshape couples by
+factors that do not refine each other (``inspect`` lists those among the held widths).
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from torch import nn
 
 from lemon_fx.analysis.registry import Registry
 from lemon_fx.analysis.rule import Rule
-from lemon_fx.analysis.width import NodeAnalysis, Value
+from lemon_fx.analysis.width import NodeAnalysis, Value, WidthAnalysis
 from lemon_fx.axes.vocabulary import KV_HINT
 from lemon_fx.resolution.rewrite import NodeRewrite, Unevaluable
 from lemon_fx.tracing.graph_facts import tensor_shapes
@@ -275,7 +282,20 @@ class ExpandRule(Rule):
 
 
 class RepeatRule(Rule):
-    """``x.repeat(r...)``: an axis repeated ``r > 1`` times is the product ``[r, axis]``."""
+    """``x.repeat(r...)``: an axis repeated ``r > 1`` times is the product ``[r, axis]``.
+
+    Maths: ``x.repeat(r)`` along an axis of size ``C`` lays ``r`` copies of ``x`` end to
+    end, entry ``t C + j`` is ``x[j]``: the product ``[r, C]`` with the count outer. Growing
+    ``C`` to ``C'`` in any form gives ``r`` copies of ``E x`` end to end, which is that
+    product's grown layout, so a repeated axis grows exactly; an axis repeated once is
+    the input's axis, same dim and form. The count and the leading axes ``repeat`` adds
+    (more counts than axes) are fixed. A repeat count read from a tensor's size (DeBERTa's
+    ``size(0) // num_heads``) is a number the analysis follows: growing the axis it is
+    read from is refused there.
+
+    Refuses nothing itself; at a non-multiple width a repeated axis is a composite axis
+    and takes the circ form (see the module docstring).
+    """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         x = node.args[0]
@@ -323,6 +343,85 @@ class RepeatInterleaveRule(Rule):
         ctx.hint(ctx.dims(x)[dim], KV_HINT)
 
 
+class RollRule(Rule):
+    """``torch.roll(x, shifts, dims)``: entries move along the rolled axes, the rest pass.
+
+    Maths: ``roll(x, s, d)[..., i, ...] = x[..., (i - s) mod n, ...]`` along each rolled
+    axis ``d`` of size ``n``; it acts the same on every slice, so the other axes keep
+    their dim and form (Swin's shifted windows roll the token axes, the channels pass).
+    A rolled axis that keeps its size passes through unchanged. One that grows from ``S``
+    to ``T`` in a *tiling* layout (entry ``i`` is ``x[i mod S]``) is exact with the same
+    shift: ``((i - s) mod T) mod S = (i - s) mod S`` when ``S`` divides ``T``. The layout
+    tiles when the axis is one width grown by a whole multiple (every form is tiling
+    then), or a product ``[a, b, ...]`` (a reshape's ``[H, Dh]``, a ``repeat``) whose
+    outer factor alone grows, by a whole multiple.
+
+    Refuses (``NotLosslessError``), when the plan grows them:
+    - a rolled axis grown by a non-multiple (the circ, avg and zero extras all land at
+      the wrong places);
+    - an inner factor of a rolled product axis, or any part of a rolled concatenation
+      (their grown layouts are not tilings of the axis);
+    - every axis of a tensor of rank > 1 rolled without ``dims`` (it rolls the flattened
+      tensor): pass ``dims``.
+    Checked once every node was analyzed (``finalize``), when the axes' layouts are known.
+    """
+
+    def _rolled(self, node: torch.fx.Node, ctx: NodeAnalysis) -> list[int] | None:
+        """The rolled axes, or None for a roll of the flattened tensor."""
+        x = ctx.arg(0, "input")
+        rank = len(ctx.dims(x))
+        dims = ctx.value(ctx.arg(2, "dims"))
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+            return [0] if rank == 1 else None
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return sorted({d % rank for d in dims})
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        ctx.pass_through(ctx.arg(0, "input"), node)
+
+    def finalize(self, analysis: WidthAnalysis) -> None:
+        for node, rule in analysis.rules.items():
+            if rule is not self:
+                continue
+            ctx = NodeAnalysis(analysis, node, self)
+            x = ctx.arg(0, "input")
+            axes = self._rolled(node, ctx)
+            if axes is None:
+                ctx.forbid_growth(ctx.dims(x), "roll without dims rolls the flattened "
+                                  "tensor, whose grown layout is not a tiling",
+                                  "pass dims (torch.roll(x, shifts, dims)), or keep these "
+                                  "widths fixed", kind="not_lossless")
+                continue
+            for axis in axes:
+                self._tiling_only(ctx, analysis.dims.tree(ctx.dims(x)[axis]), axis)
+
+    def _tiling_only(self, ctx: NodeAnalysis, tree, axis: int) -> None:
+        """Forbid every growth of ``tree`` that does not tile the rolled axis."""
+        reason = (f"roll along axis {axis} moves entries by position, which matches the "
+                  "grown axis only when its growth tiles it (one width grown by a whole "
+                  "multiple, or a product whose outer factor alone grows so)")
+        fix = "grow this width by a whole multiple (2x, 3x, ...), or keep it fixed"
+        if isinstance(tree, int):
+            ctx.forbid_growth(tree, reason, fix, kind="not_lossless", whole_multiples_ok=True)
+            return
+        kind, children = tree
+        inner = children if kind == "sum" else children[1:]
+        if kind == "prod":
+            self._tiling_only(ctx, children[0], axis)
+        for child in inner:
+            for leaf in _tree_leaves(child):
+                ctx.forbid_growth(leaf, reason + ("; this is a part of a concatenation"
+                                                  if kind == "sum" else
+                                                  "; this is an inner factor"),
+                                  "keep this width fixed", kind="not_lossless")
+
+
+def _tree_leaves(tree) -> list[int]:
+    if isinstance(tree, int):
+        return [tree]
+    return [leaf for child in tree[1] for leaf in _tree_leaves(child)]
+
+
 class CatRule(Rule):
     """``torch.cat(xs, dim)``: the output axis is the inputs' axes laid end to end.
 
@@ -350,6 +449,41 @@ class CatRule(Rule):
                 if axis != dim:
                     ctx.unify(ctx.dims(t)[axis], ctx.dims(node)[axis])
         ctx.concatenate(ctx.dims(node)[dim], [ctx.dims(t)[dim] for t in tensors])
+
+
+class StackRule(Rule):
+    """``torch.stack(xs, dim)``: a new axis, one entry per input; the others are shared.
+
+    Maths: ``stack(xs, d)[..., i, ...] = xs[i]``, so each input's axes are the output's
+    axes with ``d`` left out: one dim and one form across every input (as ``cat``'s
+    other axes), and an entry of the new axis is a whole input, grown alike. The new axis
+    counts the inputs: fixed. Interleaved rotary (GPT-J, Cohere:
+    ``stack((-x2, x1), -1).flatten(-2)``) and channel stacks (EdgeNeXt, XCiT) grow through it.
+
+    ``xs`` is a list of tensors, or one node returning a tuple (``stack(h.chunk(2))``).
+    Refuses, for every axis of the output, a ``xs`` whose pieces are not visible (a
+    nested tuple), as ``cat`` does.
+    """
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        arg = ctx.arg(0, "tensors")
+        tensors = _pieces(ctx, arg)
+        if tensors is None:
+            what = f"'{arg.name}'" if isinstance(arg, torch.fx.Node) else "its argument"
+            ctx.forbid_growth(ctx.dims(node), f"the pieces of this stack are not visible: "
+                              f"{what} is not a list of tensors or a tuple whose items "
+                              "lemon_fx can see",
+                              "pass the pieces as a list, torch.stack([a, b], dim), or keep "
+                              "this width fixed")
+            return
+        rank = len(ctx.dims(node))
+        dim = ctx.value(ctx.arg(1, "dim", 0)) % rank
+        ctx.fix(ctx.dims(node)[dim], f"the axis '{node.name}' stacks its inputs along")
+        for t in tensors:
+            for axis in range(rank - 1):
+                out_axis = axis if axis < dim else axis + 1
+                ctx.unify(ctx.dims(t)[axis], ctx.dims(node)[out_axis])
+                ctx.same_form(ctx.slot(t, axis), ctx.slot(node, out_axis))
 
 
 def _seen(ctx: NodeAnalysis, value: Value) -> bool:
@@ -756,9 +890,11 @@ def register_rules(registry: Registry) -> None:
                                  torch.movedim, aten.permute.default, aten.t.default,
                                  *_TRANSPOSES])
     registry.add(ExpandRule(), ["expand_as", *_EXPANDS])
-    registry.add(RepeatRule(), ["repeat"])
+    registry.add(RepeatRule(), ["repeat", aten.repeat.default])
     registry.add(RepeatInterleaveRule(), ["repeat_interleave", torch.repeat_interleave])
     registry.add(CatRule(), [torch.cat, torch.concat, torch.concatenate, aten.cat.default])
+    registry.add(StackRule(), [torch.stack, aten.stack.default])
+    registry.add(RollRule(), [torch.roll, "roll", aten.roll.default])
     registry.add(SplitRule(), ["chunk", torch.chunk, aten.chunk.default, *_SPLITS, *_UNBINDS])
     registry.add(TupleItemRule(), [operator.getitem, aten.index.Tensor])
     registry.add(SliceRule(), [aten.slice.Tensor])
