@@ -144,6 +144,15 @@ FAMILIES: dict[str, Family] = {
         "OPTConfig", "OPTForCausalLM", vocab_size=64, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=32),
         tokens(), NO_CACHE),
+    # partial rotary: q[..., :rot] picked by position from a head's dims
+    "transformers.phi": Family("transformers", _hf(
+        "PhiConfig", "PhiForCausalLM", partial_rotary_factor=0.5, **LM), tokens(), NO_CACHE),
+    "transformers.stablelm": Family("transformers", _hf(
+        "StableLmConfig", "StableLmForCausalLM", num_key_value_heads=2,
+        partial_rotary_factor=0.5, **LM), tokens(), NO_CACHE),
+    "transformers.gptj": Family("transformers", _hf(
+        "GPTJConfig", "GPTJForCausalLM", vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+        rotary_dim=4, n_positions=32), tokens(), NO_CACHE),
     "transformers.bert": Family("transformers", _hf("BertConfig", "BertForMaskedLM", **LM),
                                 tokens()),
     "transformers.vit": Family("transformers", _hf(

@@ -51,6 +51,9 @@ EXPECTED = {
     "transformers.gpt2": (OK, OK, OK, OK),
     "transformers.gpt_neo": (OK, OK, OK, OK),
     "transformers.opt": (OK, OK, OK, OK),
+    "transformers.phi": (OK, OK, OK, OK),
+    "transformers.stablelm": (OK, OK, OK, OK),
+    "transformers.gptj": (OK, OK, OK, OK),
     "transformers.bert": (OK, ZERO_NORM, POST_LN, POST_LN),
     "transformers.vit": (OK, OK, OK, OK),
 }

@@ -189,6 +189,10 @@ def build_groups(analysis: WidthAnalysis) -> list[WidthGroup]:
     for d, roles in analysis.hints.items():
         for leaf in table.leaves(d):
             hints.setdefault(leaf, set()).update(roles)
+    for part, whole in analysis.picked_parts:  # a width sliced into a head's dims
+        if any(HEAD_DIM_HINT in hints.get(leaf, ()) for leaf in table.leaves(part)):
+            for leaf in table.leaves(whole):
+                hints.setdefault(leaf, set()).add(HEAD_DIM_HINT)
     slot_forms: dict[int, Counter] = {}
     for slot in analysis.form_parent:
         value, axis = slot

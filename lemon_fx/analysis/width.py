@@ -198,6 +198,9 @@ class WidthAnalysis:
     # a tensor registered under several names (tied weights) is analyzed once, under the
     # first name; the others map to it
     aliases: dict[str, str] = field(default_factory=dict)
+    # (part, whole): ``part`` is picked from ``whole`` by position (``q[..., :rot]``);
+    # what a part is for, a head's dims, says what the whole is for
+    picked_parts: list[tuple[int, int]] = field(default_factory=list)
     get_attr_nodes: list[torch.fx.Node] = field(default_factory=list)
     # axes an op couples in a way the dims table cannot express (a grouped conv reading a
     # concatenation): they are kept at their size, and say so instead of growing silently
@@ -365,6 +368,12 @@ class NodeAnalysis:
             self._a.hints.setdefault(leaf, set()).add(role)
         # hints on not-yet-factored dims are re-read through leaves at the end
         self._a.hints.setdefault(self._a.dims.find(dim), set()).add(role)
+
+    def picked_from(self, part: int, whole: int) -> None:
+        """``part`` holds entries picked from ``whole`` by position (a slice with literal
+        bounds): a whole whose parts go into a head's dims (partial rotary's
+        ``q[..., :rot]``) is a ``head_dim`` too, which a bare width keeps."""
+        self._a.picked_parts.append((part, whole))
 
     def tie(self, dim: int, parts: list[int], reason: str, fix: str) -> None:
         """After growth ``size(dim)`` must still equal the product of ``size(parts)``."""

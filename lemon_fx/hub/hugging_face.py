@@ -175,6 +175,13 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
             old = getattr(config, attribute)
             setattr(grown, attribute, old * scale)
             changes[attribute] = (old, old * scale)
+    heads = changes.get("num_attention_heads")
+    if (heads is not None and KV_HEADS not in by_role
+            and getattr(config, "num_key_value_heads", None) == heads[0]):
+        # multi-head attention spelled with num_key_value_heads = num_attention_heads (Phi,
+        # GPT-NeoX-style configs that default it): the key/value heads are the heads
+        grown.num_key_value_heads = heads[1]
+        changes["num_key_value_heads"] = (heads[0], heads[1])
     kv = changes.get("num_key_value_heads")
     if kv is not None and HEADS not in by_role and getattr(config, "num_attention_heads", None):
         # grouped-query attention: each key/value head serves a fixed number of query heads

@@ -670,6 +670,7 @@ class TupleItemRule(Rule):
                 else:
                     self._positional(ctx, node, in_dims[a], (item.start, item.stop, item.step))
                     ctx.fix(out_dims[b], f"an axis sliced by '{node.name}'")
+                    ctx.picked_from(out_dims[b], in_dims[a])
                 a, b = a + 1, b + 1
             else:  # advanced: item is (index shape, index tensor node or None)
                 shape, tensor = item
@@ -824,6 +825,7 @@ class SliceRule(Rule):
             ctx.same_form(ctx.slot(x, dim), ctx.slot(node, dim))
             return
         ctx.fix(ctx.dims(node)[dim], f"an axis sliced by '{node.name}'")
+        ctx.picked_from(ctx.dims(node)[dim], ctx.dims(x)[dim])
         if any(isinstance(b, torch.fx.Node) for b in (start, end, step)):
             ctx.fix(ctx.dims(x)[dim], f"an axis sliced by '{node.name}' to a size read from "
                     "a tensor")
