@@ -224,8 +224,10 @@ def test_phi3_with_an_empty_rotary_remainder_grows_in_depth():
         model = transformers.Phi3ForCausalLM(config).double().eval()
         gm = lemon_fx.trace(model, (torch.randint(0, VOCAB, (2, 6)),))
     _check(model, lemon_fx.grow(gm, Plan(depth=2.0)), 1e-10)
+    # the slices of q/k pick from a head's dims, which a bare width keeps: it grows
+    _check(model, lemon_fx.grow(gm, Plan(width=2.0)), 1e-10)
     with pytest.raises(lemon_fx.LemonError, match="picked by position"):
-        lemon_fx.grow(gm, Plan(width=2.0))  # partial slices of q/k: refused, not a crash
+        lemon_fx.grow(gm, Plan(width={"@head_dim": 2.0}))  # refused, not a crash
 
 
 def test_a_base_model_says_its_returned_hidden_width_stays():
