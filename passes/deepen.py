@@ -16,7 +16,8 @@ stream, and zero branches.
 
 ResNet blocks ``relu(x + F(x))`` whose branch ends in a BatchNorm get that norm's
 ``gamma = beta = 0`` (LEMON's choice for residual CNNs); ``relu(x) = x`` because ``x`` is
-the previous block's ReLU output.
+the previous block's ReLU output. A branch with no weighted layer but a layer scale
+(PoolFormer's ``gamma * (pool(x) - x)``) gets ``gamma = 0``.
 
 Blocks are renumbered in execution order under the container's own naming, from its first
 number (``blocks.0``, or ``s1.b1`` in timm's RegNet).
@@ -164,10 +165,14 @@ def _grow_stack(gm: torch.fx.GraphModule, growth: StackGrowth, res: Resolution,
 
         for end in block.branch_ends:
             weight = made_of[here(end.weight)]
+            if end.kind == "scale":  # a layer scale with no weighted layer behind it
+                made_of[here(end.weight)] = weight.with_steps(Step("fill", value=0.0))
+                continue
             if end.kind == "norm":  # LEMON for ResNets: the branch's last BN gets 0, 0
                 made_of[here(end.weight)] = weight.with_steps(Step("fill", value=0.0))
-                made_of[here(end.bias)] = made_of[here(end.bias)].with_steps(
-                    Step("fill", value=0.0))
+                if end.bias:
+                    made_of[here(end.bias)] = made_of[here(end.bias)].with_steps(
+                        Step("fill", value=0.0))
                 continue
             made_of[here(end.weight)] = weight.with_steps(
                 _branch_end_step(res, end.weight, weight, f"{name}:{end.weight}"))
@@ -187,7 +192,8 @@ def _renumber_recipes(made_of: dict[str, TensorRecipe], stack: BlockStack,
                       slots: list[_Slot], blocks: list[Block]) -> None:
     """Every tensor of the grown stack under its new block's name: position ``p`` holds
     what its source block's tensor is made of (a new block starts as a copy)."""
-    inside = {k: r for k, r in made_of.items() if _under(k, stack.name)}
+    paths = [b.path for b in blocks]  # not the container's other children (DLA's project)
+    inside = {k: r for k, r in made_of.items() if any(_under(k, p) for p in paths)}
     for key in inside:
         del made_of[key]
     for position, slot in enumerate(slots):

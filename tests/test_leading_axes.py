@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from real_zoo import trained
+import torch.nn.functional as F
 from torch import nn
 
 import lemon_fx
@@ -63,3 +64,41 @@ def test_a_row_map_that_fills_zero_rows_is_exact_at_multiples_and_refused_betwee
     _check(build(), 2.0)
     with pytest.raises(NotLosslessError, match=reason):
         _check(build(), 1.5)  # before the fix: a model off by 0.1, returned
+
+
+class LayerNorm1P(nn.Module):
+    """Nemotron's norm: ``F.layer_norm(x, shape, weight + 1, bias)``, a weight computed at
+    run time (grown by the ``+ 1`` that computes it)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.zeros(d)), nn.Parameter(torch.zeros(d))
+        self.shape = (d,)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.shape, self.weight + 1, self.bias, 1e-5)
+
+
+class ComputedWeightNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm, self.head = nn.Linear(3, 8), LayerNorm1P(8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.norm(self.inp(x))).mean(1)
+
+
+@pytest.mark.usefixtures("unguarded")
+def test_a_norm_weight_computed_at_run_time_grows_at_whole_multiples_only():
+    """Before: the normalized width grew and the computed weight did not, a model that
+    could not run (grow's last check caught it as a bug)."""
+    torch.manual_seed(0)
+    model = trained(ComputedWeightNorm())
+    gm = lemon_fx.trace(model, (torch.randn(2, 4, 3, dtype=torch.float64),))
+    big = lemon_fx.grow(gm, Plan(width=2.0))
+    x = torch.randn(3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(big(x), want, rtol=0, atol=1e-10 * (1 + want.abs().max()))
+    with pytest.raises(NotLosslessError, match="computed at run time"):
+        lemon_fx.grow(gm, Plan(width=1.5))

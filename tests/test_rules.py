@@ -379,6 +379,11 @@ SPECS = [
     Spec("norm over grown axis", case(lambda s, h: h / h.norm(dim=-1, keepdim=True)),
          at_2x=NL, at_1_5x=NL),
     Spec("addcmul", case(lambda s, h: torch.addcmul(h, h, F.gelu(h), value=0.5))),
+    Spec("normalize over tokens", case(lambda s, h: F.normalize(F.gelu(h), dim=1))),
+    Spec("normalize over grown axis", case(lambda s, h: F.normalize(h, dim=-1)), at_2x=NL,
+         at_1_5x=NL),
+    Spec("clamp", case(lambda s, h: torch.clamp(h, -1.0, 1.0) + h.clamp_min(0.0))),
+    Spec("square", case(lambda s, h: torch.square(h) + h)),
     Spec("cat", case(lambda s, h: torch.cat([h, torch.relu(h)], dim=-1), d_out=2 * D)),
     Spec("cat tokens", case(lambda s, h: torch.cat([h[:, :1], h], dim=1)[:, 1:])),
     Spec("chunk", case(lambda s, h: _add_pieces(h.chunk(2, dim=-1)), d_out=D // 2)),
@@ -443,6 +448,9 @@ SPECS = [
     Spec("softmax over grown axis", case(lambda s, h: s.mods["sm"](h), sm=nn.Softmax(-1)),
          at_2x=NL, at_1_5x=NL),
     Spec("export: GPT-2 Conv1D (addmm)", _Conv1D, frontend="export"),
+    Spec("export: expand_as, reshape_as, square, clamp_min", case(
+        lambda s, h: torch.square(h).reshape_as(h) + h.mean(1, keepdim=True).expand_as(h)
+        / h.abs().amax(-1, keepdim=True).clamp_min(1e-6)), frontend="export"),
     Spec("export: embedding, slice, select", _Tokens, shape=(2, 5), ints=True,
          frontend="export"),
     Spec("export: attention", lambda: _Heads(lambda q, k, v: F.scaled_dot_product_attention(

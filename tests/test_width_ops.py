@@ -643,3 +643,58 @@ def test_real_bloom_baddbmm():
     assert any(n.target is torch.ops.aten.baddbmm.default for n in gm.graph.nodes)
     with pytest.raises(lemon_fx.UnsupportedOpError, match="alibi"):
         lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))
+
+
+# --- F.normalize, clamp, square (Swin V2's cosine attention, XCiT, Nemotron) ------------
+
+
+class Normalized(nn.Module):
+    """``F.normalize`` over ``dim``: the tokens (XCiT-style) or the channels."""
+
+    def __init__(self, dim: int, p: float = 2.0) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, C), nn.Linear(C, 3)
+        self.dim, self.p = dim, p
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(F.normalize(h, p=self.p, dim=self.dim))
+
+
+@pytest.mark.parametrize("width", [2.0, 1.5])
+def test_normalize_over_tokens_grows_the_channels(width):
+    assert_lossless(Normalized(dim=1), _tokens(), width)
+
+
+@pytest.mark.parametrize("width", [2.0, 1.5])
+def test_normalize_by_the_max_over_a_grown_axis_is_exact(width):
+    assert_lossless(Normalized(dim=-1, p=math.inf), _tokens(), width)
+
+
+def test_normalize_over_a_grown_axis_is_refused():
+    assert_refused(Normalized(dim=-1), _tokens(), 2.0, NL, "counts every copy")
+
+
+class ClampedSquare(nn.Module):
+    """``square`` (f(0) = 0) and two clamps: ``clamp(-1, 1)`` keeps zero, ``clamp_min(0.1)``
+    does not, so only the first may see the zero form."""
+
+    def __init__(self, low: float) -> None:
+        super().__init__()
+        self.inp, self.ln, self.out = nn.Linear(4, C), nn.LayerNorm(C), nn.Linear(C, 3)
+        self.low = low
+
+    def forward(self, x):
+        h = self.ln(self.inp(x))  # the zero form at a non-multiple width
+        return self.out(torch.square(h) + torch.clamp(h, min=self.low, max=1.0))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("width", [2.0, 1.5])
+def test_square_and_a_clamp_that_keeps_zero_grow(width, frontend):
+    assert_lossless(ClampedSquare(low=-1.0), _tokens(), width, frontend=frontend)
+
+
+def test_a_clamp_that_moves_zero_needs_a_whole_multiple():
+    assert_lossless(ClampedSquare(low=0.1), _tokens(), 2.0)
+    assert_refused(ClampedSquare(low=0.1), _tokens(), 1.5, NL, "no exact answer")

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BranchEnd", "BranchEndKind", "Rule", "argument", "parameter_name"]
 
-BranchEndKind = Literal["layer", "norm"]
+BranchEndKind = Literal["layer", "norm", "scale"]
 
 
 @dataclass
@@ -57,7 +57,10 @@ class BranchEnd:
       ``W_c E = 0`` for the expansion ``E`` of the axis the layer's claim splits (its
       fan-in), and bias 0 (``net2net``: weight 0). ``"norm"``: a per-channel affine
       ``y = gamma * n(x) + beta`` (a BatchNorm ending a ResNet branch) gets
-      ``gamma = beta = 0``.
+      ``gamma = beta = 0``. ``"scale"``: a product with a per-channel parameter (layer
+      scale ``gamma * h``) gets ``gamma = 0``; depth growth uses it only when no layer
+      with weights ends the branch deeper in (PoolFormer's pooling mixer has none), since
+      a zero scale stops the gradient of everything before it in the new branch.
     """
 
     node: torch.fx.Node

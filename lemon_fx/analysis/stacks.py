@@ -25,8 +25,8 @@ A block that is not a link of one chain (several outputs used outside it, or not
 the previous block's output) stops the whole stack: there is no stream to insert into.
 
 Children may be numbered from 0 or from 1 (timm's RegNet: ``s1.b1``, ``s1.b2``; a family
-numbered from 1 is a stack only if its blocks form one chain, since ``ls1``, ``ls2`` are
-parts of one block) and be of
+numbered from 1 is a stack only if it can grow, since ``ls1``, ``ls2`` are parts of one
+block) and be of
 different classes (torchvision's ``features``: a stem conv, inverted residuals, a last
 conv), but not single layers with rules of their own (a ``Sequential`` MLP is not a stack).
 
@@ -129,6 +129,10 @@ class BlockStack:
     - ``first_index``: the number of its first child (0, or 1 for ``s1.b1``).
     - ``nothing_to_copy``: its only problem is that every block is kept (each changes the
       stream's shape or has no residual add): a bare depth leaves it as it is.
+    - ``period``: the smallest ``p`` such that the copyable blocks' graphs repeat every
+      ``p`` blocks (Swin alternates plain and shifted windows: 2); 1 when all are alike.
+      The class builds such blocks by position (``shift = 0 if i % 2 == 0``), so depth
+      growth copies whole periods to keep every block at a position of its kind.
     """
 
     name: str
@@ -144,6 +148,9 @@ class BlockStack:
     copyable: list[int] = field(default_factory=list, repr=False, compare=False)
     first_index: int = field(default=0, repr=False, compare=False)
     nothing_to_copy: bool = field(default=False, repr=False, compare=False)
+    # the smallest p such that the copyable blocks repeat their graph every p blocks (2 for
+    # Swin, whose odd blocks shift their windows): a class places such blocks by position
+    period: int = field(default=1, repr=False, compare=False)
 
     def child(self, index: int) -> str:
         """The qualified module name of the block at position ``index`` (from 0)."""
@@ -155,7 +162,9 @@ class BlockStack:
         return [b.index for b in self.blocks if b.kept]
 
 
-_CHILD = re.compile(r"^(?P<container>.+)\.(?P<prefix>[A-Za-z_]*?)(?P<index>\d+)$")
+# ``blocks.3``, ``encoder_layer_3``, torchvision RegNet's ``block1-3`` (its prefix holds
+# the stage's number)
+_CHILD = re.compile(r"^(?P<container>.+)\.(?P<prefix>(?:[A-Za-z_][\w-]*?)?)(?P<index>\d+)$")
 
 
 def _module_paths(gm: torch.fx.GraphModule) -> dict[str, type]:
@@ -193,8 +202,8 @@ def find_stacks(gm: torch.fx.GraphModule, registry: Registry) -> list[BlockStack
         stack = BlockStack(container, len(children), "plain", child_prefix=prefix,
                            first_index=first)
         _analyze_stack(rules, stack)
-        if first == 1 and stack.problem and not stack.nothing_to_copy:
-            continue  # numbered parts of a block (``ls1``, ``ls2``), not a chain of blocks
+        if first == 1 and stack.problem:
+            continue  # numbered parts of a block (``ls1``, ``norm1``), not blocks to copy
         stacks.append(stack)
     return stacks
 
@@ -276,9 +285,38 @@ def _analyze_stack(rules: _Rules, stack: BlockStack) -> None:
         return
     if any(b.spine_relu for b in copied) and not all(b.spine_relu for b in copied):
         stack.problem = "some blocks end in a ReLU and some do not"
+    stack.period = _period(stack)
     stack.kind = kinds.pop() if len(kinds) == 1 else "mixed"
     if stack.kind == "mixed":
         stack.problem = "its blocks are of different kinds"
+
+
+def _signature(block: Block) -> tuple:
+    """What a block computes, without its names: each node's op and target (a module by
+    its class, a parameter by its path inside the block)."""
+    def target(node):
+        if node.op == "call_module":
+            return type(node.graph.owning_module.get_submodule(node.target)).__name__
+        if node.op == "get_attr":
+            return str(node.target)[len(block.path):]
+        return str(node.target)
+    return tuple((n.op, target(n)) for n in block.nodes)
+
+
+def _period(stack: BlockStack) -> int:
+    """The smallest ``p`` dividing the stack's copyable run such that block ``i``'s graph
+    is block ``i + p``'s; 1 when the blocks are alike or follow no period."""
+    run = stack.copyable
+    if len(run) < 2 or run != list(range(run[0], run[0] + len(run))):
+        return 1
+    signatures = [_signature(stack.blocks[i]) for i in run]
+    if len(set(signatures)) == 1:
+        return 1
+    for p in range(2, len(run) + 1):
+        if len(run) % p == 0 and all(signatures[i] == signatures[i % p]
+                                     for i in range(len(run))):
+            return p
+    return 1
 
 
 def _analyze_block(rules: _Rules, index, path, nodes, previous_out) -> Block:
@@ -405,26 +443,38 @@ def _branch_ends(rules: _Rules, block: Block, value) -> bool:
 
     From the residual add back through the nodes whose rules pass zero (dropout, layer
     scale, reshapes) to the nodes whose rules end a branch; a sum inside the branch needs
-    an end on each operand (alpha scales the second: zero stays zero)."""
-    node = value
-    while isinstance(node, torch.fx.Node):
-        end = rules.branch_end(node)
-        if end is not None:
-            block.branch_ends.append(end)
-            return True
-        operands = rules.residual_operands(node)
-        if operands is not None:
-            return all(_branch_ends(rules, block, a) for a in operands[:2])
-        passed = rules.passes_zero(node)
-        if passed is None:
-            break
-        node = passed
+    an end on each operand (alpha scales the second: zero stays zero). A layer scale ends
+    a branch only where no layer with weights does deeper in."""
+    ends = _ends_of(rules, value)
+    if ends is not None:
+        block.branch_ends += ends
+        return True
     name = value.name if isinstance(value, torch.fx.Node) else repr(value)
     _refuse(block, value if isinstance(value, torch.fx.Node) else None,
             f"the residual branch ending at '{name}' does not end in a layer with weights "
             "(Linear, Conv, MultiheadAttention) that can write zero",
             fix=_BRANCH_END_FIX)
     return False
+
+
+def _ends_of(rules: _Rules, value) -> list[BranchEnd] | None:
+    node = value
+    while isinstance(node, torch.fx.Node):
+        end = rules.branch_end(node)
+        if end is not None and end.kind != "scale":
+            return [end]
+        operands = rules.residual_operands(node)
+        if operands is not None:
+            parts = [_ends_of(rules, a) for a in operands[:2]]
+            return None if any(p is None for p in parts) else [e for p in parts for e in p]
+        passed = rules.passes_zero(node)
+        if end is not None:  # a scale: a layer deeper in keeps every new weight learning
+            deeper = _ends_of(rules, passed) if passed is not None else None
+            return deeper if deeper is not None else [end]
+        if passed is None:
+            break
+        node = passed
+    return None
 
 
 _BRANCH_END_FIX = "restructure the block so every residual branch ends in a Linear/Conv layer"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import operator
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -153,6 +154,9 @@ class FormNeed:
 
     forms: frozenset[str]
     problem: Problem
+    # the need holds only when this very axis grows by a non-multiple (a row-wise map's
+    # rows: a norm or a biased Linear over another axis), not whenever its class does
+    own_axis_only: bool = False
 
 
 @dataclass
@@ -227,14 +231,19 @@ class WidthAnalysis:
             classes.setdefault(self.form_root(slot), []).append(slot)
         return classes
 
-    def allowed_forms(self, slot: Slot) -> tuple[frozenset[str], list[Problem]]:
+    def allowed_forms(self, slot: Slot, grows: Callable[[Slot], bool] | None = None
+                      ) -> tuple[frozenset[str], list[Problem]]:
         """The forms every op on ``slot``'s form class allows (an empty set: a conflict),
-        and the problem of each need that restricted them."""
+        and the problem of each need that restricted them. ``grows`` (a resolved plan's
+        "does this axis grow by a non-multiple") drops the needs that hold only when their
+        own axis grows; without it every need counts."""
         root = self.form_root(slot)
         allowed = ANY_FORM
         reasons: list[Problem] = []
         for member in self.form_classes_index().get(root, [root]):
             for need in self.form_needs.get(member, []):
+                if need.own_axis_only and grows is not None and not grows(member):
+                    continue
                 allowed &= need.forms
                 reasons.append(need.problem)
         return allowed, reasons
@@ -395,11 +404,14 @@ class NodeAnalysis:
             if r != roots[0]:
                 a.form_parent[r] = roots[0]
 
-    def require_form(self, slot: Slot, forms: set[str] | frozenset[str], reason: str) -> None:
-        """The axis must be in one of ``forms`` when its width grows by a non-multiple."""
+    def require_form(self, slot: Slot, forms: set[str] | frozenset[str], reason: str,
+                     own_axis_only: bool = False) -> None:
+        """The axis must be in one of ``forms`` when its width grows by a non-multiple;
+        ``own_axis_only``: only when this axis itself grows (a row-wise map's rows), not
+        when another axis of its form class does."""
         self._a.form_needs.setdefault(slot, []).append(
             FormNeed(frozenset(forms), self.problem(reason, "grow this width by a whole "
-                                                    "multiple (2x, 3x, ...)"))
+                                                    "multiple (2x, 3x, ...)"), own_axis_only)
         )
 
     def pass_through(self, src: Value, dst: Value) -> None:

@@ -10,7 +10,10 @@ refuses it when no stack can grow. ``placement``:
 
 - ``"interleave"`` (LEMON): each copy right after its source. With ``N`` new blocks over
   ``L`` sources, every source gets ``N // L`` copies and the last ``N % L`` sources one
-  more (for targets under ``2L`` the first ``2L - T`` sources get none, as in LEMON);
+  more (for targets under ``2L`` the first ``2L - T`` sources get none, as in LEMON).
+  Blocks whose graphs alternate by position (Swin's plain and shifted windows: a period
+  of 2) are interleaved by whole periods, ``[0, 1, 0', 1']``, so a class that builds them
+  by position loads the grown weights into blocks of the same kind;
 - ``"stack"``: the copies on top, sources taken in order (StackBERT);
 - a list of source indices, one per position: any order in which the sources themselves
   keep their order.
@@ -25,8 +28,8 @@ from lemon_fx.errors import NotLosslessError, PlanError, Problem, UnsupportedOpE
 from lemon_fx.plan import Plan
 from lemon_fx.tracing.graph_facts import op_name, source_line
 
-__all__ = ["StackGrowth", "interleave_order", "kept_depth_notes", "resolve_depth",
-           "stack_order"]
+__all__ = ["StackGrowth", "interleave_order", "kept_depth_notes", "periodic_interleave_order",
+           "resolve_depth", "stack_order"]
 
 
 @dataclass
@@ -66,6 +69,30 @@ def interleave_order(count: int, target: int, copyable: list[int] | None = None)
     order = []
     for i in range(count):
         order += [i] * (1 + copies.get(i, 0))
+    return order
+
+
+def periodic_interleave_order(count: int, target: int, copyable: list[int],
+                              period: int) -> list[int] | None:
+    """LEMON's interleaving by whole periods, for blocks whose kind alternates by position
+    (Swin: plain, shifted, plain, shifted): each period of ``period`` blocks is followed by
+    its copies, so every block keeps a position of its kind (``[0, 1, 0', 1']``); None
+    when the new blocks are no whole number of periods."""
+    extra = target - count
+    if period < 2 or extra % period or len(copyable) % period:
+        return None
+    units = [copyable[i:i + period] for i in range(0, len(copyable), period)]
+    copies = interleave_order(len(units), len(units) + extra // period)
+    by_first = {unit[0]: unit for unit in units}
+    order = []
+    for i in range(count):
+        if i not in by_first:
+            if not any(i in u for u in units):
+                order.append(i)  # a kept block
+            continue
+        unit_index = units.index(by_first[i])
+        for _ in range(copies.count(unit_index)):  # the unit itself, then its copies
+            order += by_first[i]
     return order
 
 
@@ -227,7 +254,9 @@ def resolve_depth(stacks: list[BlockStack], plan: Plan) -> list[StackGrowth]:
         if plan.placement == "stack":
             order = stack_order(stack.count, target, stack.copyable)
         elif not isinstance(plan.placement, tuple):
-            order = interleave_order(stack.count, target, stack.copyable)
+            order = (periodic_interleave_order(stack.count, target, stack.copyable,
+                                               stack.period)
+                     or interleave_order(stack.count, target, stack.copyable))
         not_copyable = sorted({s for p, s in enumerate(order) if s in order[:p]}
                               - set(stack.copyable))
         if not_copyable:

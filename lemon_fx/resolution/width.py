@@ -285,7 +285,8 @@ def _solve_forms(res: Resolution) -> tuple[list[Problem], list[Problem]]:
     conflicts: list[tuple[set[int], list[Problem]]] = []
     every: list[Problem] = []
     for root, members in a.form_classes_index().items():
-        allowed, reasons = a.allowed_forms(root)
+        allowed, reasons = a.allowed_forms(root, lambda slot: any(
+            res.non_multiple(leaf) for leaf in a.slot_leaves(slot)))
         growing = {leaf for slot in members for leaf in a.slot_leaves(slot)
                    if res.non_multiple(leaf)}
         composite = any(any(res.non_multiple(leaf) for leaf in a.slot_leaves(s))

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemon_fx.analysis.registry import Registry
-from lemon_fx.analysis.rule import Rule
+from lemon_fx.analysis.rule import BranchEnd, Rule
 from lemon_fx.analysis.width import NodeAnalysis
 from lemon_fx.axes.vocabulary import (
     ANY_FORM,
@@ -92,6 +92,44 @@ def _reads_only_parameters(node: torch.fx.Node, depth: int = 8) -> bool:
         return False
     inputs = node.all_input_nodes
     return bool(inputs) and all(_reads_only_parameters(n, depth - 1) for n in inputs)
+
+
+def _computed_from(node: torch.fx.Node, source: torch.fx.Node, limit: int = 64) -> bool:
+    """Whether ``source`` is among the nodes ``node`` is computed from (looking back at
+    most ``limit`` nodes: a gate is a few ops from the tensor it gates)."""
+    seen, todo = set(), [node]
+    while todo and len(seen) < limit:
+        current = todo.pop()
+        for arg in current.all_input_nodes:
+            if arg is source:
+                return True
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return False
+
+
+# ops that hand a parameter on with its zeros where they were: a layer scale read as
+# ``gamma.view(C, 1, 1)`` or ``gamma[:, None, None]`` is zero exactly when gamma is
+_PARAMETER_VIEWS = {"view", "reshape", "unsqueeze", "expand", "flatten", "squeeze", "to",
+                    "float", "double", "half", "bfloat16", "contiguous", "type_as",
+                    torch.reshape, torch.unsqueeze, operator.getitem}
+
+
+def _viewed_parameter(value) -> str | None:
+    """The qualified name of the parameter ``value`` reads, directly (``get_attr``) or
+    through views and casts (``gamma.view(C, 1, 1)``, ``gamma[:, None, None]``), else None
+    (``gamma.exp()`` is not zero where gamma is)."""
+    node = value
+    for _ in range(8):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.op == "get_attr":
+            return str(node.target)
+        if node.target not in _PARAMETER_VIEWS or len(node.all_input_nodes) != 1:
+            return None
+        node = node.all_input_nodes[0]
+    return None
 
 
 def _single_activation(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -262,8 +300,35 @@ class ProductRule(_BinaryRule):
 
     def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
         """``c * h`` or ``h * gamma`` (layer scale: ``gamma`` a parameter) is zero when
-        ``h`` is: ``h``. A product of two activations answers None."""
-        return _single_activation(node)
+        ``h`` is: ``h``. A product of two activations ``h * g(h)``, one computed from the
+        other (a squeeze-excitation gate ``h * sigmoid(fc(mean(h)))``, RMSNorm's
+        ``h * rsqrt(mean(h ** 2) + eps)``, OLMo2's and Gemma2's norms after a branch), is
+        zero when ``h`` is and ``g(0)`` is finite: ``h``. (A ``g`` that divides by ``h``
+        would give 0 * inf; grow's last check on the example inputs would see the NaN.)
+        Two unrelated activations answer None."""
+        single = _single_activation(node)
+        if single is not None:
+            return single
+        a, b = (node.args + (None, None))[:2]
+        if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+            return None
+        if _computed_from(b, a):
+            return a
+        if _computed_from(a, b):
+            return b
+        return None
+
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """``h * gamma`` with ``gamma`` a parameter (or a view of one: ``gamma.view(C, 1,
+        1)``): zero when ``gamma`` is. A kind ``"scale"`` end, which depth growth uses only
+        where no layer with weights ends the branch deeper in."""
+        if _single_activation(node) is None:
+            return None
+        for operand in node.args[:2]:
+            name = _viewed_parameter(operand)
+            if name is not None:
+                return BranchEnd(node, name, None, kind="scale")
+        return None
 
 
 class QuotientRule(_BinaryRule):
@@ -454,8 +519,13 @@ def register_rules(registry: Registry) -> None:
         zero_ops.append(method)
     zero_ops += [torch.relu_, F.relu_, "relu_"]  # in place: the same function
     # torch.export keeps in-place activations (nn.ReLU(inplace=True)) as their _ spelling.
+    # clamp: f(0) = 0 or not by its bounds, which the rule evaluates per node
+    zero_ops += ["clamp", "clamp_min", "clamp_max", torch.clamp, torch.clamp_min,
+                 torch.clamp_max, aten.clamp.default, aten.clamp_min.default,
+                 aten.clamp_max.default]
     zero_ops += [aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
                  aten.sin.default, aten.abs.default, aten.sqrt.default, aten.erf.default,
+                 aten.square.default,
                  aten.relu_.default, aten.silu_.default,
                  aten.hardtanh.default, aten.hardtanh_.default]  # ReLU6; f(0) per node
     other_ops += [aten.sigmoid.default, aten.exp.default, aten.rsqrt.default, aten.cos.default,

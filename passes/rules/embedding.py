@@ -39,7 +39,7 @@ from lemon_fx.analysis.width import AxisUse, Claim, NodeAnalysis, ParamTransform
 from lemon_fx.axes.expansion import AxisGrowth, source_size, target_size
 from lemon_fx.recipe.transforms import register_transform
 from lemon_fx.resolution.rewrite import NodeRewrite
-from passes.rules.norm import MEANS, DecomposedRMSNorm, _FeatureNormRule
+from passes.rules.norm import _CASTS, MEANS, DecomposedRMSNorm, _FeatureNormRule
 
 __all__ = ["EmbeddingRule", "register_rules"]
 
@@ -88,7 +88,10 @@ class EmbeddingRule(Rule):
                 head.axes = (head.axes[0], mine[0].axes[1])
                 dim = analysis.param_dims[name][1]
                 for claim in _norm_claims(analysis, norm):
-                    claim.transforms += (ParamTransform("tied_head.divided_by_copies", (dim,)),)
+                    one_plus = any(t.name == "norm.one_plus_gamma" for t in claim.transforms)
+                    name_of = ("tied_head.one_plus_divided_by_copies" if one_plus
+                               else "tied_head.divided_by_copies")
+                    claim.transforms += (ParamTransform(name_of, (dim,)),)
 
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
         if ctx.module is not None:
@@ -101,6 +104,9 @@ def _final_norm(analysis: WidthAnalysis, head: torch.fx.Node) -> torch.fx.Node |
     x = head.args[0]
     while isinstance(x, torch.fx.Node) and len(x.users) == 1 and x.target in _RELAYOUTS:
         x = x.args[0]  # GPT-2 views and slices the norm's output before its head
+    # Gemma casts it back (``type_as``): the norm's output is before the casts
+    while isinstance(x, torch.fx.Node) and len(x.users) == 1 and x.target in _CASTS:
+        x = x.args[0]
     if not isinstance(x, torch.fx.Node) or len(x.users) != 1:
         return None
     rule = analysis.rules.get(x)
@@ -133,7 +139,15 @@ def _divided_by_copies(_source: torch.Tensor, grown: torch.Tensor,
     return grown / (target_size(layout) // source_size(layout))
 
 
+def _one_plus_divided_by_copies(_source: torch.Tensor, grown: torch.Tensor,
+                                layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
+    """The same for Gemma's ``(1 + w)`` scale: ``1 + w`` divided by ``k``."""
+    (layout,) = layouts
+    return (1 + grown) / (target_size(layout) // source_size(layout)) - 1
+
+
 register_transform("tied_head.divided_by_copies", _divided_by_copies)
+register_transform("tied_head.one_plus_divided_by_copies", _one_plus_divided_by_copies)
 
 
 def register_rules(registry: Registry) -> None:

@@ -51,7 +51,7 @@ def couple_affine(ctx: NodeAnalysis, x, out, weight_dims: list[int], bias_dims: 
         if bias_dims is not None:  # a zero row of x becomes the bias, not zero
             ctx.require_form(ctx.slot(out, axis), CIRC_OR_AVG,
                              "a layer with a bias maps a zero row to its bias: the axes it "
-                             "maps row by row need the circ or avg form")
+                             "maps row by row need the circ or avg form", own_axis_only=True)
     ctx.unify(weight_dims[1], x_dims[-1])
     ctx.unify(weight_dims[0], out_dims[-1])
     if bias_dims is not None:

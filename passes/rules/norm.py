@@ -39,7 +39,9 @@ Refuses:
 - a non-multiple width without an affine weight (nowhere to put ``eta``), or with the
   default eps of a module or functional call that does not state it (``eps`` cannot be
   scaled by ``alpha``);
-- an affine weight computed at run time (not an ``nn.Parameter``) on a growing axis.
+- an affine weight or bias computed at run time (Nemotron's ``weight + 1``) on an axis
+  grown by a non-multiple (its ``eta`` has nowhere to go); at whole multiples the ops that
+  compute it grow it, tiled.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemon_fx.analysis.registry import Registry
-from lemon_fx.analysis.rule import Rule, argument, parameter_name
+from lemon_fx.analysis.rule import BranchEnd, Rule, argument, parameter_name
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis, ParamTransform
 from lemon_fx.axes.expansion import AxisGrowth, LeafGrowth, embed, source_size, with_form
 from lemon_fx.axes.vocabulary import AVG, CIRC_OR_ZERO, NORM_HINT, ONLY_CIRC, ZERO, Form
@@ -111,7 +113,15 @@ def _grow_beta(beta: torch.Tensor, _generic: torch.Tensor,
     return embed(beta, 0, with_form(layout, ZERO))
 
 
+def _grow_one_plus_gamma(gamma: torch.Tensor, _generic: torch.Tensor,
+                         layouts: tuple[AxisGrowth, ...]) -> torch.Tensor:
+    """Gemma's scale ``1 + w``: ``1 + w' = eta * (1 + w)`` laid out as the axis."""
+    (layout,) = layouts
+    return (1 + embed(gamma, 0, layout)) * norm_growth(layout).eta - 1
+
+
 register_transform("norm.gamma", _grow_gamma)
+register_transform("norm.one_plus_gamma", _grow_one_plus_gamma)
 register_transform("norm.beta", _grow_beta)
 
 
@@ -151,12 +161,20 @@ class _FeatureNormRule(Rule):
                 if attr and getattr(ctx.module, attr, None) is not None:
                     found.append((ctx.param(attr), ctx.param_dims(ctx.param(attr)), kind))
             return found
+        x_dims = ctx.dims(ctx.arg(0, "input"))
         for index, name, kind in self.functional_params:
             arg = ctx.arg(index, name)
             if ctx.is_tensor(arg):
                 if arg.op != "get_attr":
-                    ctx.forbid_growth(ctx.dims(arg), "the norm's affine weight is computed at "
-                                      "run time", "make it an nn.Parameter")
+                    # computed (Nemotron's LayerNorm1P passes weight + 1): the ops that
+                    # compute it grow it along the normalized axis, tiled, which is exact
+                    # at whole multiples; a non-multiple needs eta in it, which it cannot take
+                    ctx.unify(ctx.dims(arg)[-1], x_dims[-1])
+                    ctx.forbid_growth(x_dims[-1], f"the norm's affine {kind} is computed at "
+                                      "run time, so the factor a non-multiple width needs "
+                                      "cannot be put into it", "grow this width by a whole "
+                                      "multiple (2x, 3x, ...), or make it an nn.Parameter",
+                                      kind="not_lossless", whole_multiples_ok=True)
                     continue
                 found.append((arg.target, ctx.dims(arg), kind))
         return found
@@ -178,7 +196,7 @@ class _FeatureNormRule(Rule):
                                  f"{type(self).__name__[:-4]} normalizes each row apart: a "
                                  "leading axis needs the circ form" + (
                                      " (or zero: no beta)" if not has_beta
-                                     else " (a zero row becomes beta)"))
+                                     else " (a zero row becomes beta)"), own_axis_only=True)
         if rank != 1:
             ctx.forbid_growth(x_dims[-rank:], "normalization over several axes",
                               "normalize over the last axis only, or keep these widths fixed")
@@ -210,6 +228,25 @@ class _FeatureNormRule(Rule):
             for index, name, kind in self.functional_params:
                 found[kind] = parameter_name(argument(node, index, name))
         return found["gamma"], found["beta"]
+
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """A norm with a beta closing a residual branch (Swin V2's ``x + norm(mlp(x))``):
+        ``n(h) = gamma * ... + beta`` writes zero with ``gamma = beta = 0`` (kind
+        ``"norm"``). Without a beta it passes zero instead (``passes_zero``), so the layer
+        before it ends the branch."""
+        gamma, beta = self.stream_norm_params(node, root)
+        if gamma is None or beta is None:
+            return None
+        return BranchEnd(node, gamma, beta, kind="norm")
+
+    def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """Without a beta the norm of a zero row is zero (``0 / sqrt(0 + eps)``): its
+        input. With a beta it is beta: None (``branch_end`` answers instead)."""
+        gamma, beta = self.stream_norm_params(node, root)
+        x = argument(node, 0, "input")
+        if beta is None and isinstance(x, torch.fx.Node):
+            return x
+        return None
 
     def _has_gamma(self, ctx: NodeRewrite) -> bool:
         if ctx.module is not None:
@@ -276,7 +313,8 @@ _SQUARES = {"pow", torch.pow, operator.pow, _aten.pow.Tensor_Scalar}
 _MULS = {"mul", torch.mul, operator.mul, _aten.mul.Tensor}
 _ADDS = {"add", torch.add, operator.add, _aten.add.Tensor, _aten.add.Scalar}
 _RSQRTS = {"rsqrt", torch.rsqrt, _aten.rsqrt.default}
-_CASTS = {"to", "float", "type_as", "type", _aten.to.dtype, _aten._to_copy.default}
+_CASTS = {"to", "float", "type_as", "type", _aten.to.dtype, _aten._to_copy.default,
+          _aten.type_as.default}
 MEANS = {"mean", torch.mean, _aten.mean.dim}
 
 
@@ -288,6 +326,24 @@ def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
     while node.target in _CASTS and len(node.users) == 1:
         node = next(iter(node.users))
     return node
+
+
+def _one_plus_parameter(value) -> tuple[torch.fx.Node, tuple[torch.fx.Node, ...]] | None:
+    """``1 + w`` (through casts of ``w``: Gemma's ``1.0 + self.weight.float()``): the
+    get_attr of ``w`` and the nodes from it to the sum, else None."""
+    if not (isinstance(value, torch.fx.Node) and value.target in _ADDS):
+        return None
+    numbers = [a for a in value.args[:2] if not isinstance(a, torch.fx.Node)]
+    nodes = [a for a in value.args[:2] if isinstance(a, torch.fx.Node)]
+    if numbers != [1] or len(nodes) != 1 or value.kwargs.get("alpha", 1) != 1:
+        return None
+    path, node = [value], nodes[0]
+    while node.target in _CASTS and node.op != "get_attr":
+        path.append(node)
+        node = node.args[0]
+    if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
+        return None
+    return node, tuple(path)
 
 
 @dataclass
@@ -302,6 +358,9 @@ class DecomposedRMSNorm:
     mean rule calls ``analyze`` and ``rewrite`` in place of its own: the input must be in
     the zero form and ``w`` is scaled by ``eta``, as in ``RMSNormRule``.
 
+    Gemma writes the scale as ``(1 + w)``: then ``1 + w' = eta (1 + w)`` (and a tied
+    head's ``1/k`` goes on ``1 + w`` too).
+
     Refuses (in ``rewrite``, when the normalized axis grows): an axis of several width
     groups whose entries are not all copied equally; a non-multiple width without a
     weight (nowhere to put ``eta``). A non-multiple width where another op on the axis
@@ -313,6 +372,10 @@ class DecomposedRMSNorm:
     eps_add: torch.fx.Node
     weight: torch.fx.Node | None  # the get_attr of w, if the norm has one
     output: torch.fx.Node
+    # Gemma's ``(1 + w) * ...``: the scale is one plus the parameter; the nodes between the
+    # get_attr and the product (casts, the ``+ 1``) read it as part of the pattern
+    one_plus: bool = False
+    weight_path: tuple[torch.fx.Node, ...] = ()
 
     @classmethod
     def match(cls, mean: torch.fx.Node) -> DecomposedRMSNorm | None:
@@ -337,6 +400,11 @@ class DecomposedRMSNorm:
             params = [a for a in out.args[:2] if isinstance(a, torch.fx.Node)
                       and a.op == "get_attr"]
             weight = params[0] if params else None
+            if weight is None:
+                for a in out.args[:2]:
+                    found = _one_plus_parameter(a)
+                    if found is not None:
+                        return cls(x, mean, add, found[0], out, True, found[1])
         return cls(x, mean, add, weight, out if weight is not None else scale)
 
     def analyze(self, ctx: NodeAnalysis) -> None:
@@ -347,8 +415,11 @@ class DecomposedRMSNorm:
         ctx.require_form(ctx.slot(square, -1), {ZERO},
                          "a decomposed RMSNorm needs its input in the zero form")
         if self.weight is not None:
+            transform = (ParamTransform("norm.one_plus_gamma", (dim,)) if self.one_plus
+                         else _scaled_gamma(dim))
             ctx.claim(self.weight.target, [AxisUse("expand", ctx.slot(self.output, -1))],
-                      transform=_scaled_gamma(dim), readers=frozenset({self.output}))
+                      transform=transform,
+                      readers=frozenset({self.output, *self.weight_path}))
 
     def rewrite(self, ctx: NodeRewrite) -> None:
         """Called by the mean rule: ``eps`` becomes ``alpha * eps``, or the growth is

@@ -188,6 +188,44 @@ class NormRule(Rule):
                           kind="not_lossless")
 
 
+class NormalizeRule(Rule):
+    """``F.normalize(x, p, dim, eps)``: ``x / max(||x||_p, eps)`` over ``dim``.
+
+    Maths: each slice along ``dim`` is divided by its own p-norm. Over ``dim`` growing,
+    the norm counts every copy (see ``NormRule``): ``k^(1/p)`` times the source's at a
+    whole multiple, so the output is off by that factor; only ``p = inf`` (``max |x_i|``)
+    keeps the norm, and then ``x / max|x|`` keeps every form of ``x`` (a common factor per
+    slice: copies stay copies, an avg extra stays the mean, a zero stays zero). The other
+    axes pass through, each slice alone: copies give copies (circ), a zero slice gives
+    ``0 / eps = 0`` (zero); the avg form's mean slice does not normalize to the mean of
+    the normalized slices. (Swin V2's cosine attention normalizes q and k over a head's
+    dims; XCiT and EdgeNeXt over tokens.)
+
+    Refuses:
+    - growing ``dim`` for every finite ``p`` (keep that width fixed: a bare width keeps a
+      head's dims);
+    - at a non-multiple width, an axis that is not normalized but that another op needs
+      in the avg form.
+    """
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x = ctx.arg(0, "input")
+        rank = len(ctx.dims(x))
+        order = ctx.value(ctx.arg(1, "p", 2.0))
+        dim = ctx.value(ctx.arg(2, "dim", 1)) % rank
+        ctx.pass_through(x, node)
+        for axis in range(rank):
+            if axis != dim:
+                ctx.require_form(ctx.slot(node, axis), CIRC_OR_ZERO, "normalizing each "
+                                 "slice apart needs this axis in the circ or zero form (an "
+                                 "avg slice does not normalize to the mean of the slices)")
+            elif order != math.inf:
+                ctx.forbid_growth(ctx.dims(x)[axis], f"normalizing with the {order!r}-norm "
+                                  "over this axis counts every copy, so the grown output is "
+                                  "not the source's", "keep this width fixed",
+                                  kind="not_lossless")
+
+
 class SoftmaxRule(Rule):
     """softmax / log_softmax: the normalized axis must not grow; other axes circ."""
 
@@ -219,6 +257,7 @@ def register_rules(registry: Registry) -> None:
     registry.add(ReduceRule("sum"), ["sum", torch.sum, aten.sum.dim_IntList])
     registry.add(ReduceRule("max"), ["amax", torch.amax, aten.amax.default])
     registry.add(NormRule(), ["norm", torch.norm, *_VECTOR_NORMS])
+    registry.add(NormalizeRule(), [F.normalize])
     registry.add(SoftmaxRule(), ["softmax", "log_softmax", torch.softmax, torch.log_softmax,
                                  F.softmax, F.log_softmax, nn.Softmax, nn.LogSoftmax,
                                  aten.softmax.int, aten._softmax.default,

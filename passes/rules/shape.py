@@ -67,7 +67,7 @@ from lemon_fx.analysis.rule import Rule
 from lemon_fx.analysis.width import NodeAnalysis, Value, WidthAnalysis
 from lemon_fx.axes.vocabulary import KV_HINT
 from lemon_fx.resolution.rewrite import NodeRewrite, Unevaluable
-from lemon_fx.tracing.graph_facts import tensor_shapes
+from lemon_fx.tracing.graph_facts import tensor_shape, tensor_shapes
 
 __all__ = ["register_rules"]
 
@@ -270,7 +270,7 @@ class ExpandRule(Rule):
             elif node.target in _EXPANDS:
                 # n broadcast copies (repeat_kv's n_rep): a count, not a width
                 ctx.fix(out_dims[axis + offset], f"an axis broadcast by '{node.name}'")
-        if node.target == "expand_as":
+        if node.target in ("expand_as", aten.expand_as.default):
             other = node.args[1]
             for a, b in zip(ctx.dims(other), out_dims):
                 ctx.unify(a, b)
@@ -378,6 +378,12 @@ class RollRule(Rule):
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         ctx.pass_through(ctx.arg(0, "input"), node)
+
+    def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """A rolled zero is zero (Swin's branch rolls its windows back before the residual
+        add): the input. Not ``passes_value``: the entries move."""
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        return x if isinstance(x, torch.fx.Node) else None
 
     def finalize(self, analysis: WidthAnalysis) -> None:
         for node, rule in analysis.rules.items():
@@ -600,12 +606,15 @@ class TupleItemRule(Rule):
             self._tuple_item(node, ctx, src, index)
 
     def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
-        """``t[0]``: the node ``t``. Item 0 of a zero tensor is zero; for a tuple (an
-        attention's ``(out, weights)``) the walk asks ``t``'s own rule, whose
-        ``branch_end`` answers for its first item."""
+        """``t[...]``: the node ``t``. Any entries of a zero tensor are zero (a slice, an
+        int, a list of positions: Swin's crop ``x[:, :H, :W]`` after its windows); for a
+        tuple (an attention's ``(out, weights)``) only item 0, and the walk asks ``t``'s
+        own rule, whose ``branch_end`` answers for its first item."""
         if node.target is not operator.getitem:
             return None
         src, index = node.args[:2]
+        if tensor_shape(src) is not None:
+            return src
         if isinstance(src, torch.fx.Node) and isinstance(index, int) and \
                 not isinstance(index, bool) and index == 0:
             return src
@@ -887,11 +896,12 @@ def register_rules(registry: Registry) -> None:
         "flatten", torch.flatten, "unflatten", torch.unflatten, "squeeze", torch.squeeze,
         "unsqueeze", torch.unsqueeze, nn.Flatten, nn.Unflatten, "view_as", "reshape_as",
         aten.unsqueeze.default, aten.squeeze.dim, aten.flatten.using_ints,
+        aten.reshape_as.default,
     ])
     registry.add(PermuteRule(), ["permute", torch.permute, "t", torch.t, "movedim",
                                  torch.movedim, aten.permute.default, aten.t.default,
                                  *_TRANSPOSES])
-    registry.add(ExpandRule(), ["expand_as", *_EXPANDS])
+    registry.add(ExpandRule(), ["expand_as", aten.expand_as.default, *_EXPANDS])
     registry.add(RepeatRule(), ["repeat", aten.repeat.default])
     registry.add(RepeatInterleaveRule(), ["repeat_interleave", torch.repeat_interleave])
     registry.add(CatRule(), [torch.cat, torch.concat, torch.concatenate, aten.cat.default])
