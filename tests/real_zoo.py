@@ -6,10 +6,29 @@ gives BatchNorm real statistics, so a misplaced entry cannot hide behind gamma 1
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+
+def _sweep_module():
+    """``tools/zoo_sweep.py``, the broad sweep these families are a selection of: one
+    ``trained`` and one builder per shared family for both."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "zoo_sweep.py"
+    spec = importlib.util.spec_from_file_location("zoo_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_SWEEP = _sweep_module()
+trained = _SWEEP.trained  # every parameter off its init, BatchNorm statistics real
+_tv_convnext, _tv_vit = _SWEEP._tv_convnext, _SWEEP._tv_vit
 
 
 @dataclass(frozen=True)
@@ -26,23 +45,6 @@ def image(size: int, channels: int = 3):
 
 def tokens(vocab: int = 64, length: int = 6):
     return lambda g: (torch.randint(0, vocab, (2, length), generator=g),)
-
-
-def trained(model: torch.nn.Module, dtype: torch.dtype = torch.float64,
-            scale: float = 0.05) -> torch.nn.Module:
-    """``model`` in ``dtype`` and eval mode, every parameter moved by ``scale`` times a
-    normal draw, BatchNorm statistics made real."""
-    model = model.to(dtype).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=generator, dtype=b.dtype))
-            elif name.endswith("running_mean"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=generator, dtype=b.dtype))
-    return model
 
 
 def _timm(name, **kw):
@@ -71,31 +73,7 @@ def _tv(factory, **kw):
     return build
 
 
-def _tv_convnext():
-    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
-
-    return ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 2)],
-                    stochastic_depth_prob=0.1, num_classes=5)
-
-
-def _tv_vit():
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                             hidden_dim=32, mlp_dim=64, num_classes=5)
-
-
-def _hf(config_name, model_name, **kw):
-    def build():
-        import transformers
-
-        config = getattr(transformers, config_name)(**kw)
-        return getattr(transformers, model_name)(config)
-    return build
-
-
-LM = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-          intermediate_size=64, max_position_embeddings=32)
+_hf, LM = _SWEEP._hf, _SWEEP.LM  # a transformers class from its config; a small LM config
 def NO_CACHE(args):  # noqa: N802 - a constant-like kwargs builder
     return {"use_cache": False}
 
@@ -169,6 +147,11 @@ FAMILIES: dict[str, Family] = {
     "transformers.gptj": Family("transformers", _hf(
         "GPTJConfig", "GPTJForCausalLM", vocab_size=64, n_embd=32, n_layer=2, n_head=4,
         rotary_dim=4, n_positions=32), tokens(), NO_CACHE),
+    "transformers.bloom": Family("transformers", _hf(  # alibi: pow of created tensors
+        "BloomConfig", "BloomForCausalLM", vocab_size=64, hidden_size=32, n_layer=2,
+        n_head=4), tokens(), NO_CACHE),
+    "transformers.albert": Family("transformers", _hf(  # one layer shared by every block
+        "AlbertConfig", "AlbertForMaskedLM", embedding_size=16, **LM), tokens()),
     "transformers.bert": Family("transformers", _hf("BertConfig", "BertForMaskedLM", **LM),
                                 tokens()),
     "transformers.vit": Family("transformers", _hf(

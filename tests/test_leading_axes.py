@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from real_zoo import trained
 import torch.nn.functional as F
+from real_zoo import trained
 from torch import nn
 
 import lemon_fx

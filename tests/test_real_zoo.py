@@ -62,6 +62,9 @@ EXPECTED = {
     "transformers.phi": (OK, OK, OK, OK),
     "transformers.stablelm": (OK, OK, OK, OK),
     "transformers.gptj": (OK, OK, OK, OK),
+    "transformers.bloom": (OK, ZERO_NORM, (UnsupportedOpError, "outputs used outside it"),
+                           (UnsupportedOpError, "outputs used outside it")),
+    "transformers.albert": (OK, ZERO_NORM, POST_LN, POST_LN),
     "transformers.bert": (OK, ZERO_NORM, POST_LN, POST_LN),
     "transformers.vit": (OK, OK, OK, OK),
 }
@@ -93,6 +96,10 @@ NO_GROWN_CONFIG = {
     ("transformers.gemma", "width2"), ("transformers.gemma", "width1.5"),
     ("transformers.gemma", "width2+depth2"), ("transformers.gemma2", "width2"),
     ("transformers.gemma2", "width1.5"), ("transformers.gemma2", "width2+depth2"),
+    # Bloom's alibi slopes count its heads, so its heads keep their number while the
+    # stream and the FFN grow: BloomConfig derives the head size from hidden_size and has
+    # no FFN field
+    ("transformers.bloom", "width2"),
     ("timm.mixer", "width2"), ("timm.mixer", "depth2"), ("timm.mixer", "width2+depth2"),
 }
 LIBRARY_MODULE = {"timm": "timm", "torchvision": "torchvision", "transformers": "transformers"}

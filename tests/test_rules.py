@@ -384,6 +384,10 @@ SPECS = [
          at_1_5x=NL),
     Spec("clamp", case(lambda s, h: torch.clamp(h, -1.0, 1.0) + h.clamp_min(0.0))),
     Spec("square", case(lambda s, h: torch.square(h) + h)),
+    # Bloom's alibi slopes: a power of created tensors, broadcast against the tokens
+    Spec("pow of created tensors", case(lambda s, h: h * torch.pow(
+        torch.full((1,), 0.5, dtype=h.dtype), torch.arange(1, 1 + h.shape[1], dtype=h.dtype)
+    )[None, :, None]), frontend="export"),
     Spec("cat", case(lambda s, h: torch.cat([h, torch.relu(h)], dim=-1), d_out=2 * D)),
     Spec("cat tokens", case(lambda s, h: torch.cat([h[:, :1], h], dim=1)[:, 1:])),
     Spec("chunk", case(lambda s, h: _add_pieces(h.chunk(2, dim=-1)), d_out=D // 2)),

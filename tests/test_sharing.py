@@ -158,7 +158,7 @@ SPLIT_AND_VALUE = "grown differently (expand in the circ form, split in the circ
 
 
 @pytest.mark.parametrize(("build", "width", "why", "fix"), [
-    (_WeightAndItsTranspose, 2.0, SPLIT_AND_VALUE, "keep this width fixed"),
+    (_WeightAndItsTranspose, 2.0, "grown differently (expand, split)", "keep this width fixed"),
     (_WeightAndItsTranspose, 1.5, SPLIT_AND_VALUE, "keep this width fixed"),
     (_ScaledByItsHeadsMean, 2.0, "h_weight reads it as a value", "keep this width fixed"),
     (_NormWeightReused, 1.5, "rescaled for its norm at this width", "whole multiple"),
@@ -180,3 +180,27 @@ def test_a_norm_weight_read_as_a_value_grows_by_whole_multiples():
     x = torch.randn(3, 7, 4, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(big(x), net(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.usefixtures("unguarded")
+@pytest.mark.parametrize("width", [2.0, 3.0])
+def test_a_layer_shared_by_every_block_grows_at_whole_multiples_in_any_form(width):
+    """ALBERT runs one layer's weights in every block, where the axes sit in different
+    LEMON forms (zero after a norm, circ elsewhere): at whole multiples every form is the
+    same tiling, so the shared weight grows once. At 1.5x the forms differ: refused."""
+    transformers = pytest.importorskip("transformers")
+    from real_zoo import trained
+
+    config = transformers.AlbertConfig(
+        vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = trained(transformers.AlbertForMaskedLM(config))
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    gm = lemon_fx.trace(model, (ids,))
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=width))
+    fresh = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(fresh).logits
+        torch.testing.assert_close(big(fresh)[0], want, rtol=0,
+                                   atol=1e-10 * (1 + want.abs().max()))

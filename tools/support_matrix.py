@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import builtins
 import inspect
+import json
 import math
 import operator
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -256,17 +258,76 @@ def family_section(name: str, table: list[Row]) -> list[str]:
     return lines
 
 
-def render(table: list[Row]) -> str:
-    """The whole of ``docs/support.md`` for the given rows."""
+SWEEP = REPO / "docs" / "bench" / "zoo_sweep.json"
+SWEEP_COMMAND = "python tools/zoo_sweep.py --json docs/bench/zoo_sweep.json"
+PLAN_TITLES = {"width2": "width 2x", "width1.5": "width 1.5x", "depth2": "depth 2x",
+               "width2+depth2": "width 2x + depth 2x"}
+
+
+def _outcome(text: str) -> str:
+    """A sweep outcome in a table cell: "lossless", or the error and its cause, short."""
+    if text == "lossless":
+        return "lossless"
+    text = text.removeprefix("refused: ")
+    error, _, reason = text.partition(": ")
+    reason = re.sub(r"^\[[^\]]*\] ", "", reason)
+    if len(reason) > 90:
+        reason = reason[:87].rstrip() + "..."
+    return f"{error}: {reason}" if reason else error
+
+
+def model_families_section(sweep: dict) -> list[str]:
+    """``## Model families``: each real family of the last zoo sweep with its outcome
+    under the four plans, and the lossless share per plan."""
+    summary = sweep.get("_summary", {})
+    families = sorted(k for k in sweep if not k.startswith("_"))
+    plans = list(PLAN_TITLES)
+    lines = [
+        "",
+        "## Model families",
+        "",
+        f"The real timm, torchvision and transformers classes at small sizes (random "
+        f"weights, every parameter moved off its init, float64), grown under four plans "
+        f"and compared with the source on fresh inputs; `{SWEEP_COMMAND}` measured this "
+        f"table (lemon_fx {summary.get('lemon_fx', '?')}), and `tests/test_real_zoo.py` "
+        "checks a selection of it in CI. A refusal is the typed error grow raises before "
+        "building anything, with its cause.",
+        "",
+        "| plan | lossless | of | share |",
+        "| --- | --- | --- | --- |",
+    ]
+    for plan in plans:
+        counts = summary.get("plans", {}).get(plan, {})
+        if counts:
+            lines.append(f"| {PLAN_TITLES[plan]} | {counts['lossless']} | "
+                         f"{counts['families']} | {counts['share']:.0%} |")
+    lines += ["", "| family | " + " | ".join(PLAN_TITLES[p] for p in plans) + " |",
+              "| --- |" + " --- |" * len(plans)]
+    for family in families:
+        cells = [cell(_outcome(sweep[family].get(plan, "-"))) for plan in plans]
+        lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(table: list[Row], sweep: dict | None = None) -> str:
+    """The whole of ``docs/support.md`` for the given rows (and the zoo sweep's
+    outcomes, when there is one)."""
     lines = header(table)
+    if sweep:
+        lines += ["", "Which real model families grow under which plan, and why the others "
+                  "are refused: [Model families](#model-families)."]
     for name in sorted({row.family for row in table}):
         lines += family_section(name, [row for row in table if row.family == name])
+    if sweep:
+        lines += model_families_section(sweep)
     return "\n".join(lines) + "\n"
 
 
 def generate() -> str:
-    """``docs/support.md`` as the built-in rules give it now."""
-    return render(rows(builtin_registry().entries()))
+    """``docs/support.md`` as the built-in rules give it now, with the families of the
+    last zoo sweep (``docs/bench/zoo_sweep.json``) when it exists."""
+    sweep = json.loads(SWEEP.read_text(encoding="utf-8")) if SWEEP.exists() else None
+    return render(rows(builtin_registry().entries()), sweep)
 
 
 # -- command line ------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch

@@ -108,8 +108,16 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
     pairs = [(g, (g.size, planned.resolution.target(g.leaf))) for g in planned.analysis.groups]
     residual = {pair for g, pair in pairs if g.role == RESIDUAL}
     by_role: dict[str, set[int]] = {}
+    embedding = getattr(config, "embedding_size", None)
     for group, pair in pairs:
         others = {q for g, q in pairs if g.role == group.role and q != pair}
+        if (group.role == RESIDUAL and embedding is not None and group.size == embedding
+                != getattr(config, "hidden_size", None)):
+            # ALBERT's factorized embeddings: a stream of their own, embedding_size wide
+            if pair[1] != pair[0]:
+                grown.embedding_size = pair[1]
+                changes["embedding_size"] = pair
+            continue
         if group.role != RESIDUAL and pair in residual and others:
             # hidden_size wide (BERT's and ViT's pooler after its FFNs): the config's
             # hidden_size says its size

@@ -375,14 +375,17 @@ def _check_claims(res: Resolution) -> list[Problem]:
                     fix="grow this width by a whole multiple (2x, 3x, ...), or read a copy "
                     "of the parameter that the norm does not own"))
                 continue
+            if whole:  # at whole multiples every form is the same tiling
+                kinds = {(kind, None) for kind, _ in kinds}
             if len(kinds) > 1:
                 readers = sorted({c.node.name for c in claims if c.node.op == "get_attr"})
                 read = (f"; {', '.join(readers)} read{'s' if len(readers) == 1 else ''} it "
                         "as a value, which needs every axis expanded" if readers else "")
+                needs = ", ".join(k if f is None else f"{k} in the {f} form"
+                                  for k, f in sorted(kinds, key=str))
                 problems.append(Problem(
                     reason=f"parameter {name!r} is shared by ops that need axis {axis} grown "
-                    f"differently ({', '.join(f'{k} in the {f} form' for k, f in sorted(kinds))})"
-                    + read,
+                    f"differently ({needs})" + read,
                     node=", ".join(sorted({c.node.name for c in claims})),
                     fix="untie the parameter (give each use its own), or keep this width "
                     "fixed"))

@@ -216,6 +216,9 @@ class PowRule(Rule):
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
         base, exponent = node.args[0], ctx.arg(1, "exponent")
         if not ctx.is_tensor(base) or ctx.is_tensor(exponent):
+            # the output's axes are its operands' (Bloom's alibi slopes, pow(base,
+            # arange(H)): a created axis, kept at its size, and what it meets with it)
+            ctx.broadcast([a for a in (base, exponent) if ctx.is_tensor(a)], node)
             ctx.forbid_growth([d for a in (base, exponent, node) if ctx.is_tensor(a)
                                for d in ctx.dims(a)], "a power with a tensor exponent",
                               "use a number as the exponent")
@@ -537,7 +540,8 @@ def register_rules(registry: Registry) -> None:
                  [op for op in zero_ops if op in relus])
     registry.add(with_zero, [op for op in zero_ops if op not in relus])
     registry.add(without_zero, other_ops + ["reciprocal"])
-    registry.add(PowRule(), ["pow", operator.pow, torch.pow, aten.pow.Tensor_Scalar])
+    registry.add(PowRule(), ["pow", operator.pow, torch.pow, aten.pow.Tensor_Scalar,
+                             aten.pow.Tensor_Tensor, aten.pow.Scalar])
     # the adds that may join a residual branch to the stream (torch.export keeps
     # ``x += residual`` as aten.add_)
     registry.add(AdditiveRule(residual=True), [operator.add, operator.iadd, torch.add, "add",

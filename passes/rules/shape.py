@@ -428,6 +428,20 @@ def _tree_leaves(tree) -> list[int]:
     return [leaf for child in tree[1] for leaf in _tree_leaves(child)]
 
 
+def _visible_pieces(node: torch.fx.Node, ctx: NodeAnalysis, what: str, spelling: str):
+    """The tensors ``cat``/``stack`` join, or None (growth of every output axis refused)
+    when they are not visible: a nested tuple whose items the analysis cannot see."""
+    arg = ctx.arg(0, "tensors")
+    tensors = _pieces(ctx, arg)
+    if tensors is None:
+        name = f"'{arg.name}'" if isinstance(arg, torch.fx.Node) else "its argument"
+        ctx.forbid_growth(ctx.dims(node), f"the pieces of this {what} are not visible: "
+                          f"{name} is not a list of tensors or a tuple whose items lemon_fx "
+                          "can see", f"pass the pieces as a list, {spelling}, or keep this "
+                          "width fixed")
+    return tensors
+
+
 class CatRule(Rule):
     """``torch.cat(xs, dim)``: the output axis is the inputs' axes laid end to end.
 
@@ -437,15 +451,8 @@ class CatRule(Rule):
     """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
-        arg = ctx.arg(0, "tensors")
-        tensors = _pieces(ctx, arg)
+        tensors = _visible_pieces(node, ctx, "concatenation", "torch.cat([a, b], dim)")
         if tensors is None:
-            what = f"'{arg.name}'" if isinstance(arg, torch.fx.Node) else "its argument"
-            ctx.forbid_growth(ctx.dims(node), f"the pieces of this concatenation are not "
-                              f"visible: {what} is not a list of tensors or a tuple whose "
-                              "items lemon_fx can see",
-                              "pass the pieces as a list, torch.cat([a, b], dim), or keep "
-                              "this width fixed")
             return
         rank = len(ctx.dims(node))
         dim = ctx.value(ctx.arg(1, "dim", 0)) % rank
@@ -472,15 +479,8 @@ class StackRule(Rule):
     """
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
-        arg = ctx.arg(0, "tensors")
-        tensors = _pieces(ctx, arg)
+        tensors = _visible_pieces(node, ctx, "stack", "torch.stack([a, b], dim)")
         if tensors is None:
-            what = f"'{arg.name}'" if isinstance(arg, torch.fx.Node) else "its argument"
-            ctx.forbid_growth(ctx.dims(node), f"the pieces of this stack are not visible: "
-                              f"{what} is not a list of tensors or a tuple whose items "
-                              "lemon_fx can see",
-                              "pass the pieces as a list, torch.stack([a, b], dim), or keep "
-                              "this width fixed")
             return
         rank = len(ctx.dims(node))
         dim = ctx.value(ctx.arg(1, "dim", 0)) % rank
