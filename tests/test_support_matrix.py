@@ -35,8 +35,14 @@ def test_docs_support_md_is_up_to_date():
     )
 
 
+def _ops_text() -> str:
+    """The generated text without the zoo sweep's families (their outcomes quote reasons
+    in tables of their own)."""
+    return tool.render(tool.rows(tool.builtin_registry().entries()))
+
+
 def test_every_registered_op_is_listed():
-    text = tool.generate()
+    text = _ops_text()
     entries = [(kind, op, rule) for kind, op, rule in tool.builtin_registry().entries()
                if str(getattr(op, "__module__", "")).split(".")[0]
                not in tool.OPTIONAL_LIBRARIES]  # named in the header, not the tables
@@ -68,7 +74,7 @@ def test_names_are_readable_and_address_free():
     assert tool.op_spelling("module", Local) == (
         "test_support_matrix.test_names_are_readable_and_address_free.<locals>.Local"
     )
-    text = tool.generate()
+    text = _ops_text()
     assert "0x" not in text and " at " not in text and "built-in" not in text
 
 
@@ -96,3 +102,14 @@ def test_check_fails_on_a_stale_file(tmp_path, capsys):
     assert COMMAND in capsys.readouterr().err
     stale.write_text(tool.generate(), encoding="utf-8")
     assert tool.check(stale) == 0
+
+
+def test_the_model_families_of_the_sweep_are_listed():
+    sweep = {"a.family": {"width2": "lossless", "width1.5": "refused: PlanError: [x] why",
+                          "depth2": "lossless", "width2+depth2": "lossless"},
+             "_summary": {"lemon_fx": "abc", "plans": {"width2": {
+                 "lossless": 1, "families": 1, "share": 1.0}}}}
+    text = tool.render(tool.rows(tool.builtin_registry().entries()), sweep)
+    assert "## Model families" in text and "(#model-families)" in text
+    assert "| `a.family` | lossless | PlanError: why | lossless | lossless |" in text
+    assert "| width 2x | 1 | 1 | 100% |" in text

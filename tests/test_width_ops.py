@@ -631,18 +631,19 @@ def test_real_timm_swin_shifted_windows():
 
 
 def test_real_bloom_baddbmm():
-    """Bloom's scores are ``alibi.baddbmm(q, k^T)``; its ALiBi slopes are computed from
-    ``num_heads`` (``aten.pow.Tensor_Tensor``, no rule), so its heads, and with them its
-    residual width, keep their size: the MLP grows."""
+    """Bloom's scores are ``alibi.baddbmm(q, k^T)``; its ALiBi slopes are a power of
+    created tensors (``aten.pow.Tensor_Tensor``) that count its heads, so the heads keep
+    their number while a bare width grows the stream and the MLP."""
     transformers = pytest.importorskip("transformers")
     model = transformers.BloomForCausalLM(transformers.BloomConfig(
         vocab_size=64, hidden_size=32, n_layer=2, n_head=4))
     kwargs = {"use_cache": False}
     assert_lossless(model, _ids, {"@ffn": 2.0}, kwargs=kwargs)
+    big = assert_lossless(model, _ids, 2.0, kwargs=kwargs)
     gm = lemon_fx.trace(trained(model), _ids(0), kwargs)
     assert any(n.target is torch.ops.aten.baddbmm.default for n in gm.graph.nodes)
-    with pytest.raises(lemon_fx.UnsupportedOpError, match="alibi"):
-        lemon_fx.grow(gm, lemon_fx.Plan(width=2.0))
+    assert not any(g.role == "heads" for g in lemon_fx.inspect(gm).analysis.groups)
+    assert big.state_dict()["transformer.h.0.mlp.dense_h_to_4h.weight"].shape == (256, 64)
 
 
 # --- F.normalize, clamp, square (Swin V2's cosine attention, XCiT, Nemotron) ------------
