@@ -19,7 +19,6 @@ from lemon_fx.tracing.graph_facts import computed_dtypes
 PLANS = {"width2": Plan(width=2.0), "width1.5": Plan(width=1.5), "depth2": Plan(depth=2.0),
          "width2+depth2": Plan(width=2.0, depth=2.0)}
 OK = "lossless"
-STAGE_STARTS = (UnsupportedOpError, "changes the shape of the stream")
 NO_STACK = (PlanError, "the model has no block stack")
 AVG_AGAINST_SCALE = (NotLosslessError, "LayerNorm needs its input in the avg form")
 ZERO_NORM = (NotLosslessError, "a norm's output is in the zero form")

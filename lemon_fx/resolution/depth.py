@@ -82,17 +82,14 @@ def periodic_interleave_order(count: int, target: int, copyable: list[int],
     if period < 2 or extra % period or len(copyable) % period:
         return None
     units = [copyable[i:i + period] for i in range(0, len(copyable), period)]
-    copies = interleave_order(len(units), len(units) + extra // period)
-    by_first = {unit[0]: unit for unit in units}
+    uses = interleave_order(len(units), len(units) + extra // period)
+    unit_of = {block: j for j, unit in enumerate(units) for block in unit}
     order = []
     for i in range(count):
-        if i not in by_first:
-            if not any(i in u for u in units):
-                order.append(i)  # a kept block
-            continue
-        unit_index = units.index(by_first[i])
-        for _ in range(copies.count(unit_index)):  # the unit itself, then its copies
-            order += by_first[i]
+        if i not in unit_of:
+            order.append(i)  # a kept block
+        elif units[unit_of[i]][0] == i:  # the unit itself, then its copies
+            order += units[unit_of[i]] * uses.count(unit_of[i])
     return order
 
 
