@@ -150,6 +150,16 @@ FAMILIES: dict[str, Family] = {
     "transformers.bloom": Family("transformers", _hf(  # alibi: pow of created tensors
         "BloomConfig", "BloomForCausalLM", vocab_size=64, hidden_size=32, n_layer=2,
         n_head=4), tokens(), NO_CACHE),
+    # mixtures of experts through batched_mm: transformers' default, grouped_mm, does not
+    # run in float64 (test_moe.py grows it in float32); Qwen2-MoE has a shared expert
+    "transformers.mixtral": Family("transformers", _hf(
+        "MixtralConfig", "MixtralForCausalLM", num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, experts_implementation="batched_mm", **LM), tokens(),
+        NO_CACHE),
+    "transformers.qwen2_moe": Family("transformers", _hf(
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        experts_implementation="batched_mm", **LM), tokens(), NO_CACHE),
     "transformers.albert": Family("transformers", _hf(  # one layer shared by every block
         "AlbertConfig", "AlbertForMaskedLM", embedding_size=16, **LM), tokens()),
     "transformers.bert": Family("transformers", _hf("BertConfig", "BertForMaskedLM", **LM),

@@ -85,8 +85,27 @@ def _gemma(tied=True):
         tie_word_embeddings=tied))
 
 
+def _mixtral():
+    """Mixture of experts through transformers' default experts (grouped_mm)."""
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+        num_local_experts=4, num_experts_per_tok=2))
+
+
+def _qwen2_moe():
+    """Experts sized by moe_intermediate_size, a shared expert by its own field."""
+    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=FFN,
+        shared_expert_intermediate_size=2 * FFN))
+
+
 # family -> (builder, the config's name for the FFN width, key/value heads grown from 2 to 4)
 CAUSAL = {
+    "mixtral": (_mixtral, "intermediate_size", True),
+    "qwen2_moe": (_qwen2_moe, "moe_intermediate_size", True),
     "mistral": (_mistral, "intermediate_size", True),
     "qwen3": (_qwen3, "intermediate_size", True),
     "gpt_neox": (_neox, "intermediate_size", False),
@@ -111,7 +130,7 @@ def _check_causal_folder(model, out, report, ffn_name, kv_grows, layers):
     assert config["num_attention_heads"] == 8
     if kv_grows:
         assert config["num_key_value_heads"] == 4
-        assert config["head_dim"] == 8
+        assert config.get("head_dim", HIDDEN // 4) == 8  # Qwen2-MoE derives it
     assert config["num_hidden_layers"] == layers
     for name, (_, grown) in report.config.items():  # the report states what was written
         assert config[name] == grown

@@ -63,6 +63,8 @@ EXPECTED = {
     "transformers.gptj": (OK, OK, OK, OK),
     "transformers.bloom": (OK, ZERO_NORM, (UnsupportedOpError, "outputs used outside it"),
                            (UnsupportedOpError, "outputs used outside it")),
+    "transformers.mixtral": (OK, OK, OK, OK),
+    "transformers.qwen2_moe": (OK, OK, OK, OK),
     "transformers.albert": (OK, ZERO_NORM, POST_LN, POST_LN),
     "transformers.bert": (OK, ZERO_NORM, POST_LN, POST_LN),
     "transformers.vit": (OK, OK, OK, OK),
@@ -166,6 +168,8 @@ def _class_at_grown_config(library, model, gm, plan):
             config, _ = _grown_config(model.config, planned)
         except PlanError:
             return None  # a plan the config cannot express (no eps field at 1.5x)
+        # a run-time choice, not saved in config.json: the source's experts' spelling
+        config._experts_implementation = getattr(model.config, "_experts_implementation", None)
         return type(model)(config).double().eval()
     if library == "timm":
         import timm

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers.integrations.moe  # noqa: F401 - registers transformers::grouped_mm_fallback
 from torch import nn
 
 import lemon_fx
@@ -299,6 +300,52 @@ class _Tokens(nn.Module):
         return self.out(h[:, 1:] + h[:, :1]) + self.out(h[:, 0])[:, None]
 
 
+class _Experts(nn.Module):
+    """A mixture of experts written as transformers writes it: a router's ``topk`` of a
+    softmax, then every (token, expert) pair's gated FFN with that expert's weights
+    ``P [experts, out, in]``, weighted by the router and summed over the pairs.
+    ``grouped``: transformers' default, rows sorted by expert and
+    ``grouped_mm(x, P.transpose(-2, -1), offs)``; else ``bmm(P[ids], x[..., None])``
+    (``batched_mm``)."""
+
+    def __init__(self, grouped: bool = False, experts: int = 3, top: int = 2):
+        super().__init__()
+        self.grouped, self.experts, self.top = grouped, experts, top
+        self.inp = nn.Linear(4, D)
+        self.router = nn.Linear(D, experts, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * D, D) / 3)
+        self.down = nn.Parameter(torch.randn(experts, D, D) / 3)
+        self.out = nn.Linear(D, 3)
+
+    def _layer(self, x, weight, ids, offs):
+        if self.grouped:
+            return torch.ops.transformers.grouped_mm_fallback(x, weight.transpose(-2, -1),
+                                                              offs=offs)
+        return torch.bmm(weight[ids], x.unsqueeze(-1)).squeeze(-1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        tokens = h.reshape(-1, h.shape[-1])
+        weights, ids = torch.topk(self.router(tokens).softmax(-1), self.top, dim=-1)
+        weights, ids = weights.reshape(-1), ids.reshape(-1)
+        offs = None
+        if self.grouped:
+            ids, perm = torch.sort(ids)
+            rows, weights = tokens[perm // self.top], weights[perm]
+            offs = torch.cumsum(torch.histc(ids.to(h.dtype), bins=self.experts, min=0,
+                                            max=self.experts - 1), 0, dtype=torch.int32)
+        else:
+            rows = tokens.repeat_interleave(self.top, dim=0)
+        gate, up = self._layer(rows, self.gate_up, ids, offs).chunk(2, dim=-1)
+        y = self._layer(F.silu(gate) * up, self.down, ids, offs) * weights.unsqueeze(-1)
+        if self.grouped:
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.shape[0])
+            y = y[inverse]
+        y = y.view(-1, self.top, y.shape[-1]).sum(1)
+        return self.out(h + y.view(h.shape))
+
+
 NL = lemon_fx.NotLosslessError
 UN = lemon_fx.UnsupportedOpError
 
@@ -451,6 +498,15 @@ SPECS = [
     Spec("softmax over tokens", case(lambda s, h: h.softmax(dim=1))),
     Spec("softmax over grown axis", case(lambda s, h: s.mods["sm"](h), sm=nn.Softmax(-1)),
          at_2x=NL, at_1_5x=NL),
+    # ops comparing by value: the compared axis keeps its size, the others pass in circ
+    Spec("sort and topk over tokens", case(
+        lambda s, h: h.sort(dim=1).values[:, :2] + torch.topk(h, 2, dim=1).values)),
+    Spec("argsort, argmax, argmin over tokens", case(
+        lambda s, h: h + h.argsort(dim=1).to(h.dtype) + h.argmax(1, keepdim=True).to(h.dtype)
+        - torch.argmin(h, dim=1, keepdim=True).to(h.dtype))),
+    Spec("export: mixture of experts (batched_mm)", _Experts, frontend="export"),
+    Spec("export: mixture of experts (grouped_mm)", lambda: _Experts(grouped=True),
+         frontend="export"),
     Spec("export: GPT-2 Conv1D (addmm)", _Conv1D, frontend="export"),
     Spec("export: expand_as, reshape_as, square, clamp_min", case(
         lambda s, h: torch.square(h).reshape_as(h) + h.mean(1, keepdim=True).expand_as(h)

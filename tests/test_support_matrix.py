@@ -52,6 +52,8 @@ def test_every_registered_op_is_listed():
         assert row in text, f"{kind} {op} has no row"
         if kind == "method":
             assert f"| `Tensor.{op}` | method |" in text
+        elif kind == "custom op":  # keyed by "namespace::name"
+            assert f"| `torch.ops.{op.replace('::', '.')}` | custom op |" in text
         else:
             assert op.__name__ in tool.op_spelling(kind, op)
 

@@ -37,8 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "docs" / "support.md"
 COMMAND = "python tools/support_matrix.py"
 RULES_PACKAGE = "passes.rules."
-KIND_ORDER = {"module": 0, "function": 1, "method": 2}
-KIND_NODE = {"module": "call_module", "function": "call_function", "method": "call_method"}
+KIND_ORDER = {"module": 0, "function": 1, "custom op": 2, "method": 3}
+KIND_NODE = {"module": "call_module", "function": "call_function", "custom op": "call_function",
+             "method": "call_method"}
 
 # Public namespaces an op may be spelled from, in the order tried; "" means a builtin.
 NAMESPACES: tuple[tuple[str, Any], ...] = (
@@ -139,6 +140,8 @@ def op_spelling(kind: str, op: Any) -> str:
         return f"Tensor.{op}"
     if kind == "module":
         return module_spelling(op)
+    if kind == "custom op":  # "namespace::name", a torch.library op lemon_fx does not import
+        return "torch.ops." + op.replace("::", ".")
     return function_spelling(op)
 
 
@@ -219,7 +222,8 @@ def header(table: list[Row]) -> list[str]:
         "- **Op**: how the op appears in a traced graph. `nn.X` is a module class (matched",
         "  along its MRO, so subclasses use the same rule); `torch.x`, `F.x`",
         "  (`torch.nn.functional`), `operator.x` and builtins are functions; `Tensor.x` is a",
-        "  method, matched by name.",
+        "  method, matched by name; `torch.ops.ns.x` is a custom op (`torch.library`) of a",
+        "  library lemon_fx does not import, matched by its qualified name `ns::x`.",
         "- **Kind**: the torch.fx node op: "
         + ", ".join(f"`{k}` = `{v}`" for k, v in KIND_NODE.items())
         + ".",

@@ -3,9 +3,12 @@
 Rules are keyed by the real op object: the module class for ``call_module`` nodes, the
 function for ``call_function`` nodes (every spelling of one op registered together:
 ``torch.add``, ``operator.add``, ``Tensor.add``...), and the method name for
-``call_method`` nodes. A module class is looked up along its MRO, so a user's subclass of
-``nn.Linear`` uses the Linear rule unless it registers its own. Registering one op twice is
-an error: two rules for one op would make growth depend on import order.
+``call_method`` nodes. A custom op of a library that lemon_fx does not import (a
+``torch.library`` op such as ``"transformers::grouped_mm_fallback"``) is keyed by its
+qualified name, ``"namespace::name"``, and matches its default overload. A module class
+is looked up along its MRO, so a user's subclass of ``nn.Linear`` uses the Linear rule
+unless it registers its own. Registering one op twice is an error: two rules for one op
+would make growth depend on import order.
 
 This module holds the table type only. The built-in table is built in ``passes.rules``
 (by explicit imports of the rule modules), users add to it with ``lemon_fx.register``,
@@ -39,6 +42,7 @@ class Registry:
         self._modules: dict[type, Rule] = {}
         self._functions: dict[Any, Rule] = {}
         self._methods: dict[str, Rule] = {}
+        self._op_names: dict[str, Rule] = {}  # "namespace::name" of a torch.library op
 
     def add(self, rule: Rule, ops: Iterable[Any], *, replace: bool = False) -> Rule:
         """Register ``rule`` for every op of ``ops`` (module classes, functions, method
@@ -56,7 +60,7 @@ class Registry:
 
     def _table_for(self, op: Any) -> dict:
         if isinstance(op, str):
-            return self._methods
+            return self._op_names if "::" in op else self._methods
         if isinstance(op, type):
             return self._modules
         return self._functions
@@ -86,7 +90,11 @@ class Registry:
         if node.op == "call_method":
             return self._methods.get(node.target)
         if node.op == "call_function":
-            return self._functions.get(node.target)
+            rule = self._functions.get(node.target)
+            if rule is None and isinstance(node.target, torch._ops.OpOverload) \
+                    and node.target._overloadname == "default":
+                rule = self._op_names.get(node.target.name())
+            return rule
         return None
 
     def entries(self) -> list[tuple[str, Any, Rule]]:
@@ -95,4 +103,5 @@ class Registry:
         out += [("module", op, r) for op, r in self._modules.items()]
         out += [("function", op, r) for op, r in self._functions.items()]
         out += [("method", op, r) for op, r in self._methods.items()]
+        out += [("custom op", op, r) for op, r in self._op_names.items()]
         return out

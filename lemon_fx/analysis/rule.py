@@ -13,13 +13,14 @@ A rule has two halves, always in this order:
 
 The docstring of every rule states its maths and what it refuses.
 
-Depth growth asks the rules too (``lemon_fx.analysis.stacks``), through six questions
+Depth growth asks the rules too (``lemon_fx.analysis.stacks``), through seven questions
 whose defaults all say "no": ``branch_end`` (can this node end a residual branch by
 writing zero?), ``stream_norm_params`` (is it a feature norm on the stream, and where are
-its gamma and beta?), ``passes_value`` and ``passes_zero`` (does the walk along the
-stream or a branch go on through it?), ``residual_operands`` (is it ``x + alpha * y``?)
-and ``idempotent`` (is ``f(f(y)) = f(y)``, so that ``f(x + 0) = x`` when ``x = f(...)``?).
-A user's module that ends a residual branch is taught once, in its rule.
+its gamma and beta?), ``passes_value``, ``passes_zero`` and ``zero_factors`` (does the
+walk along the stream or a branch go on through it, and where?), ``residual_operands``
+(is it ``x + alpha * y``?) and ``idempotent`` (is ``f(f(y)) = f(y)``, so that
+``f(x + 0) = x`` when ``x = f(...)``?). A user's module that ends a residual branch is taught
+once, in its rule.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class Rule:
     Subclass it and implement ``analyze`` (required); override the other methods where
     the op needs them: ``rewrite`` for literals and module attributes, and the depth
     questions (``branch_end``, ``stream_norm_params``, ``passes_value``, ``passes_zero``,
+    ``zero_factors``,
     ``residual_operands``, ``idempotent``), whose defaults say "no". Register the rule
     with ``lemon_fx.register(op)``; one instance serves every op it is registered for,
     so an instance's answers may depend on ``node.target``.
@@ -172,6 +174,15 @@ class Rule:
         (layer scale), a division of the branch by one (but not ``c / branch``).
         """
         return self.passes_value(node, root)
+
+    def zero_factors(self, node: torch.fx.Node, root: torch.nn.Module
+                     ) -> tuple[torch.fx.Node, ...]:
+        """Inputs each of which alone makes the output zero when it is zero (the factors of
+        a product of two unrelated activations: a mixture of experts' ``expert(x) *
+        routing_weight``); the walk back from a residual add tries them in order and
+        follows the first that reaches a layer ending the branch. Asked only where
+        ``passes_zero`` answers None; the default is ``()``."""
+        return ()
 
     def residual_operands(self, node: torch.fx.Node, root: torch.nn.Module
                           ) -> tuple[Any, Any, Any] | None:

@@ -237,6 +237,10 @@ class _Rules:
         rule = self._rule(node)
         return rule.passes_zero(node, self.gm) if rule else None
 
+    def zero_factors(self, node) -> tuple[torch.fx.Node, ...]:
+        rule = self._rule(node)
+        return rule.zero_factors(node, self.gm) if rule else ()
+
     def residual_operands(self, node) -> tuple | None:
         rule = self._rule(node)
         return rule.residual_operands(node, self.gm) if rule else None
@@ -319,10 +323,16 @@ def _period(stack: BlockStack) -> int:
     return 1
 
 
+def _is_size(node: torch.fx.Node) -> bool:
+    """Whether ``node`` computes a number from sizes (torch.export shares ``B * T`` between
+    blocks), not a tensor: another block may read it, since a copied block makes its own."""
+    return isinstance(node.meta.get("val"), (int, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
 def _analyze_block(rules: _Rules, index, path, nodes, previous_out) -> Block:
     members = set(nodes)
     outside_users = [n for n in nodes if any(u not in members for u in n.users)]
-    tensor_outs = [n for n in outside_users if has_tensor_fact(n)]
+    tensor_outs = [n for n in outside_users if has_tensor_fact(n) and not _is_size(n)]
     block = Block(index, path, nodes, stream_in=None, stream_out=None)
     if len(tensor_outs) != 1:
         block.problem = f"it has {len(tensor_outs)} outputs used outside it, not one stream"
@@ -443,7 +453,9 @@ def _branch_ends(rules: _Rules, block: Block, value) -> bool:
 
     From the residual add back through the nodes whose rules pass zero (dropout, layer
     scale, reshapes) to the nodes whose rules end a branch; a sum inside the branch needs
-    an end on each operand (alpha scales the second: zero stays zero). A layer scale ends
+    an end on each operand (alpha scales the second: zero stays zero), a product of two
+    activations an end on one factor (a mixture of experts' routing weights times the
+    experts' outputs). A layer scale ends
     a branch only where no layer with weights does deeper in."""
     ends = _ends_of(rules, value)
     if ends is not None:
@@ -471,7 +483,11 @@ def _ends_of(rules: _Rules, value) -> list[BranchEnd] | None:
         if end is not None:  # a scale: a layer deeper in keeps every new weight learning
             deeper = _ends_of(rules, passed) if passed is not None else None
             return deeper if deeper is not None else [end]
-        if passed is None:
+        if passed is None:  # a product of two activations: either factor's zero will do
+            for factor in rules.zero_factors(node):
+                ends = _ends_of(rules, factor)
+                if ends is not None:
+                    return ends
             break
         node = passed
     return None

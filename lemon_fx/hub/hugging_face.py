@@ -111,6 +111,10 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
     embedding = getattr(config, "embedding_size", None)
     for group, pair in pairs:
         others = {q for g, q in pairs if g.role == group.role and q != pair}
+        moe_field = _moe_ffn_field(config, group) if group.role == FFN else None
+        if moe_field is not None:  # an expert's or the shared expert's FFN: its own field
+            by_role.setdefault(moe_field, set()).add(pair[1])
+            continue
         if (group.role == RESIDUAL and embedding is not None and group.size == embedding
                 != getattr(config, "hidden_size", None)):
             # ALBERT's factorized embeddings: a stream of their own, embedding_size wide
@@ -124,7 +128,8 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
             continue
         by_role.setdefault(group.role, set()).add(pair[1])
     for role, targets in by_role.items():
-        sizes = {g.size for g, _ in pairs if g.role == role}
+        sizes = {g.size for g, _ in pairs if (g.role == role if role in _ROLE_ATTRIBUTES
+                                               else _moe_ffn_field(config, g) == role)}
         if len(targets) > 1:
             problems.append(Problem(
                 reason=f"the {role} groups grow to different sizes {sorted(targets)}, and "
@@ -134,7 +139,7 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
         (target,) = targets
         if sizes == {target}:
             continue
-        attribute = _ROLE_ATTRIBUTES.get(role)
+        attribute = _ROLE_ATTRIBUTES.get(role, role)  # an MoE field names itself
         if role == FFN:
             attribute = next((a for a in _FFN_SPELLINGS if getattr(config, a, None)
                               is not None), None)
@@ -213,6 +218,25 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
     if problems:
         raise PlanError("the config cannot express this plan", problems)
     return grown, changes
+
+
+# an FFN inside a mixture of experts, by the path of its weights -> the config's field
+# (Qwen2-MoE, Qwen3-MoE, OLMoE: moe_intermediate_size; Mixtral's experts use
+# intermediate_size, which the plain FFN spelling finds)
+_MOE_FFN_FIELDS = ((".shared_expert.", "shared_expert_intermediate_size"),
+                   (".experts.", "moe_intermediate_size"))
+
+
+def _moe_ffn_field(config: Any, group: Any) -> str | None:
+    """The config field that sizes this FFN group when its weights all belong to the
+    experts or to the shared expert of a mixture of experts and the config has that
+    field; else None (the plain FFN field)."""
+    paths = [member.split("[")[0] for member in group.members]
+    for part, field in _MOE_FFN_FIELDS:
+        if paths and all(part in path for path in paths) and \
+                isinstance(getattr(config, field, None), int):
+            return field
+    return None
 
 
 def _scales_embeddings(gm: torch.fx.GraphModule) -> bool:

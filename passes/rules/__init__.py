@@ -20,13 +20,14 @@ from passes.rules import (
     padding,
     pooling,
     reduction,
+    selection,
     shape,
 )
 
 __all__ = ["build_registry", "default_registry"]
 
 _FAMILIES = (linear, norm, elementwise, shape, attention, embedding, reduction, conv,
-             channel_norm, pooling, padding)
+             channel_norm, pooling, padding, selection)
 
 
 def build_registry() -> Registry:

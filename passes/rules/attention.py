@@ -15,7 +15,8 @@ and k's are (one ``head_dim`` in a model's config: GPT-Neo), so it is hinted as 
 a bare width keeps it. Batch axes of the matmul (the heads) must be circ: softmax is not
 affine. A matmul
 ``x @ W`` with a 2-d parameter ``W`` ``[in, out]`` is an affine layer (see
-``passes.rules.linear``) and grows like one.
+``passes.rules.linear``) and grows like one, and so does ``bmm(P[ids], x)``, a mixture of
+experts' layer whose weights ``P`` are gathered per row by expert ids (``expert_weight``).
 
 Refuses:
 - growing ``head_dim``: the contraction axis of ``q @ k^T``, the last axis of
@@ -57,7 +58,7 @@ from lemon_fx.analysis.rule import BranchEnd, Rule
 from lemon_fx.analysis.width import AxisUse, NodeAnalysis
 from lemon_fx.axes.vocabulary import HEAD_DIM_HINT, HEADS_HINT, KV_HINT, ONLY_CIRC
 from lemon_fx.resolution.rewrite import NodeRewrite
-from passes.rules.linear import affine_end, couple_affine
+from passes.rules.linear import affine_end, couple_affine, couple_expert_matmul, expert_weight
 
 __all__ = ["BaddbmmRule", "MatmulRule", "MultiheadAttentionRule", "SDPARule", "couple_matmul",
            "register_rules"]
@@ -126,7 +127,18 @@ class MatmulRule(Rule):
             in_slot, out_slot = couple_affine(ctx, a, node, [w[1], w[0]], None)
             ctx.claim(b.target, [AxisUse("split", in_slot), AxisUse("expand", out_slot)])
             return
+        if couple_expert_matmul(ctx, a, b, node):  # a mixture of experts' batched layer
+            return
         couple_matmul(ctx, a, b, node)
+
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """``bmm(P[ids], x)``, a mixture of experts' last layer (no bias), writes zero when
+        ``P`` is zero: LEMON's cancelling ``P_c`` (``P_c[e] E = 0`` for every expert)."""
+        for operand in node.args[:2]:
+            name = expert_weight(operand)
+            if name is not None:
+                return BranchEnd(node, name, None)
+        return None
 
 
 def couple_matmul(ctx: NodeAnalysis, a, b, out) -> None:

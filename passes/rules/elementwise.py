@@ -308,7 +308,7 @@ class ProductRule(_BinaryRule):
         ``h * rsqrt(mean(h ** 2) + eps)``, OLMo2's and Gemma2's norms after a branch), is
         zero when ``h`` is and ``g(0)`` is finite: ``h``. (A ``g`` that divides by ``h``
         would give 0 * inf; grow's last check on the example inputs would see the NaN.)
-        Two unrelated activations answer None."""
+        Two unrelated activations answer None (see ``zero_factors``)."""
         single = _single_activation(node)
         if single is not None:
             return single
@@ -320,6 +320,17 @@ class ProductRule(_BinaryRule):
         if _computed_from(a, b):
             return b
         return None
+
+    def zero_factors(self, node: torch.fx.Node, root: torch.nn.Module
+                     ) -> tuple[torch.fx.Node, ...]:
+        """``a * b`` of two activations neither computed from the other (a mixture of
+        experts' ``expert(x) * routing_weight``, Qwen2-MoE's ``sigmoid(gate(x)) *
+        shared_expert(x)``) is zero when either is, the other being finite: both, in
+        order. The walk keeps the one that reaches a layer ending the branch (through
+        ``sigmoid``, which does not pass zero, it reaches none)."""
+        if _single_activation(node) is not None:
+            return ()
+        return tuple(a for a in node.args[:2] if isinstance(a, torch.fx.Node))
 
     def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
         """``h * gamma`` with ``gamma`` a parameter (or a view of one: ``gamma.view(C, 1,

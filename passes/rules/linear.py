@@ -12,6 +12,17 @@ non-multiple needs the circ or avg form (a Linear over the token axis of a Layer
 zero-form output, as in a token-mixing MLP). ``addmm(b, x, W)`` (GPT-2's Conv1D) is the
 same with ``W`` stored ``[in, out]``.
 
+Experts (a mixture of experts' batched layers, transformers' ``batched_mm``): ``W[e] @ x``
+as ``bmm(P[ids], x[..., None])`` with ``P`` ``[experts, out, in]`` gathered per row by the
+router's expert ids is, row by row, the affine layer of expert ``ids[n]`` without a bias:
+``P'[e] = E_out P[e] P_in`` for every expert ``e`` satisfies ``P'[e] E_in = E_out P[e]``,
+so each row's product is exact, whichever expert it picked (``expert_weight``). The
+experts axis itself is picked by position and never grows. The grouped spelling
+(transformers' default ``grouped_mm``: ``grouped_mm(x_sorted, W, offs)``, rows sorted by
+expert and ``W`` ``[experts, in, out]``, often a transposed view of ``P`` ``[experts, out,
+in]``) is the same layer: rows ``offs[e-1]:offs[e]`` are multiplied by ``W[e]``
+(``GroupedMatmulRule``).
+
 Refuses:
 - at a non-multiple width, a leading axis in the zero form when the layer has a bias
   (no exact answer; grow by a whole multiple, or drop the bias);
@@ -19,7 +30,9 @@ Refuses:
   of its axes grows: there is no parameter to grow; make it an ``nn.Parameter``. A bias
   computed at run time is an added activation, grown by the ops that compute it;
 - ``torch.addmm`` whose weight is computed at run time, when any axis of its bias, input
-  or weight grows.
+  or weight grows;
+- a grouped matmul whose weight is not a parameter (or a transposed view of one), or whose
+  operands are not a 2-d input and a 3-d weight, when any of its axes grows.
 
 ``nn.Linear`` itself refuses nothing: every width of its input and output can grow. (A
 weight it shares with an op that must grow it differently is refused for the pair when
@@ -27,6 +40,8 @@ the plan is resolved: untie it, or keep that width.)
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -39,7 +54,8 @@ from lemon_fx.analysis.width import AxisUse, NodeAnalysis
 from lemon_fx.axes.vocabulary import CIRC_OR_AVG
 from lemon_fx.resolution.rewrite import NodeRewrite
 
-__all__ = ["FunctionalLinearRule", "LinearRule", "affine_end", "register_rules"]
+__all__ = ["FunctionalLinearRule", "GroupedMatmulRule", "LinearRule", "affine_end",
+           "couple_expert_matmul", "expert_weight", "register_rules"]
 
 
 def couple_affine(ctx: NodeAnalysis, x, out, weight_dims: list[int], bias_dims: list[int] | None):
@@ -57,6 +73,62 @@ def couple_affine(ctx: NodeAnalysis, x, out, weight_dims: list[int], bias_dims: 
     if bias_dims is not None:
         ctx.unify(bias_dims[0], out_dims[-1])
     return ctx.slot(x, -1), ctx.slot(out, -1)
+
+
+def expert_weight(value) -> str | None:
+    """The parameter ``P`` ``[experts, out, in]`` when ``value`` is ``P[ids]``, the experts'
+    weights gathered per row by a 1-d tensor of expert ids (``aten.index.Tensor`` under
+    torch.export, ``operator.getitem`` under symbolic tracing); else None."""
+    if not isinstance(value, torch.fx.Node) or value.op != "call_function":
+        return None
+    if value.target is torch.ops.aten.index.Tensor:
+        source, index = value.args[0], value.args[1]
+        if not (isinstance(index, (list, tuple)) and len(index) == 1):
+            return None
+        index = index[0]
+    elif value.target is operator.getitem:
+        source, index = value.args[0], value.args[1]
+    else:
+        return None
+    name = parameter_name(source)
+    ids = getattr(index, "meta", {}).get("val") if isinstance(index, torch.fx.Node) else None
+    weight = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+    if name is None or not isinstance(ids, torch.Tensor) or ids.dim() != 1 \
+            or ids.is_floating_point() or not isinstance(weight, torch.Tensor) \
+            or weight.dim() != 3:
+        return None
+    return name
+
+
+def couple_expert_matmul(ctx: NodeAnalysis, a, b, out) -> bool:
+    """``bmm(P[ids], x)`` (``[N, out, in] @ [N, in, m]``) or ``bmm(x, P[ids])`` with ``P``
+    ``[experts, in, out]``: the experts' affine layer of each row (module text). Returns
+    False, stating nothing, when neither operand is gathered experts' weights."""
+    for gathered, other, weight_is_left in ((a, b, True), (b, a, False)):
+        name = expert_weight(gathered)
+        if name is None or len(ctx.dims(other)) != 3 or len(ctx.dims(out)) != 3:
+            continue
+        g, x, o = ctx.dims(gathered), ctx.dims(other), ctx.dims(out)
+        gather = frozenset({gathered})  # its read of P is this layer's, not a value read
+        for d in (x[0], o[0]):  # one row per (token, expert) pair
+            ctx.unify(g[0], d)
+        ctx.same_form(ctx.slot(other, 0), ctx.slot(out, 0))
+        if weight_is_left:  # [N, out, in] @ [N, in, m]
+            ctx.unify(g[2], x[1])
+            ctx.unify(g[1], o[1])
+            ctx.unify(x[2], o[2])
+            ctx.same_form(ctx.slot(other, 2), ctx.slot(out, 2))
+            ctx.claim(name, [None, AxisUse("expand", ctx.slot(out, 1)),
+                             AxisUse("split", ctx.slot(other, 1))], readers=gather)
+        else:  # [N, m, in] @ [N, in, out]
+            ctx.unify(g[1], x[2])
+            ctx.unify(g[2], o[2])
+            ctx.unify(x[1], o[1])
+            ctx.same_form(ctx.slot(other, 1), ctx.slot(out, 1))
+            ctx.claim(name, [None, AxisUse("split", ctx.slot(other, 2)),
+                             AxisUse("expand", ctx.slot(out, 2))], readers=gather)
+        return True
+    return False
 
 
 def affine_end(node: torch.fx.Node, root: torch.nn.Module, layer: str = "") -> BranchEnd:
@@ -153,8 +225,72 @@ class AddmmRule(Rule):
             ctx.claim(bias.target, [AxisUse("expand", out_slot)])
 
 
+_TRANSPOSES = (torch.ops.aten.transpose.int, torch.transpose, "transpose")
+
+
+def _parameter_view(value) -> tuple[str, list[int], frozenset] | None:
+    """``(name, axes, nodes)`` when ``value`` is a parameter or a transpose of one:
+    ``axes[i]`` is the parameter's axis that ``value``'s axis ``i`` is, ``nodes`` the
+    transpose read on the way (its read of the parameter is the layer's)."""
+    if not isinstance(value, torch.fx.Node):
+        return None
+    name = parameter_name(value)
+    rank = value.meta["val"].dim() if isinstance(value.meta.get("val"), torch.Tensor) else None
+    if name is not None and rank is not None:
+        return name, list(range(rank)), frozenset()
+    if value.target in _TRANSPOSES and len(value.args) == 3:
+        inner = _parameter_view(value.args[0])
+        if inner is None or not all(isinstance(a, int) for a in value.args[1:]):
+            return None
+        name, axes, nodes = inner
+        i, j = (a % len(axes) for a in value.args[1:])
+        axes[i], axes[j] = axes[j], axes[i]
+        return name, axes, nodes | {value}
+    return None
+
+
+class GroupedMatmulRule(Rule):
+    """``grouped_mm(x, W, offs)``: rows ``x[offs[e-1]:offs[e]]`` times ``W[e]`` (``x``
+    ``[S, in]``, ``W`` ``[experts, in, out]``, a parameter or a transposed view of one):
+    each group is an affine layer without a bias, so the rows pass, ``in`` is split and
+    ``out`` expanded per expert (module text). The experts axis keeps its size.
+
+    Ends a residual branch (a mixture of experts' down projection): ``W = 0`` writes zero.
+    """
+
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+        x, weight = ctx.arg(0, "input"), ctx.arg(1, "weight")
+        view = _parameter_view(weight)
+        tensors = [a for a in (x, weight) if ctx.is_tensor(a)]
+        if view is None or len(tensors) != 2 or len(ctx.dims(x)) != 2 \
+                or len(ctx.dims(weight)) != 3:
+            ctx.forbid_growth([d for t in tensors for d in ctx.dims(t)] + ctx.dims(node),
+                              "a grouped matmul whose weight is not a 3-d parameter (or a "
+                              "transposed view of one) read by a 2-d input",
+                              "make the experts' weights an nn.Parameter [experts, out, in]")
+            return
+        name, axes, views = view
+        w, xd, od = ctx.dims(weight), ctx.dims(x), ctx.dims(node)
+        ctx.unify(xd[0], od[0])
+        ctx.same_form(ctx.slot(x, 0), ctx.slot(node, 0))
+        ctx.unify(w[1], xd[1])
+        ctx.unify(w[2], od[1])
+        uses: list[AxisUse | None] = [None, None, None]
+        uses[axes[1]] = AxisUse("split", ctx.slot(x, 1))
+        uses[axes[2]] = AxisUse("expand", ctx.slot(node, 1))
+        ctx.claim(name, uses, readers=views)
+
+    def branch_end(self, node: torch.fx.Node, root: torch.nn.Module) -> BranchEnd | None:
+        """The experts' weight when it is a parameter (or a transposed view of one)."""
+        view = _parameter_view(argument(node, 1, "weight"))
+        return BranchEnd(node, view[0], None) if view is not None else None
+
+
 def register_rules(registry: Registry) -> None:
     aten = torch.ops.aten
     registry.add(LinearRule(), [nn.Linear])
     registry.add(FunctionalLinearRule(), [F.linear, torch._C._nn.linear, aten.linear.default])
     registry.add(AddmmRule(), [torch.addmm, aten.addmm.default])
+    # transformers' experts (grouped_mm, its default), and torch's own grouped matmul
+    registry.add(GroupedMatmulRule(), ["transformers::grouped_mm_fallback",
+                                       aten._grouped_mm.default])

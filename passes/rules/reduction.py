@@ -95,6 +95,12 @@ class ReduceRule(Rule):
                 ctx.same_form(ctx.slot(x, a), ctx.slot(node, b))
             b += 1
 
+    def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
+        """The mean, sum or max of zeros is zero: the input (a mixture of experts sums its
+        chosen experts' weighted outputs at the end of the branch)."""
+        x = node.args[0] if node.args else None
+        return x if isinstance(x, torch.fx.Node) else None
+
     def rewrite(self, node: torch.fx.Node, ctx: NodeRewrite) -> None:
         rank = len(ctx.dims(node.args[0]))
         if self.kind == "mean" and _reduced_axes(ctx, ctx.arg(1, "dim"), rank) == [rank - 1]:

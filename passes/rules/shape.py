@@ -607,11 +607,10 @@ class TupleItemRule(Rule):
 
     def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
         """``t[...]``: the node ``t``. Any entries of a zero tensor are zero (a slice, an
-        int, a list of positions: Swin's crop ``x[:, :H, :W]`` after its windows); for a
-        tuple (an attention's ``(out, weights)``) only item 0, and the walk asks ``t``'s
-        own rule, whose ``branch_end`` answers for its first item."""
-        if node.target is not operator.getitem:
-            return None
+        int, a list of positions: Swin's crop ``x[:, :H, :W]`` after its windows, a mixture
+        of experts' outputs put back in token order ``out[inv_perm]``); for a tuple (an
+        attention's ``(out, weights)``) only item 0, and the walk asks ``t``'s own rule,
+        whose ``branch_end`` answers for its first item."""
         src, index = node.args[:2]
         if tensor_shape(src) is not None:
             return src
@@ -903,7 +902,8 @@ def register_rules(registry: Registry) -> None:
                                  *_TRANSPOSES])
     registry.add(ExpandRule(), ["expand_as", aten.expand_as.default, *_EXPANDS])
     registry.add(RepeatRule(), ["repeat", aten.repeat.default])
-    registry.add(RepeatInterleaveRule(), ["repeat_interleave", torch.repeat_interleave])
+    registry.add(RepeatInterleaveRule(), ["repeat_interleave", torch.repeat_interleave,
+                                          aten.repeat_interleave.self_int])
     registry.add(CatRule(), [torch.cat, torch.concat, torch.concatenate, aten.cat.default])
     registry.add(StackRule(), [torch.stack, aten.stack.default])
     registry.add(RollRule(), [torch.roll, "roll", aten.roll.default])
