@@ -63,8 +63,11 @@ def width_recipe(name: str, dtype: torch.dtype, claim: Claim, res: Resolution
             fan_in = shape[axis] if axis != 1 else math.prod(shape[1:])
             steps.append(Step("split", axis=axis, layout=layout, stream=name, fan_in=fan_in))
     for transform in claim.transforms:
+        slots = transform.slots or (None,) * len(transform.dims)
         steps.append(Step("transform", name=transform.name, layouts=tuple(
-            res.axis_growth(d, CIRC) for d in transform.dims)))
+            res.axis_growth(d, CIRC if slot is None else res.form(slot))
+            for d, slot in zip(transform.dims, slots)),
+            reads=tuple(transform.reads)))
     return TensorRecipe(name, tuple(shape), dtype, tuple(steps))
 
 

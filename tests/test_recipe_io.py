@@ -23,12 +23,22 @@ def test_layouts_and_steps_survive_json() -> None:
                                                   LeafGrowth(2, 5, "zero")])])
     steps = (Step("embed", axis=0, layout=layout), Step("split", axis=1, layout=layout,
                                                          stream="w", fan_in=7),
-             Step("transform", name="norm.gamma", layouts=(layout,)), Step("fill", value=1.0))
+             Step("transform", name="norm.gamma", layouts=(layout,)), Step("fill", value=1.0),
+             Step("transform", name="layer_scale.rows", layouts=(layout,), reads=("g",)))
     recipe = GrowthRecipe({"w": TensorRecipe("v", (33, 33), torch.bfloat16, steps)},
                           aliases={"u": "w"}, seed=5, noise_scale=0.5)
     again = GrowthRecipe.from_json(json.loads(json.dumps(recipe.to_json())))
     assert again == recipe
     assert again.shapes == {"w": ((33, 33), torch.bfloat16), "u": ((33, 33), torch.bfloat16)}
+    assert again.source_names() == {"v", "g"}  # a transform's reads are read too
+
+
+def test_a_version_1_recipe_still_reads() -> None:
+    """Version 2 added ``reads``; a saved version-1 recipe (no step reads) loads as it was."""
+    data = GrowthRecipe({"w": TensorRecipe("w", (4,), torch.float32,
+                                           (Step("fill", value=0.0),))}).to_json()
+    data["version"] = 1
+    assert GrowthRecipe.from_json(data).tensors["w"].steps == (Step("fill", value=0.0),)
 
 
 def test_a_recipe_refuses_what_it_cannot_read() -> None:
@@ -85,3 +95,43 @@ def test_a_single_file_reads_as_a_source_checkpoint(tmp_path) -> None:
     assert torch.equal(source.tensor("b"), tensors["b"])
     with pytest.raises(FileNotFoundError):
         SourceCheckpoint(tmp_path / "missing")
+
+
+class _ScaledBlock(torch.nn.Module):
+    """A Pre-LN block with a layer scale: at 1.5x its recipe folds gamma into ``fc``'s
+    extra rows, a step that reads gamma's source tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.ln0, self.fc = (torch.nn.Linear(4, 8), torch.nn.LayerNorm(8),
+                                       torch.nn.Linear(8, 8))
+        self.gamma = torch.nn.Parameter(torch.rand(8) + 0.5)
+        self.ln, self.out = torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.ln(h + self.fc(self.ln0(h)) * self.gamma))
+
+
+def test_a_step_that_reads_another_tensor_streams_like_apply(tmp_path) -> None:
+    import lemon_fx
+
+    torch.manual_seed(0)
+    model = _ScaledBlock().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    gm = lemon_fx.trace(model, (torch.randn(2, 5, 4, dtype=torch.float64),))
+    recipe = lemon_fx.plan_growth(gm, lemon_fx.Plan(width=1.5))
+    reads = [s for r in recipe.tensors.values() for s in r.steps if s.reads]
+    assert reads and {n for s in reads for n in s.reads} == {"gamma"}
+    save_file(gm.state_dict(), tmp_path / "model.safetensors")
+    recipe.apply_safetensors(tmp_path / "model.safetensors", tmp_path / "out")
+    streamed = load_file(tmp_path / "out" / "model.safetensors")
+    in_memory = recipe.apply(gm.state_dict())
+    assert streamed.keys() == in_memory.keys()
+    for name, tensor in in_memory.items():
+        assert torch.equal(streamed[name], tensor), name
+    big = lemon_fx.grow(gm, lemon_fx.Plan(width=1.5))
+    fresh = torch.randn(3, 7, 4, dtype=torch.float64)
+    torch.testing.assert_close(big(fresh), model(fresh), rtol=0, atol=1e-10)

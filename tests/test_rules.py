@@ -346,6 +346,34 @@ class _Experts(nn.Module):
         return self.out(h + y.view(h.shape))
 
 
+class _Scale(nn.Module):
+    """A layer scale ``x * gamma`` (timm's LayerScale), gamma off its init."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(D) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def _scaled_and_read(s, z, h):
+    """``ln(h + gamma * z + z)``: the scaled layer's output is read twice."""
+    return s.mods["ln"](h + s.mods["ls"](z) + z)
+
+
+def _perturbed(build):
+    """Every parameter off its init: a LayerNorm's gamma 1 and beta 0 hide a wrong entry."""
+
+    def make():
+        model = build()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        return model
+    return make
+
+
 NL = lemon_fx.NotLosslessError
 UN = lemon_fx.UnsupportedOpError
 
@@ -498,6 +526,14 @@ SPECS = [
     Spec("softmax over tokens", case(lambda s, h: h.softmax(dim=1))),
     Spec("softmax over grown axis", case(lambda s, h: s.mods["sm"](h), sm=nn.Softmax(-1)),
          at_2x=NL, at_1_5x=NL),
+    # a layer scale on a LayerNorm's (avg) stream folds into the Linear before it at 1.5x;
+    # with that Linear's output read elsewhere too, the scale keeps its circ-or-zero need
+    Spec("layer scale folded into its Linear", _perturbed(case(
+        lambda s, h: s.mods["ln"](h + s.mods["ls"](s.mods["fc"](s.mods["ln0"](h)))),
+        ln=nn.LayerNorm(D), ln0=nn.LayerNorm(D), fc=nn.Linear(D, D), ls=_Scale()))),
+    Spec("layer scale whose Linear is read elsewhere", _perturbed(case(
+        lambda s, h: _scaled_and_read(s, s.mods["fc"](h), h),
+        ln=nn.LayerNorm(D), fc=nn.Linear(D, D), ls=_Scale())), at_1_5x=NL),
     # ops comparing by value: the compared axis keeps its size, the others pass in circ
     Spec("sort and topk over tokens", case(
         lambda s, h: h.sort(dim=1).values[:, :2] + torch.topk(h, 2, dim=1).values)),

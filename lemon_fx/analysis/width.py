@@ -95,10 +95,17 @@ class ParamTransform:
     dim in ``dims``, in that order. A transform sees exactly those growths: nothing of the
     graph, the plan or the rewrite, so a recipe (plain JSON) can name it and apply it to
     any tensor.
+
+    ``slots``: for each dim, a value axis whose resolved form its layout takes (empty:
+    every layout in the circ form); ``reads``: other parameters (qualified names) the
+    function receives after ``layouts``, as their source tensors (a layer scale's gamma
+    folded into the layer before it).
     """
 
     name: str
     dims: tuple[int, ...]
+    slots: tuple[Any, ...] = ()
+    reads: tuple[str, ...] = ()
 
 
 @dataclass
@@ -322,6 +329,23 @@ class NodeAnalysis:
     def param_dims(self, qualname: str) -> list[int]:
         """The dim of each axis of a parameter or buffer, by qualified name."""
         return self._a.param_dims[self._a.canonical(qualname)]
+
+    def canonical(self, qualname: str) -> str:
+        """The name a parameter is analyzed and grown under (a tied tensor's first name)."""
+        return self._a.canonical(qualname)
+
+    def rule_of(self, node: torch.fx.Node) -> Rule | None:
+        """The rule of another node already analyzed (nodes are analyzed in graph order)."""
+        return self._a.rules.get(node)
+
+    def claims_made_by(self, node: torch.fx.Node) -> list[Claim]:
+        """The claims ``node``'s rule made, in order (a layer whose output this rule's
+        node scales, so that the scale can be folded into the layer's rows)."""
+        return [c for claims in self._a.claims.values() for c in claims if c.node is node]
+
+    def same_dim(self, a: int, b: int) -> bool:
+        """Whether ``a`` and ``b`` have been unified into one axis."""
+        return self._a.dims.find(a) == self._a.dims.find(b)
 
     def has_param(self, qualname: str) -> bool:
         """Whether the model has a parameter or buffer of that name."""

@@ -318,7 +318,8 @@ def grow_hugging_face(source: Any, plan: Any, out_dir: str | Path,
 
         grown_config.architectures = [cls.__name__]
         grown_config.save_pretrained(staging)
-        made = ((n, recipe.make(n, tensor(r.source))) for n, r in recipe.tensors.items())
+        made = ((n, recipe.make(n, tensor(r.source), read=tensor))
+                for n, r in recipe.tensors.items())
         write_sharded(made, recipe.shapes, recipe.aliases, staging, "5GB", progress=False)
         if folder is not None:
             for file in folder.iterdir():  # tokenizer, generation config, ...

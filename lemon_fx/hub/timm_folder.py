@@ -319,7 +319,8 @@ def grow_timm(source: Any, plan: Any, out_dir: str | Path, example_inputs: Any =
             target = timm.create_model(architecture, pretrained=False, **args)
         (staging / "config.json").write_text(
             json.dumps(_config(source, architecture, args, target), indent=2) + "\n")
-        made = ((n, recipe.make(n, state[r.source])) for n, r in recipe.tensors.items())
+        made = ((n, recipe.make(n, state[r.source], read=state.__getitem__))
+                for n, r in recipe.tensors.items())
         write_sharded(made, recipe.shapes, recipe.aliases, staging, total + 1, progress=False)
         reloaded = timm.create_model(f"local-dir:{staging}", pretrained=True).eval()
         fresh = _example_inputs(source, given, batch=2, seed=1)

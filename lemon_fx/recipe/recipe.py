@@ -14,7 +14,9 @@ in order to that tensor:
   uniform in ``+-noise_scale * bound`` (``bound`` from the *source* tensor's spread,
   ``noise_bound`` below), drawn from the stream ``(seed, stream)``; without a
   stream, Net2Net's equal split ``W P``;
-- ``transform(name, layouts)``: a rule's named transform (``recipe.transforms``);
+- ``transform(name, layouts, reads)``: a rule's named transform (``recipe.transforms``),
+  given the source tensors named in ``reads`` too (a layer scale folded into the layer
+  before it reads the scale);
 - ``cancel(axis, layout, stream)``: replace the tensor by ``W_c = R - (R E) P`` (a new
   block's branch end: ``W_c E = 0``), ``R`` bounded by the tensor's own spread;
 - ``fill(value)``: replace the tensor by a constant (zeroed biases, identity norms).
@@ -35,7 +37,7 @@ import math
 import os
 import threading
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +60,8 @@ __all__ = ["GrowthRecipe", "Step", "TensorRecipe", "layout_from_json", "layout_t
            "noise_bound", "noise_generator"]
 
 FORMAT = "lemon_fx.recipe"
-VERSION = 1
+VERSION = 2  # 2: a transform step may read other source tensors ("reads")
+READABLE_VERSIONS = (1, 2)
 
 
 # -- noise ---------------------------------------------------------------------------------
@@ -230,8 +233,8 @@ def _copies_only(g: AxisGrowth) -> bool:
 class Step:
     """One operation of a tensor's recipe; ``kind`` says which fields it uses (see the
     module text): ``embed``/``split``/``cancel`` use ``axis`` and ``layout`` (split and
-    cancel a noise ``stream`` and the layer's ``fan_in``), ``transform`` uses ``name``
-    and ``layouts``, ``fill`` uses ``value``."""
+    cancel a noise ``stream`` and the layer's ``fan_in``), ``transform`` uses ``name``,
+    ``layouts`` and ``reads`` (source tensors it also reads), ``fill`` uses ``value``."""
 
     kind: str
     axis: int | None = None
@@ -241,6 +244,7 @@ class Step:
     name: str | None = None
     layouts: tuple[AxisGrowth, ...] = ()
     value: float | None = None
+    reads: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
@@ -253,6 +257,8 @@ class Step:
                 out[key] = getattr(self, key)
         if self.layouts:
             out["layouts"] = [layout_to_json(g) for g in self.layouts]
+        if self.reads:
+            out["reads"] = list(self.reads)
         return out
 
     @classmethod
@@ -264,7 +270,7 @@ class Step:
             layout=layout_from_json(data["layout"]) if "layout" in data else None,
             stream=data.get("stream"), fan_in=data.get("fan_in"), name=data.get("name"),
             layouts=tuple(layout_from_json(g) for g in data.get("layouts", ())),
-            value=data.get("value"))
+            value=data.get("value"), reads=tuple(data.get("reads", ())))
 
 
 @dataclass(frozen=True)
@@ -321,14 +327,17 @@ class GrowthRecipe:
         return out
 
     def source_names(self) -> set[str]:
-        """The source tensors the recipe reads."""
-        return {r.source for r in self.tensors.values()}
+        """The source tensors the recipe reads (a transform's ``reads`` too)."""
+        return {r.source for r in self.tensors.values()} | {
+            name for r in self.tensors.values() for s in r.steps for name in s.reads}
 
     def make(self, name: str, source: torch.Tensor, device: torch.device | str | None = None,
-             *, bounds: dict[tuple, float] | None = None) -> torch.Tensor:
+             *, bounds: dict[tuple, float] | None = None,
+             read: Callable[[str], torch.Tensor] | None = None) -> torch.Tensor:
         """The grown tensor ``name`` from its source tensor. ``bounds``: a dict that one
         pass over the recipe shares, so a source tensor's noise bound is computed once (a
-        new block's copy of a layer reads the same source tensor again)."""
+        new block's copy of a layer reads the same source tensor again). ``read``: the
+        source tensor of a name, for transforms that read other tensors (``reads``)."""
         recipe = self.tensors[name]
         device = None if device is None else torch.device(device)
         tensor = source.detach()
@@ -348,14 +357,20 @@ class GrowthRecipe:
         wide = tensor.to(working_dtype(tensor.dtype))
         out = wide
         for i, step in enumerate(recipe.steps):
+            if step.reads and read is None:
+                raise ValueError(f"{name}'s recipe reads {list(step.reads)}: pass read=")
+            others = tuple(read(n).detach().to(wide.device, working_dtype(wide.dtype))
+                           for n in step.reads)
             out = self._step(step, wide, out, recipe.dtype, last=i == len(recipe.steps) - 1,
-                             source_name=recipe.source, bounds=bounds)
+                             source_name=recipe.source, bounds=bounds, others=others)
         return out.to(recipe.dtype, copy=out.data_ptr() == tensor.data_ptr())
 
     def _step(self, step: Step, source_wide: torch.Tensor, t: torch.Tensor,
               dtype: torch.dtype, last: bool = False, source_name: str = "",
-              bounds: dict[tuple, float] | None = None) -> torch.Tensor:
-        """One step in the working dtype; the last split writes ``dtype`` directly."""
+              bounds: dict[tuple, float] | None = None,
+              others: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """One step in the working dtype; the last split writes ``dtype`` directly;
+        ``others``: the tensors a transform reads, in the working dtype."""
         if step.kind == "embed":
             return embed(t, step.axis, step.layout)
         if step.kind == "split":
@@ -367,7 +382,7 @@ class GrowthRecipe:
                                      _UniformFill(self.seed, step.stream, bound),
                                      out_dtype=dtype if last else None)
         if step.kind == "transform":
-            return transform_named(step.name)(source_wide, t, step.layouts)
+            return transform_named(step.name)(source_wide, t, step.layouts, *others)
         if step.kind == "cancel":
             if step.stream is None:
                 return torch.zeros_like(t)
@@ -393,7 +408,8 @@ class GrowthRecipe:
                            f"e.g. {missing[:3]}")
         release, out, bounds = _FreedMemoryRelease(), {}, {}
         for name, r in self.tensors.items():
-            out[name] = self.make(name, state_dict[r.source], device, bounds=bounds)
+            out[name] = self.make(name, state_dict[r.source], device, bounds=bounds,
+                                  read=state_dict.__getitem__)
             release.after(out[name])
         for alias, name in self.aliases.items():
             out[alias] = out[name]
@@ -426,7 +442,7 @@ class GrowthRecipe:
             release, bounds = _FreedMemoryRelease(), {}
             for name, recipe in self.tensors.items():
                 tensor = self.make(name, checkpoint.tensor(recipe.source), device,
-                                   bounds=bounds)
+                                   bounds=bounds, read=checkpoint.tensor)
                 release.after(tensor)
                 yield name, tensor
 
@@ -441,8 +457,8 @@ class GrowthRecipe:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> GrowthRecipe:
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise ValueError(f"not a lemon_fx recipe of version {VERSION} "
+        if data.get("format") != FORMAT or data.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"not a lemon_fx recipe of version {READABLE_VERSIONS} "
                              f"(format {data.get('format')!r}, version {data.get('version')!r})")
         return cls({name: TensorRecipe.from_json(r) for name, r in data["tensors"].items()},
                    dict(data.get("aliases", {})), int(data["seed"]),

@@ -6,9 +6,11 @@ the recipe then carry only that name and the dims whose layouts the function rec
 So a recipe stays plain data (JSON), and applying it needs no graph: the rules fill this
 table when ``passes.rules`` is imported, and ``GrowthRecipe.apply`` looks names up here.
 
-A transform is ``fn(source, generic, layouts) -> tensor``: ``source`` is the source
-tensor in float64, ``generic`` what the generic steps made of it, ``layouts`` the growth
-(``AxisGrowth``, circ form) of each of its dims.
+A transform is ``fn(source, generic, layouts, *reads) -> tensor``: ``source`` is the
+source tensor in float64, ``generic`` what the generic steps made of it, ``layouts`` the
+growth (``AxisGrowth``; circ form unless the claim named the value axes whose forms they
+take) of each of its dims, and ``reads`` the source tensors of the other parameters the
+step names (a layer scale's gamma, for the layer it is folded into).
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-from lemon_fx.axes.expansion import AxisGrowth
-
 __all__ = ["TransformFn", "register_transform", "transform_named"]
 
-TransformFn = Callable[[torch.Tensor, torch.Tensor, tuple[AxisGrowth, ...]], torch.Tensor]
+TransformFn = Callable[..., torch.Tensor]  # (source, generic, layouts, *reads) -> tensor
 
 _TABLE: dict[str, TransformFn] = {}
 

@@ -24,6 +24,16 @@ Refuses:
   tensors that both vary along the axis (``mul``, and the ``t1 * t2`` of ``addcmul``). (A
   LayerNorm's avg input after a GELU, or a LayerNorm's input multiplied by a gate, is
   such a conflict.)
+
+Layer scale on an avg stream (DeiT-3, BEiT, CaiT at 1.5x): ``gamma * h`` with ``h = W x +
+b`` the output of the layer just before it (read by nothing else) and ``gamma`` a per-
+channel parameter. The extras of the avg form must hold ``mean_j(gamma_j h_j)``, which
+``mean(gamma) * mean(h)`` is not; but the scale can move into the layer's extra rows:
+``gamma'`` = ``gamma`` tiled with extras 1, the layer's extra rows ``mean_j(gamma_j W_j)``
+and extra bias ``mean_j(gamma_j b_j)`` (``fold_layer_scale``). The circ and zero forms
+need nothing more (copies, and zeros times anything), so such a product states no form
+need. A scale whose layer is read elsewhere, or is no Linear/Conv (a pooling mixer), keeps
+the circ-or-zero need.
 - a power whose exponent is a tensor (or whose base is not one), when any of its axes
   grows: use a number as the exponent.
 - ``torch.where(cond)`` with one argument (the positions of the nonzero entries), when
@@ -45,15 +55,18 @@ from torch import nn
 
 from lemon_fx.analysis.registry import Registry
 from lemon_fx.analysis.rule import BranchEnd, Rule
-from lemon_fx.analysis.width import NodeAnalysis
+from lemon_fx.analysis.width import AxisUse, NodeAnalysis, ParamTransform
+from lemon_fx.axes.expansion import LeafGrowth, split_equal
 from lemon_fx.axes.vocabulary import (
     ANY_FORM,
+    AVG,
     CIRC_OR_ZERO,
     NONLINEAR_HINT,
     ONLY_CIRC,
     RESIDUAL_ADD_HINT,
     Form,
 )
+from lemon_fx.recipe.transforms import register_transform
 
 __all__ = [
     "ActivationRule",
@@ -130,6 +143,89 @@ def _viewed_parameter(value) -> str | None:
             return None
         node = node.all_input_nodes[0]
     return None
+
+
+def _parameter_reads(value) -> tuple[str, frozenset[torch.fx.Node]] | None:
+    """``_viewed_parameter`` with the view nodes on the way (their reads are the rule's)."""
+    name, views, node = _viewed_parameter(value), set(), value
+    if name is None:
+        return None
+    while node.op != "get_attr":
+        views.add(node)
+        node = node.all_input_nodes[0]
+    return name, frozenset(views)
+
+
+def _layer_scale_parts(node: torch.fx.Node, ctx: NodeAnalysis):
+    """``(gamma, its view nodes, the layer node)`` when ``node`` is ``gamma * h`` with
+    ``gamma`` a 1-d parameter (or a view of one) and ``h`` the output of a Linear or Conv
+    (through identity-like ops) that nothing else reads; else None."""
+    a, b = (list(node.args) + [None, None])[:2]
+    for scale, h in ((a, b), (b, a)):
+        reads = _parameter_reads(scale)
+        if reads is None or not isinstance(h, torch.fx.Node) or not ctx.is_tensor(h) \
+                or len(ctx.param_dims(ctx.canonical(reads[0]))) != 1:
+            continue
+        layer = h
+        while len(layer.users) == 1 and isinstance(ctx.rule_of(layer), PassThroughRule):
+            layer = layer.all_input_nodes[0] if layer.all_input_nodes else layer
+        if len(layer.users) != 1 or not any(
+                len(c.axes) >= 2 and isinstance(c.axes[0], AxisUse)
+                and c.axes[0].kind == "expand" and isinstance(c.axes[1], AxisUse)
+                and c.axes[1].kind == "split" for c in ctx.claims_made_by(layer)):
+            continue
+        return reads[0], reads[1], layer
+    return None
+
+
+def fold_layer_scale(node: torch.fx.Node, ctx: NodeAnalysis) -> int | None:
+    """The output axis of ``node`` along which it is a layer scale that folds into the
+    layer before it (module text: every form is then exact), else None."""
+    parts = _layer_scale_parts(node, ctx)
+    if parts is None:
+        return None
+    gamma, _, layer = parts
+    ctx.broadcast([a for a in node.args[:2] if ctx.is_tensor(a)], node)  # gamma's axis
+    (gamma_dim,) = ctx.param_dims(ctx.canonical(gamma))
+    rows = next(c for c in ctx.claims_made_by(layer) if len(c.axes) >= 2).axes[0].slot
+    row_dim = ctx.dims(rows[0])[rows[1]]
+    if rows[0] is not layer or not ctx.same_dim(row_dim, gamma_dim):
+        return None  # gamma scales another axis than the layer's rows
+    out_dims = ctx.dims(node)
+    return next((axis for axis, d in enumerate(out_dims) if ctx.same_dim(d, gamma_dim)), None)
+
+
+def _fold_gamma(gamma: torch.Tensor, generic: torch.Tensor,
+                layouts: tuple) -> torch.Tensor:
+    """A folded layer scale: gamma tiled (the generic step), its avg extras 1."""
+    (layout,) = layouts
+    if not (isinstance(layout, LeafGrowth) and layout.form == AVG and layout.r):
+        return generic
+    out = generic.clone()
+    out[layout.k * layout.source:] = 1
+    return out
+
+
+def _fold_rows(source: torch.Tensor, generic: torch.Tensor, layouts: tuple,
+               gamma: torch.Tensor) -> torch.Tensor:
+    """The layer under a folded scale: its avg extra rows ``mean_j(gamma_j W_j)`` (the
+    generic step made ``mean_j W_j``, split along the columns like every row), its bias
+    ``mean_j(gamma_j b_j)``."""
+    rows = layouts[0]
+    if not (isinstance(rows, LeafGrowth) and rows.form == AVG and rows.r):
+        return generic
+    scale = (gamma - 1).reshape(-1, *[1] * (source.dim() - 1))
+    missing = (scale * source).mean(0, keepdim=True)  # mean_j((gamma_j - 1) W_j)
+    if len(layouts) > 1 and not (isinstance(layouts[1], LeafGrowth)
+                                 and layouts[1].identity):
+        missing = split_equal(missing, 1, layouts[1])
+    out = generic.clone()
+    out[rows.k * rows.source:] += missing.to(out.dtype)
+    return out
+
+
+register_transform("layer_scale.gamma", _fold_gamma)
+register_transform("layer_scale.rows", _fold_rows)
 
 
 def _single_activation(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -235,7 +331,9 @@ class _BinaryRule(Rule):
     def _operands(self, node: torch.fx.Node, ctx: NodeAnalysis) -> list:
         return [a for a in list(node.args[:2]) + [node.kwargs.get("other")] if a is not None]
 
-    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis,
+                free_axes: frozenset[int] = frozenset()) -> None:
+        """``free_axes``: output axes a subclass has made exact in every form itself."""
         operands = self._operands(node, ctx)
         ctx.broadcast(operands, node)
         tensors = [a for a in operands if ctx.is_tensor(a)]
@@ -244,7 +342,8 @@ class _BinaryRule(Rule):
             size = ctx.shape(node)[axis]
             sharing = [t for t in tensors if len(ctx.dims(t)) >= out_rank - axis
                        and ctx.shape(t)[axis - out_rank] == size]
-            if size > 1 and self.restrict(len(sharing), len(tensors)):
+            if size > 1 and axis not in free_axes and self.restrict(len(sharing),
+                                                                    len(tensors)):
                 ctx.require_form(ctx.slot(node, axis), self.allowed, self.why)
         if (len(tensors) == 2 and all(t.op != "get_attr" for t in tensors)
                 and ctx.shape(tensors[0]) == ctx.shape(tensors[1])):
@@ -295,11 +394,35 @@ class ProductRule(_BinaryRule):
         return sharing >= 2
 
     def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
-        super().analyze(node, ctx)
+        folded = fold_layer_scale(node, ctx)
+        super().analyze(node, ctx, free_axes=frozenset() if folded is None else {folded})
+        if folded is not None:
+            self._claim_folded(node, ctx, folded)
         tensors = [a for a in self._operands(node, ctx) if ctx.is_tensor(a)]
         if len(tensors) == 2 and ctx.shape(tensors[0]) == ctx.shape(tensors[1]):
             for dim in ctx.dims(node):
                 ctx.hint(dim, NONLINEAR_HINT)  # a gated MLP's hidden axis is an ffn axis
+
+    def _claim_folded(self, node: torch.fx.Node, ctx: NodeAnalysis, axis: int) -> None:
+        """``gamma * (W x + b)`` along output ``axis``: gamma's extras are 1 and the
+        layer's extra rows and bias take the scale (module text)."""
+        gamma, views, layer = _layer_scale_parts(node, ctx)
+        slot = ctx.slot(node, axis)
+        gamma_name = ctx.canonical(gamma)
+        (gamma_dim,) = ctx.param_dims(gamma_name)
+        ctx.claim(gamma_name, [AxisUse("expand", slot)],
+                  transform=ParamTransform("layer_scale.gamma", (gamma_dim,), (slot,)),
+                  readers=views)
+        for claim in ctx.claims_made_by(layer):
+            dims = ctx.param_dims(claim.param)
+            uses = claim.axes
+            if len(uses) >= 2 and isinstance(uses[1], AxisUse):  # the weight [out, in, ...]
+                transform = ParamTransform("layer_scale.rows", (dims[0], dims[1]),
+                                           (uses[0].slot, uses[1].slot), (gamma_name,))
+            else:  # the bias [out]
+                transform = ParamTransform("layer_scale.rows", (dims[0],), (uses[0].slot,),
+                                           (gamma_name,))
+            claim.transforms += (transform,)
 
     def passes_zero(self, node: torch.fx.Node, root: torch.nn.Module) -> torch.fx.Node | None:
         """``c * h`` or ``h * gamma`` (layer scale: ``gamma`` a parameter) is zero when
@@ -351,7 +474,9 @@ class QuotientRule(_BinaryRule):
     allowed = ONLY_CIRC
     why = "dividing by a tensor along this axis needs the circ form"
 
-    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis) -> None:
+    def analyze(self, node: torch.fx.Node, ctx: NodeAnalysis,
+                free_axes: frozenset[int] = frozenset()) -> None:
+        """``free_axes``: output axes a subclass has made exact in every form itself."""
         operands = self._operands(node, ctx)
         ctx.broadcast(operands, node)
         divisor = operands[1] if len(operands) > 1 else None
