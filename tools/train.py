@@ -2,8 +2,12 @@
 
     python tools/train.py --demo --steps 50 --out runs/demo
     torchrun --nproc_per_node=2 tools/train.py --demo --steps 50 --out runs/ddp
+    torchrun --nproc_per_node=2 tools/train.py --demo --parallel fsdp --out runs/fsdp
     python tools/train.py --model models.py:gpt --checkpoint small.safetensors \\
         --width 2 --depth 2 --data corpus.txt --steps 2000 --lr 3e-3 --out runs/grown
+    python tools/train.py --model models.py:gpt --checkpoint small.safetensors \\
+        --width 2 --data corpus.txt --steps 2000 --schedule wsd --lr 3e-3 --warmup 0 \\
+        --cooldown 400 --out runs/grown-wsd
 
 ``--demo`` trains ``lemon_fx.cli.demo.TinyGPT`` on the bytes of a few Python standard library
 files (on every machine, read in a fixed order). ``--model FILE.py:FACTORY`` trains your
@@ -11,7 +15,15 @@ model instead: it maps ``(batch, context)`` int64 bytes to ``(batch, context, vo
 logits. ``--width``/``--depth`` grow the model with lemon_fx first (after ``--checkpoint``
 is loaded), which is the point: train the grown model with the same peak rate as from
 scratch and a shorter ``--steps``. Running again with the same ``--out`` resumes.
-``--batch`` is the global batch; under torchrun each rank takes an equal slice of it.
+``--batch`` is the global batch; under torchrun each rank takes an equal slice of it, and
+``--parallel fsdp`` shards the model's weights, gradients and optimizer state across the
+ranks (FSDP2) with sharded checkpoints, for a model too large for one device.
+
+``--schedule wsd`` is warmup, constant, then a ``(1 - sqrt)`` cooldown over the last
+``--cooldown`` steps, the shape for growing a source still in its stable phase: continue
+at the source's rate (``--lr`` at it, ``--warmup 0``), or ramp from it to a higher peak
+(``--start-lr`` the source's rate, ``--warmup`` the ramp). ``--start-step`` enters the
+schedule part-way, to continue the schedule a source was trained with.
 """
 
 from __future__ import annotations
@@ -92,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="default: --steps / 10")
     parser.add_argument("--floor", type=float, default=0.1, help="final lr / peak")
+    parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+                        help="LEMON's warmup + cosine, or warmup-stable-decay")
+    parser.add_argument("--cooldown", type=int, default=None,
+                        help="wsd: the (1 - sqrt) cooldown's steps (default: --steps / 5)")
+    parser.add_argument("--start-step", type=int, default=0,
+                        help="enter the schedule at this step (continue a source's)")
+    parser.add_argument("--start-lr", type=float, default=None,
+                        help="the rate the warmup ramps from (a source's last rate)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     parser.add_argument("--batch", type=int, default=16, help="global batch size")
@@ -103,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                        help="under torchrun: replicate the model (ddp) or shard it (fsdp)")
     parser.add_argument("--progress", action="store_true", default=None,
                         help="show the progress bar even when stderr is not a terminal")
     args = parser.parse_args(argv)
@@ -126,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         return sum(float(lm_loss(model(x.to(device)), y.to(device))) for x, y in val) / len(val)
 
     warmup = args.warmup if args.warmup is not None else args.steps // 10
+    cooldown = args.cooldown if args.cooldown is not None else (
+        (args.start_step + args.steps) // 5 if args.schedule == "wsd" else 0)
     try:
         config = TrainConfig(peak_lr=args.lr, total_steps=args.steps, warmup_steps=warmup,
                              floor=args.floor, weight_decay=args.weight_decay,
                              grad_clip=args.clip or None, eval_every=args.eval_every,
                              checkpoint_every=args.checkpoint_every, out_dir=args.out,
-                             seed=args.seed, device=args.device, progress=args.progress)
+                             seed=args.seed, device=args.device, progress=args.progress,
+                             schedule=args.schedule, cooldown_steps=cooldown,
+                             start_step=args.start_step, start_lr=args.start_lr,
+                             parallel=args.parallel)
     except ValueError as exc:
         parser.error(str(exc))
     model = build_model(args)

@@ -6,10 +6,14 @@ as from scratch and the cosine decay compressed into a shorter budget (``LEMON.m
 
 - AdamW, weight decay on matrices (``dim >= 2``) only: decaying biases and norm gains pulls
   them towards zero for no regularisation benefit, and growth relies on those being exact;
-- gradient clipping (``clip_grad_norm_``) and :class:`lemon_fx.LemonSchedule`;
+- gradient clipping (``clip_grad_norm_``) and :class:`lemon_fx.LemonSchedule`, or
+  warmup-stable-decay (:class:`~lemon_fx.training.schedule.WSDSchedule`,
+  ``schedule="wsd"``), entered part-way or ramped from a source's rate to continue the
+  source's schedule at the growth point (``start_step``, ``start_lr``);
 - evaluation every ``eval_every`` steps and at the end, in ``eval()`` mode under ``no_grad``;
-- checkpoints in ``out_dir/checkpoint-STEP/`` (safetensors, no pickle) and resume from the
-  latest one, reproducing the uninterrupted run exactly (see *Randomness*);
+- checkpoints in ``out_dir/checkpoint-STEP/`` (safetensors, no pickle; sharded with
+  ``torch.distributed.checkpoint`` under FSDP) and resume from the latest one, reproducing
+  the uninterrupted run exactly (see *Randomness*);
 - ``log.csv`` (a row per step, appended as it goes, so a crash keeps it) and ``log.json``;
 - a one-line progress bar on stderr (rank 0; when stderr is a terminal or when asked);
 - CUDA when present (``device="auto"``).
@@ -28,6 +32,26 @@ averages over a data-dependent count (e.g. tokens with ``ignore_index``) is only
 approximately world-size independent. Only rank 0 writes logs and checkpoints; resuming
 reads ``out_dir`` on every rank, so ranks must share that folder (one machine, or a shared
 file system). A process group that :func:`train` created is destroyed when it returns.
+
+**Fully sharded** (``parallel="fsdp"``, for models whose weights, gradients and AdamW
+moments do not fit on one device). Under ``torchrun`` the model is sharded with FSDP2's
+``fully_shard``: each repeated block (:func:`fsdp_blocks`) on its own, then the root, so
+that only one block's full weights are gathered at a time; every parameter becomes a
+``DTensor`` holding a dim-0 slice per rank, and the optimizer is built on those slices, so
+its moments are sharded too. The data and the arithmetic are those of DDP: each rank
+trains on its slice of the global batch and the reduce-scatter averages the gradients, so
+the update is again the single-process update on the global batch. The model is moved to
+the device block by block as it is sharded, never whole. Checkpoints are sharded: every
+rank writes its own slices with ``torch.distributed.checkpoint`` (``dcp.save`` of
+``get_state_dict(model, optimizer)``, keyed by parameter name, so they load at any world
+size), and a resume loads them back with ``set_state_dict``. Unlike the safetensors
+checkpoints these hold a pickle (DCP's ``.metadata``): load only checkpoints you wrote.
+``eval_fn`` gets the sharded model, whose forward gathers weights from every rank, so it
+must run the same forwards on every rank (it does: it runs on every rank). After
+:func:`train` returns, the parameters are still ``DTensor`` slices; to use the model in
+the same process, create the process group yourself before calling :func:`train` (it then
+leaves the group alive), or read the last checkpoint. With ``WORLD_SIZE`` 1 both
+``parallel`` values train the plain model.
 
 **Randomness.** Before each step the global RNG is seeded from ``(seed, step)`` (so that a
 ``batches`` callable drawing from it gives the same global batch on every rank), then from
@@ -48,20 +72,25 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
-from lemon_fx.training.schedule import LemonSchedule
+from lemon_fx.training.schedule import LemonSchedule, WSDSchedule, _check_schedule
 
-__all__ = ["TrainConfig", "TrainResult", "build_optimizer", "latest_checkpoint", "shard",
-           "train"]
+__all__ = ["TrainConfig", "TrainResult", "build_optimizer", "build_schedule", "fsdp_blocks",
+           "latest_checkpoint", "shard", "train"]
 
 Batch = tuple[Any, torch.Tensor]
 LOG_FIELDS = ["step", "lr", "train_loss", "eval_loss", "grad_norm", "tokens_per_s",
               "elapsed_s"]
+
+
+Schedule = Literal["cosine", "wsd"]
+Parallel = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -82,6 +111,29 @@ class TrainConfig:
     numbers at every step (dropout masks), so a resumed run draws what an uninterrupted
     one would. ``progress``: ``None`` shows the bar when stderr is a terminal.
     ``device``: ``"auto"`` is ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+
+    The schedule (:func:`build_schedule`; ``lemon_fx.training.schedule`` says why):
+
+    - ``schedule``: ``"cosine"`` (LEMON's warmup + cosine to ``floor``, the default) or
+      ``"wsd"`` (warmup, constant at ``peak_lr``, then a ``(1 - sqrt)`` cooldown to
+      ``floor``).
+    - ``cooldown_steps``: ``"wsd"`` only, the cooldown at the end (``0``: none, the rate
+      stays at the peak); the warmup and the cooldown must fit in the schedule.
+    - ``start_step``: the run enters its schedule at this step, as if that many steps of it
+      were already done; the schedule is then ``start_step + total_steps`` long, warmup
+      and cooldown placed on that timeline. For a grown model: the source's schedule
+      continued from the growth step (LEMON's ``--offset-steps``).
+    - ``start_lr``: the rate just before the first step (for a grown model: the source's
+      last rate); the warmup ramps from it to ``peak_lr`` instead of from 0, in
+      ``warmup_steps`` equal increments. It needs a warmup still ahead
+      (``start_step < warmup_steps``), since otherwise it would be ignored; to continue at
+      the source's rate ``r`` without a ramp, set ``peak_lr=r`` and ``warmup_steps=0``.
+
+    ``parallel``: ``"ddp"`` (the default: every rank holds the whole model, gradients
+    averaged by ``DistributedDataParallel``) or ``"fsdp"`` (FSDP2's ``fully_shard``:
+    weights, gradients and optimizer state sharded across ranks, sharded checkpoints; see
+    the module docstring). Both apply under ``torchrun`` with ``WORLD_SIZE > 1`` only.
+
     Invalid values raise ``ValueError``.
     """
 
@@ -98,20 +150,53 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool | None = None
+    schedule: Schedule = "cosine"
+    cooldown_steps: int = 0
+    start_step: int = 0
+    start_lr: float | None = None
+    parallel: Parallel = "ddp"
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
         if not self.peak_lr > 0:
             raise ValueError(f"peak_lr must be > 0, got {self.peak_lr}")
-        if self.total_steps <= 0 or not 0 <= self.warmup_steps <= self.total_steps:
+        for name in ("total_steps", "start_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} counts optimizer steps: an int, got {value!r}")
+        if self.total_steps <= 0:
             raise ValueError(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps "
                              f"({self.total_steps}) and total_steps > 0")
-        if not 0.0 <= self.floor <= 1.0:
-            raise ValueError(f"floor is a fraction of the peak rate, got {self.floor}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"schedule is 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.schedule == "cosine" and self.cooldown_steps != 0:
+            raise ValueError(f"cooldown_steps ({self.cooldown_steps}) is the cooldown of "
+                             "schedule='wsd'; the cosine decays over the whole run")
+        if self.start_lr is not None:
+            if not (math.isfinite(self.start_lr) and self.start_lr > 0):
+                raise ValueError(f"start_lr must be a finite rate > 0 or None, "
+                                 f"got {self.start_lr}")
+            if self.start_step >= self.warmup_steps:
+                raise ValueError(f"start_lr ({self.start_lr}) is where the warmup ramps "
+                                 f"from, but no warmup is ahead (warmup_steps "
+                                 f"{self.warmup_steps}, start_step {self.start_step}); to "
+                                 "continue at the source's rate set peak_lr to it and "
+                                 "warmup_steps=0")
+        # on the schedule's own timeline, start_step + total_steps long (the same as
+        # total_steps for a run that starts its schedule at step 0)
+        _check_schedule(self.warmup_steps, self.start_step + self.total_steps, self.floor,
+                        cooldown_steps=self.cooldown_steps, start_factor=self._start_factor,
+                        start_step=self.start_step)
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("eval_every and checkpoint_every must be >= 0 (0: at the end)")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel is 'ddp' or 'fsdp', got {self.parallel!r}")
+
+    @property
+    def _start_factor(self) -> float:
+        return 0.0 if self.start_lr is None else self.start_lr / self.peak_lr
 
 
 @dataclass
@@ -122,15 +207,15 @@ class TrainResult:
     batch; ``evals``: ``(step, eval loss)`` for each evaluation; ``start_step``: steps
     already done when the call began (from a checkpoint); ``end_step``: steps done when it
     returned (``total_steps`` unless the data ran out); ``checkpoint``: the last
-    checkpoint written (rank 0 only; None without ``out_dir``); ``seconds``: the call's
-    wall time.
+    checkpoint written (rank 0 only, every rank under FSDP, where every rank writes its
+    slices; None without ``out_dir``); ``seconds``: the call's wall time.
     """
 
     losses: list[float] = field(default_factory=list)  # per step, mean over the global batch
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
     start_step: int = 0  # steps already done when this call began (from a checkpoint)
     end_step: int = 0  # steps done when it returned (total_steps unless the data ran out)
-    checkpoint: Path | None = None  # the last checkpoint written (rank 0 only)
+    checkpoint: Path | None = None  # the last checkpoint written (rank 0; all under FSDP)
     seconds: float = 0.0
 
 
@@ -146,6 +231,102 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.peak_lr,
                              betas=config.betas)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> LambdaLR:
+    """The schedule ``config`` asks for, on ``optimizer`` (whose ``lr`` is the peak).
+
+    ``schedule="cosine"``: :class:`LemonSchedule`; ``"wsd"``: :class:`WSDSchedule`. Both
+    span ``start_step + total_steps`` steps and are entered at ``start_step``, their warmup
+    ramping from ``start_lr / peak_lr`` (0 without ``start_lr``); with the defaults this is
+    LEMON's warmup + cosine over ``total_steps``.
+    """
+    length = config.start_step + config.total_steps
+    if config.schedule == "wsd":
+        return WSDSchedule(optimizer, config.warmup_steps, length, config.cooldown_steps,
+                           config.floor, start_factor=config._start_factor,
+                           start_step=config.start_step)
+    return LemonSchedule(optimizer, config.warmup_steps, length, config.floor,
+                         start_factor=config._start_factor, start_step=config.start_step)
+
+
+def fsdp_blocks(model: nn.Module) -> list[list[nn.Module]]:
+    """The units :func:`train` shards one by one under ``parallel="fsdp"``, before the root.
+
+    Sharding per block is what makes FSDP save memory: a unit's full weights exist only
+    while it runs, so the peak is one block's weights plus every block's slices. The blocks
+    are the children of the *stack*: of the modules whose children are named ``0, 1, ...,
+    n-1`` (``n >= 2``; an ``nn.ModuleList`` or ``nn.Sequential``, and also the plain
+    containers that ``torch.fx`` builds when it copies one into a ``GraphModule``, as a
+    grown model is) and are all of one class, the one holding the most parameters. The
+    one-class condition is what tells repeated blocks from a pipeline such as
+    ``Sequential(embedding, blocks, head)``, which would otherwise always win, holding
+    everything. Each unit is a list of the modules to shard together: the block itself in
+    an eager model, whose forward runs the block. In a ``GraphModule`` (the model, or a
+    module above the stack) a block's container is never called (the graph calls its
+    leaves), and FSDP gathers a unit's weights in the forward hook of a module of the
+    unit, so there the unit is the leaves the graph calls inside the block, grouped
+    (FSDP2's ``fully_shard([...])``). Blocks without parameters are skipped, and so is a block that
+    shares a parameter or a module with anything outside it (tied weights): those stay with
+    the root, whose unit gathers everything not in a block. ``[]`` when the model has no
+    stack: then the root is the only unit.
+    """
+    def children_of(module: nn.Module) -> list[tuple[str, nn.Module]]:
+        # _modules, not named_children(), which skips a module met twice (a shared block)
+        return [(n, c) for n, c in module._modules.items() if c is not None]
+
+    names = {id(m): name for name, m in model.named_modules()}
+    stack, stack_size = None, 0
+    for module in model.modules():
+        children = children_of(module)
+        if len(children) < 2 or [n for n, _ in children] != [str(i) for i in
+                                                             range(len(children))]:
+            continue
+        if len({type(child) for _, child in children}) > 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > stack_size:  # strictly larger: the outer of two equal stacks wins
+            stack, stack_size = module, size
+    if stack is None:
+        return []
+    base = names[id(stack)]
+    # the graph that calls the blocks' modules: the nearest GraphModule above the stack
+    # (the model itself, or a grown model wrapped in an eager one), its targets made full
+    called = None
+    parts = base.split(".") if base else []
+    for depth in range(len(parts), -1, -1):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(owner, torch.fx.GraphModule):
+            prefix = "".join(f"{part}." for part in parts[:depth])
+            called = list(dict.fromkeys(prefix + node.target for node in owner.graph.nodes
+                                        if node.op == "call_module"))
+            break
+    units: list[list[nn.Module]] = []
+    for name, block in children_of(stack):
+        path = f"{base}.{name}" if base else name
+        if called is None or path in called:
+            units.append([block])
+        else:
+            units.append([model.get_submodule(t) for t in called if t.startswith(path + ".")])
+    # which unit each module and parameter lies in; a module or parameter in two units, or
+    # a parameter also held by a module outside its unit, disqualifies the units involved
+    inside: dict[int, set[int]] = {}
+    for index, unit in enumerate(units):
+        for member in unit:
+            for module in member.modules():
+                inside.setdefault(id(module), set()).add(index)
+    shared: set[int] = {i for owners in inside.values() if len(owners) > 1 for i in owners}
+    holders: dict[int, set[int]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), set()).add(id(module))
+    for index, unit in enumerate(units):
+        held = {id(m) for member in unit for m in member.modules()}
+        for member in unit:
+            if any(holders[id(p)] - held for p in member.parameters()):
+                shared.add(index)
+    return [unit for index, unit in enumerate(units) if index not in shared
+            and any(next(m.parameters(), None) is not None for m in unit)]
 
 
 def shard(batch: Any, rank: int, world: int) -> Any:
@@ -231,6 +412,31 @@ def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
+def _fully_shard(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 on ``model`` in place: each unit of :func:`fsdp_blocks`, then the root.
+
+    A model that already holds an ``FSDPModule`` (the caller chose the units, a
+    mixed-precision policy, ...) is taken as it is, its root sharded if it is not yet.
+    ``fully_shard`` moves each unit's tensors to the mesh's device as it shards them, so
+    the whole model is never on the device unsharded.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP's CUDA mesh uses the current device
+    sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+    if sharded:  # the caller's units: the root joins their mesh
+        mesh = sharded[0].device_mesh
+    else:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for unit in fsdp_blocks(model):
+            fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh)
+    if not isinstance(model, FSDPModule):
+        fully_shard(model, mesh=mesh)
+
+
 # -- checkpoints ---------------------------------------------------------------------------
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -244,7 +450,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def _save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     schedule: LemonSchedule, config: TrainConfig) -> Path:
+                     schedule: LambdaLR, config: TrainConfig) -> Path:
     """Write ``checkpoint-STEP/`` atomically: staged in a temporary folder, then renamed.
 
     ``model.safetensors`` holds the model's state_dict (loadable by
@@ -284,12 +490,15 @@ def _save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.op
 
 
 def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     schedule: LemonSchedule) -> int:
+                     schedule: LambdaLR) -> int:
     from safetensors.torch import load_file
 
     if not (folder / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint on this rank; under "
                                 "DDP every rank must see out_dir (a shared folder)")
+    if not (folder / "model.safetensors").is_file():
+        raise ValueError(f"{folder} is a sharded checkpoint (parallel='fsdp'); resume it "
+                         "with parallel='fsdp' under torchrun, or start a fresh out_dir")
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     trainer_state = json.loads((folder / "trainer_state.json").read_text())
     state: dict[int, dict[str, Any]] = {}
@@ -304,6 +513,84 @@ def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     schedule.load_state_dict(trainer_state["schedule"])
     return int(trainer_state["step"])
+
+
+def _save_sharded(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  schedule: LambdaLR, config: TrainConfig, rank: int) -> Path:
+    """Write a sharded ``checkpoint-STEP/`` with every rank (FSDP): staged, then renamed.
+
+    ``dcp.save`` of ``{"model": ..., "optimizer": ...}`` from ``get_state_dict``: every rank
+    writes its own slices (``__RANK_0.distcp``) and rank 0 the index (``.metadata``), all
+    keyed by parameter name rather than position, so the checkpoint loads at another world
+    size too. ``trainer_state.json`` (the step, the schedule, the config; written by rank 0
+    once every rank's slices are on disk) marks it complete, as for the safetensors ones.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = out / f"checkpoint-{step}"
+    staging = out / f".checkpoint-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()  # no rank writes into a folder rank 0 is still clearing
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging)
+    # dcp.save returns on rank 0 after every rank's write and the metadata are done
+    if rank == 0:
+        trainer_state = {"step": step, "format": "torch.distributed.checkpoint",
+                         "schedule": schedule.state_dict(),
+                         "config": _jsonable(asdict(config))}
+        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+    dist.barrier()  # the checkpoint is complete before any rank may look for it
+    return final
+
+
+def _load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  schedule: LambdaLR) -> int:
+    """Read a checkpoint of :func:`_save_sharded` into the sharded model and optimizer.
+
+    ``get_state_dict`` gives the current (sharded) state as the template that says which
+    slices this rank needs (for a fresh optimizer it first takes a step at rate 0 to create
+    Adam's moments); ``dcp.load`` fills it in place and ``set_state_dict`` hands it back.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (folder / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint on this rank; under "
+                                "FSDP every rank must see out_dir (a shared folder)")
+    if not (folder / ".metadata").is_file():
+        raise ValueError(f"{folder} is a safetensors checkpoint (parallel='ddp' or one "
+                         "process); parallel='fsdp' resumes from sharded checkpoints only: "
+                         "resume it with parallel='ddp', or start a fresh out_dir")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    trainer_state = json.loads((folder / "trainer_state.json").read_text())
+    schedule.load_state_dict(trainer_state["schedule"])
+    return int(trainer_state["step"])
+
+
+def _follow_schedule(optimizer: torch.optim.Optimizer, schedule: LambdaLR,
+                     peaks: list[float]) -> None:
+    """After a resume, set each group's rate from *this* call's schedule and peaks.
+
+    The checkpoint's optimizer holds the rate its own schedule chose for the next step, and
+    its schedule the old peaks; a run resumed with another schedule (more steps, a WSD
+    stable phase extended, or a cooldown branched off it) would take its first step at the
+    old rate. Recomputing ``peak * factor(step)`` is what ``LambdaLR.step`` computes, so an
+    unchanged config resumes bit for bit as before.
+    """
+    schedule.base_lrs = list(peaks)
+    rates = [peak * factor(schedule.last_epoch)
+             for peak, factor in zip(peaks, schedule.lr_lambdas)]
+    for group, peak, rate in zip(optimizer.param_groups, peaks, rates):
+        group["initial_lr"], group["lr"] = peak, rate
+    schedule._last_lr = rates  # what get_last_lr() reports
 
 
 def _jsonable(value: Any) -> Any:
@@ -418,11 +705,12 @@ def train(model: nn.Module, batches: Callable[[int], Batch] | Iterable[Batch],
     ``inputs`` is a tensor (``model(x)``), a tuple (``model(*x)``) or a dict
     (``model(**x)``). ``loss_fn(outputs, targets)`` must average over the batch.
     ``eval_fn(model)`` returns a float; it runs on every rank (so it may use collectives)
-    with the unwrapped model in ``eval()`` mode under ``no_grad``, and rank 0's value is
-    logged. With ``resume`` and ``out_dir`` the run continues from the latest checkpoint
-    there (``resume=False`` starts over and overwrites the logs, but leaves old
-    checkpoints: use a fresh ``out_dir``). A non-finite loss raises ``FloatingPointError``
-    before the optimizer step, so the checkpoints stay clean.
+    with the unwrapped model (under FSDP the sharded one, whose forward is a collective) in
+    ``eval()`` mode under ``no_grad``, and rank 0's value is logged. With ``resume`` and
+    ``out_dir`` the run continues from the latest checkpoint there (``resume=False`` starts
+    over and overwrites the logs, but leaves old checkpoints: use a fresh ``out_dir``). A
+    non-finite loss raises ``FloatingPointError`` before the optimizer step, so the
+    checkpoints stay clean.
     """
     started = time.perf_counter()
     device = _device(config)
@@ -439,9 +727,14 @@ def train(model: nn.Module, batches: Callable[[int], Batch] | Iterable[Batch],
 
 
 def _train(model, batches, loss_fn, config, eval_fn, resume, device, rank, world):
-    model.to(device).train()
+    fsdp = world > 1 and config.parallel == "fsdp"
+    if fsdp:
+        _fully_shard(model, device)  # before the optimizer, which must hold the slices
+        model.train()
+    else:
+        model.to(device).train()
     optimizer = build_optimizer(model, config)
-    schedule = LemonSchedule(optimizer, config.warmup_steps, config.total_steps, config.floor)
+    schedule = build_schedule(optimizer, config)
     out = Path(config.out_dir) if config.out_dir is not None else None
     result = TrainResult()
     if out is not None and resume:
@@ -451,12 +744,24 @@ def _train(model, batches, loss_fn, config, eval_fn, resume, device, rank, world
             dist.broadcast_object_list(box, src=0)
             found = box[0]
         if found is not None:
-            result.start_step = _load_checkpoint(Path(found), model, optimizer, schedule)
+            load = _load_sharded if fsdp else _load_checkpoint
+            peaks = list(schedule.base_lrs)
+            result.start_step = load(Path(found), model, optimizer, schedule)
+            _follow_schedule(optimizer, schedule, peaks)
     result.end_step = result.start_step
     trained: nn.Module = model
-    if world > 1:
+    if world > 1 and not fsdp:
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(step: int) -> None:
+        """Every rank writes its slices under FSDP; otherwise rank 0 writes the model."""
+        if fsdp:
+            result.checkpoint = _save_sharded(out, step, model, optimizer, schedule, config,
+                                              rank)
+        elif rank == 0:
+            result.checkpoint = _save_checkpoint(out, step, model, optimizer, schedule, config)
+
     log = _Log(out, config, result.start_step) if out is not None and rank == 0 else None
     show = config.progress if config.progress is not None else sys.stderr.isatty()
     progress = _Progress(rank == 0 and show, config.total_steps)
@@ -479,7 +784,7 @@ def _train(model, batches, loss_fn, config, eval_fn, resume, device, rank, world
             lr = optimizer.param_groups[0]["lr"]
             loss = loss_fn(_call(trained, inputs), targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP the gradients are averaged across ranks here
+            loss.backward()  # DDP all-reduces the gradients here, FSDP reduce-scatters them
             global_loss = loss.detach().clone()
             if world > 1:
                 dist.all_reduce(global_loss)
@@ -488,7 +793,10 @@ def _train(model, batches, loss_fn, config, eval_fn, resume, device, rank, world
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss is {loss_value} at step {step + 1}")
             max_norm = config.grad_clip if config.grad_clip is not None else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already all-reduced
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)
             optimizer.step()
             schedule.step()
             done = step + 1
@@ -506,15 +814,13 @@ def _train(model, batches, loss_fn, config, eval_fn, resume, device, rank, world
             progress.update(row, result.start_step)
             if log is not None:
                 log.add(row)
-                if done == config.total_steps or (config.checkpoint_every and
-                                                  done % config.checkpoint_every == 0):
-                    result.checkpoint = _save_checkpoint(out, done, model, optimizer,
-                                                         schedule, config)
+            if out is not None and (done == config.total_steps or (
+                    config.checkpoint_every and done % config.checkpoint_every == 0)):
+                checkpoint(done)
+                if log is not None:
                     log.write_json()
-        if log is not None and result.end_step < config.total_steps \
-                and result.end_step > result.start_step:  # data ran out: keep what was done
-            result.checkpoint = _save_checkpoint(out, result.end_step, model, optimizer,
-                                                 schedule, config)
+        if out is not None and result.start_step < result.end_step < config.total_steps:
+            checkpoint(result.end_step)  # data ran out: keep what was done
     finally:
         progress.close()
         if log is not None:
