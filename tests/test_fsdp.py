@@ -21,14 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from test_training import _torchrun
+from test_training import _batches, _eval, _loss, _torchrun
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from lemon_fx.training.loop import TrainConfig, fsdp_blocks, latest_checkpoint, train
 
 STEPS = 8
-GLOBAL_BATCH = 8
 CLIP = 0.05  # small enough that clipping acts on most steps: the norm must span the shards
 
 
@@ -64,19 +63,6 @@ def _model(traced: bool = False) -> nn.Module:
     return torch.fx.symbolic_trace(model) if traced else model
 
 
-def _batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64)
-    return x, torch.cat([x[:, :2].sin(), x[:, 2:3] * x[:, 3:4]], dim=1)
-
-
-def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return ((out - target) ** 2).mean()
-
-
-def _eval(model: nn.Module) -> float:
-    x, y = _batches(10_000)
-    return float(_loss(model(x), y))
 
 
 def _config(**kw) -> TrainConfig:

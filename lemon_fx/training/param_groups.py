@@ -58,6 +58,14 @@ def entry_roles(prov: TensorProvenance) -> Role | torch.Tensor:
     return ~original
 
 
+def _trainable_roles(growth: Growth, grown: nn.Module):
+    """``(parameter, provenance, role)`` for every grown parameter that trains."""
+    params = dict(grown.named_parameters())
+    for name, prov in of_parameters(growth, grown).items():
+        if params[name].requires_grad:
+            yield params[name], prov, entry_roles(prov)
+
+
 @dataclass
 class GrowthParamGroups:
     """Parameter groups of a grown model, tagged by role (see ``growth_param_groups``).
@@ -119,16 +127,10 @@ def growth_param_groups(growth: Growth, grown: nn.Module, *, lr: float,
         raise PlanError("unknown width roles", [Problem(
             reason=f"width={width!r}", fix=f"use one of {WIDTH_ROLES}")])
     new_lr = lr if new_lr is None else new_lr
-    table = of_parameters(growth, grown)
-    params = dict(grown.named_parameters())
     members: dict[tuple[Role, bool], list[nn.Parameter]] = {
         (r, d): [] for r in ("inherited", "new") for d in (True, False)}
     mixed: list[tuple[nn.Parameter, TensorProvenance, torch.Tensor]] = []
-    for name, prov in table.items():
-        p = params[name]
-        if not p.requires_grad:
-            continue
-        role = entry_roles(prov)
+    for p, prov, role in _trainable_roles(growth, grown):
         if isinstance(role, torch.Tensor):
             if width != "inherited":
                 mixed.append((p, prov, role))
@@ -202,14 +204,8 @@ def train_only_new(growth: Growth, grown: nn.Module) -> NewCapacityOnly:
     masked entry then has ``m = v = 0`` and its update ``0 / (0 + eps)`` is exactly 0
     (a grown state's moments would still move it). ``result.remove()`` undoes both.
     """
-    table = of_parameters(growth, grown)
-    params = dict(grown.named_parameters())
     out = NewCapacityOnly([], {}, [])
-    for name, prov in table.items():
-        p = params[name]
-        if not p.requires_grad:
-            continue
-        role = entry_roles(prov)
+    for p, _, role in _trainable_roles(growth, grown):
         if isinstance(role, torch.Tensor):
             mask = role.to(p.dtype)
             out.masks[p] = mask
