@@ -1,5 +1,7 @@
-"""tools/bench_training.py --quick: both tasks run end to end, every run is reported, the
-grown models start exactly at the trained source's validation loss, and the plots exist."""
+"""tools/bench_training.py --quick: both tasks (annealed) and the mid-training scenario (LM)
+run end to end with every method, every run is reported with the saving formulas, the
+lossless growths start exactly at the trained source's validation loss, the methods are
+ranked, and the plots exist."""
 
 import importlib.util
 import json
@@ -9,7 +11,11 @@ from pathlib import Path
 import pytest
 
 TOOL = Path(__file__).parent.parent / "tools" / "bench_training.py"
-RUNS = {"scratch", "lemon", "lemon_full_schedule", "net2net", "random_new"}
+RUNS = {"scratch", "lemon", "lemon_full_schedule", "net2net", "random_new", "llama_pro",
+        "lemon_state", "lemon_asym"}
+LOSSLESS = ("lemon", "lemon_full_schedule", "net2net", "llama_pro", "lemon_state",
+            "lemon_asym")
+CASES = [("lm", "annealed"), ("mlm", "annealed"), ("lm", "mid")]
 
 
 def _load():
@@ -29,16 +35,20 @@ def bench():
 def results(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     assert bench.main(["--quick", "--task", "all", "--out", str(out), "--threads", "1"]) == 0
-    return {task: json.loads((out / name).read_text())
-            for task, name in (("lm", "bench_training.json"),
-                               ("mlm", "bench_training_mlm.json"))}, out
+    assert bench.main(["--quick", "--task", "lm", "--scenario", "mid", "--out", str(out),
+                       "--threads", "1"]) == 0
+    return {case: json.loads((out / name).read_text())
+            for case, name in ((CASES[0], "bench_training.json"),
+                               (CASES[1], "bench_training_mlm.json"),
+                               (CASES[2], "bench_training_mid.json"))}, out
 
 
-@pytest.mark.parametrize("task", ["lm", "mlm"])
-def test_every_run_is_reported(results, task):
+@pytest.mark.parametrize("case", CASES)
+def test_every_run_is_reported(results, case):
     data, _ = results
-    report = data[task]
-    assert report["task"] == task
+    report = data[case]
+    cfg = report["config"]
+    assert (report["task"], report["scenario"], cfg["scenario"]) == (*case, case[1])
     assert set(report["runs"]) == RUNS
     assert report["runs"]["scratch"]["steps_to_reach_scratch_loss"] == report["config"]["steps"]
     assert report["scratch_final_loss"] == report["runs"]["scratch"]["final_val_loss"]
@@ -50,17 +60,26 @@ def test_every_run_is_reported(results, task):
                    for a, b in zip(curve, curve[1:])), name
         steps = run["steps_to_reach_scratch_loss"]
         if steps is not None and name != "scratch":
-            assert run["saving"] == pytest.approx(1 - steps / report["config"]["steps"])
+            assert run["saving"] == pytest.approx(1 - steps / cfg["steps"])
+            paid = 6 * report["parameters"]["target"] * cfg["batch"] * cfg["context"] * steps
+            assert run["saving_with_source"] == pytest.approx(
+                1 - (paid + report["source_flops"]) / report["scratch_flops"])
             assert run["saving_with_source"] < run["saving"]
-    for method in ("lemon", "net2net", "random_new"):
-        assert set(report["fraction_sweep"][method]) == {
-            str(f) for f in report["config"]["fractions"]}
+    for method in ("lemon", "net2net", "random_new", "llama_pro", "lemon_state",
+                   "lemon_asym"):
+        assert set(report["fraction_sweep"][method]) == {str(f) for f in cfg["fractions"]}
+    # the source's cost: its own steps (mid: the growth step G) of the small model
+    source_steps = cfg["growth_step"] if case[1] == "mid" else cfg["source_steps"]
+    assert report["source_train_steps"] == source_steps
+    assert report["source_curve"][-1]["step"] == source_steps
+    assert report["source_flops"] == pytest.approx(
+        6 * report["parameters"]["source"] * cfg["batch"] * cfg["context"] * source_steps)
 
 
-@pytest.mark.parametrize("task", ["lm", "mlm"])
-def test_grown_models_start_at_the_trained_source_loss(results, task):
-    report = results[0][task]
-    for name in ("lemon", "lemon_full_schedule", "net2net"):
+@pytest.mark.parametrize("case", CASES)
+def test_grown_models_start_at_the_trained_source_loss(results, case):
+    report = results[0][case]
+    for name in LOSSLESS:
         start = report["runs"][name]["curve"][0]["val_loss"]
         assert start == pytest.approx(report["source_final_loss"], abs=1e-4), name
     # random new weights: the function is not preserved
@@ -68,9 +87,58 @@ def test_grown_models_start_at_the_trained_source_loss(results, task):
         report["source_final_loss"] + 0.05
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_methods_are_ranked_against_every_baseline(results, case):
+    report = results[0][case]
+    runs = report["runs"]
+
+    def steps(name):
+        reached = runs[name]["steps_to_reach_scratch_loss"]
+        return float("inf") if reached is None else reached
+    ranking = report["ranking"]
+    assert sorted(ranking) == sorted(RUNS - {"scratch"})
+    keys = [(steps(n), runs[n]["final_val_loss"]) for n in ranking]
+    assert keys == sorted(keys)
+    best = report["best_new_recipe"]
+    assert best in ("lemon_state", "lemon_asym")
+    assert ranking.index(best) < ranking.index(({"lemon_state", "lemon_asym"} - {best}).pop())
+    assert report["best_new_recipe_beats_every_baseline"] == all(
+        steps(best) < steps(b) for b in ("lemon", "net2net", "random_new", "llama_pro"))
+
+
+def test_the_scenarios_rates(results):
+    """annealed: the source ends at rate 0, lemon_state starts at the grown peak; mid: the
+    source stops at its constant rate, which lemon_state and lemon_asym's inherited
+    capacity continue; the scratch runs differ (cosine against WSD)."""
+    data, _ = results
+    annealed, mid = data[CASES[0]], data[CASES[2]]
+    assert annealed["source_last_lr"] == 0.0
+    assert annealed["rates"]["lemon_state"] == annealed["grown_peak_lr"]
+    assert annealed["rates"]["lemon_asym_inherited"] == pytest.approx(0.5 * annealed["peak_lr"])
+    assert mid["source_last_lr"] == pytest.approx(mid["config"]["source_peak"])
+    assert mid["rates"]["lemon_state"] == mid["rates"]["lemon_asym_inherited"] == \
+        mid["source_last_lr"]
+    assert mid["rates"]["lemon_asym_new"] == mid["peak_lr"] * mid["config"]["new_peak_scale"]
+    assert mid["runs"]["scratch"]["curve"] != annealed["runs"]["scratch"]["curve"]
+
+
+def test_wsd_schedule_is_stable_then_one_cooldown(bench):
+    from dataclasses import replace
+
+    cfg = replace(bench.Config(), scenario="mid")
+    factor = bench.schedule_factor(cfg, 100, warmup=10)
+    rates = [factor(t) for t in range(100)]
+    assert rates[9] == rates[50] == rates[80] == 1.0 and rates[0] < rates[9]
+    assert all(a > b for a, b in zip(rates[80:], rates[81:])) and rates[99] < 0.3
+    stable = bench.schedule_factor(cfg, 100, warmup=10, stable=True)
+    assert stable(99) == stable(10_000) == 1.0
+    annealed = bench.schedule_factor(bench.Config(), 100, warmup=10)
+    assert annealed(50) < 1.0 and annealed(100) == 0.0
+
+
 def test_plots_are_written(results):
     _, out = results
-    for name in ("bench_training.png", "bench_training_mlm.png"):
+    for name in ("bench_training.png", "bench_training_mlm.png", "bench_training_mid.png"):
         assert (out / name).stat().st_size > 10_000
 
 
@@ -123,13 +191,31 @@ def test_a_knob_sweep_reuses_the_scratch_runs_of_the_same_config(bench, results,
                        "--methods", "lemon", "--noise-scale", "0.5"]) == 0
     again = json.loads((tmp_path / "bench_training.json").read_text())
     assert set(again["runs"]) == {"scratch", "lemon"}
-    assert again["runs"]["scratch"]["curve"] == data["lm"]["runs"]["scratch"]["curve"]
+    assert again["runs"]["scratch"]["curve"] == data[CASES[0]]["runs"]["scratch"]["curve"]
     assert again["config"]["noise_scale"] == 0.5
     assert again["lemon_beats_every_baseline"] is None  # the baselines were not run
+    assert again["best_new_recipe"] is None and again["ranking"] == ["lemon"]
+    assert again["best_new_recipe_beats_every_baseline"] is None
     # another N: the old scratch runs do not apply
     with pytest.raises(SystemExit, match="steps"):
         bench.main(["--quick", "--task", "lm", "--out", str(tmp_path), "--steps", "100",
                     "--reuse-scratch", str(out / "bench_training.json")])
+    # a mid report's scratch runs are WSD's: not an annealed run's, and the other way round
+    with pytest.raises(SystemExit, match="scenario"):
+        bench.main(["--quick", "--task", "lm", "--out", str(tmp_path), "--scenario", "mid",
+                    "--reuse-scratch", str(out / "bench_training.json")])
+
+
+def test_the_committed_report_still_gives_its_scratch_runs(bench):
+    """docs/bench/bench_training.json predates the scenario field: it is the annealed
+    scenario's scratch sweep at the default config, and only that."""
+    from dataclasses import replace
+
+    path = Path(__file__).parent.parent / "docs" / "bench" / "bench_training.json"
+    report = bench.reusable_scratch(path, bench.Config())
+    assert set(report["scratch_sweep_curves"]) == {"0.001", "0.002", "0.004"}
+    with pytest.raises(SystemExit, match="scenario"):
+        bench.reusable_scratch(path, replace(bench.Config(), scenario="mid"))
 
 
 @pytest.mark.parametrize("name", ["bench_training.json", "bench_training_mlm.json"])

@@ -25,27 +25,68 @@ paper's sources get their full standard budget too), traced and grown with
 - ``random_new``: the target's shapes with the source's weights in their original entries
   (source blocks at their interleaved positions, the original rows/columns/heads of every
   grown axis) and every other entry drawn from the target's fresh initialisation: the
-  function is not preserved. LEMON's schedule.
+  function is not preserved. LEMON's schedule;
+- ``llama_pro``: LEMON growth, only the new capacity trains (``train_only_new``: inherited
+  tensors frozen, inherited entries of width-grown tensors masked), fresh AdamW, LEMON's
+  schedule (LLaMA-Pro's block expansion);
+- ``lemon_state`` (new, TRAINING.md 5.4 + 5.1): LEMON growth with the source's AdamW state
+  grown through the growth map (``grow_optimizer_state`` into ``GrowthAwareAdamW``, its
+  per-entry rates, clipping by the source's gradient norm); no warmup: annealed, the
+  compressed cosine from the grown peak; mid, the source's constant rate;
+- ``lemon_asym`` (new, TRAINING.md 5.2 + 5.4): LEMON growth, ``growth_param_groups``:
+  inherited capacity at a low rate (annealed: ``--inherited-scale`` x scratch's peak,
+  default 0.5) or the source's running rate (mid), no warmup; new capacity (new blocks, new
+  copies; ``--asym-width modes``: the copy sets' differences) re-warmed over ``--rewarm``
+  steps (250) to ``--new-peak-scale`` x scratch's peak (1.0); the grown AdamW state laid
+  onto these groups (``grow_optimizer_state(..., like=)``), new blocks fresh.
 
-Each grown run (``lemon``, ``net2net``, ``random_new``) is trained for every compressed decay
+Baselines: ``lemon``, ``net2net``, ``random_new``, ``llama_pro``; new recipes:
+``lemon_state``, ``lemon_asym``. The table at the end ranks the grown runs by saving and
+says whether the best new recipe reaches ``L*`` in fewer steps than every baseline.
+
+Each grown run (all but ``lemon_full_schedule``) is trained for every compressed decay
 fraction ``f`` in ``--fractions`` and reported at its best ``f`` (the fewest steps to
 ``L*``), just as ``scratch`` is reported at its best peak rate; every run is in the JSON.
+
+Scenarios (``--scenario``):
+
+- ``annealed`` (default): the paper's setup above, every schedule warmup + cosine to 0;
+- ``mid``: growth mid-training (G_stack, SPARKLING). The source trains ``--growth-step G``
+  steps (default ``--source-steps``; ``--quick``: 60) in WSD's stable phase (warmup, then
+  its constant peak, no cooldown) and is grown there. Every run is WSD: warmup, constant,
+  one ``(1 - sqrt)`` cooldown over the last ``--cooldown-fraction`` (20%) of its own
+  steps (``f * N`` for the grown runs). Scratch: the target from scratch under WSD, the
+  same warmup, peak tuned by the same sweep. ``lemon``, ``net2net``, ``random_new``,
+  ``llama_pro``, ``lemon_full_schedule`` keep LEMON's meaning (fresh AdamW re-warmed to
+  scratch's peak); ``lemon_state`` and ``lemon_asym``'s inherited capacity continue at the
+  source's constant rate without a re-warm. The source's cost is ``G`` steps of the small
+  model.
 
 FLOPs: ``6 * parameters * tokens`` per training step (parameters include the embeddings;
 tokens = batch x context); the saving "with source" adds the small model's own training
 FLOPs (same formula) to the grown run's.
 
     python tools/bench_training.py --quick               # smoke check, both tasks, < 1 min
-    python tools/bench_training.py --out bench_results    # the LM miniature, ~20-40 min
+    python tools/bench_training.py --quick --scenario mid --task lm
+    python tools/bench_training.py --out bench_results    # the LM miniature, ~40-60 min
     python tools/bench_training.py --task mlm --fractions 0.25 0.375 0.5 --out bench_results
     # a knob on the grown runs only, reusing the scratch sweep of an earlier report:
     python tools/bench_training.py --methods lemon --grown-peak-scale 2 \
         --reuse-scratch bench_results/bench_training.json --out bench_results/peak_x2
 
-The figures in README (and their JSON in docs/bench/) came from these commands.
+    # the new recipes next to every baseline, reusing the committed scratch sweep (~40 min):
+    python tools/bench_training.py --task lm --threads 1 \
+        --reuse-scratch docs/bench/bench_training.json --out bench_results/recipes
+    # growth mid-training, its own WSD scratch sweep (~50 min):
+    python tools/bench_training.py --task lm --threads 1 --scenario mid \
+        --out bench_results/recipes
+
+The figures in README (and their JSON in docs/bench/) came from the first commands
+(before ``llama_pro``, ``lemon_state`` and ``lemon_asym`` existed).
 
 Writes ``bench_training.json`` / ``.png`` (``lm``) and ``bench_training_mlm.json`` / ``.png``
-(``mlm``) in ``--out``; the plot needs matplotlib (``pip install matplotlib``).
+(``mlm``) in ``--out``, ``bench_training_mid.json`` / ``bench_training_mlm_mid.json`` (and
+``.png``) for ``--scenario mid``; the plot needs matplotlib (``pip install matplotlib``).
 """
 
 from __future__ import annotations
@@ -66,6 +107,14 @@ from torch import nn
 import lemon_fx
 from lemon_fx.cli.demo import TinyGPT
 from lemon_fx.resolution.depth import interleave_order, stack_order
+from lemon_fx.training import (
+    GrowthAwareAdamW,
+    grow_optimizer_state,
+    growth_param_groups,
+    lemon_lr_factor,
+    train_only_new,
+    wsd_lr_factor,
+)
 
 # Modules present in every CPython 3.10+ (pure Python, stable names); read in sorted order.
 MODULES = sorted(["argparse", "ast", "bisect", "calendar", "codecs", "collections/__init__",
@@ -76,8 +125,13 @@ MODULES = sorted(["argparse", "ast", "bisect", "calendar", "codecs", "collection
                   "string", "subprocess", "tempfile", "textwrap", "threading", "tokenize",
                   "traceback", "typing", "uuid", "warnings", "zipfile"])
 MASK = 256  # the MLM mask token; bytes are 0..255
-RUNS = ("scratch", "lemon", "lemon_full_schedule", "net2net", "random_new")
-GROWN = ("lemon", "net2net", "random_new")  # the runs trained at every decay fraction
+RUNS = ("scratch", "lemon", "lemon_full_schedule", "net2net", "random_new", "llama_pro",
+        "lemon_state", "lemon_asym")
+# the runs trained at every decay fraction (all but scratch and lemon_full_schedule)
+GROWN = ("lemon", "net2net", "random_new", "llama_pro", "lemon_state", "lemon_asym")
+BASELINES = ("lemon", "net2net", "random_new", "llama_pro")  # the recipes of other tools
+NEW_RECIPES = ("lemon_state", "lemon_asym")  # TRAINING.md section 5, items 1, 2 and 4
+SCENARIOS = ("annealed", "mid")
 
 
 @dataclass
@@ -99,6 +153,13 @@ class Config:
     grown_peak_scale: float = 1.0  # grown runs' peak / scratch's tuned peak (LEMON: 1)
     noise_scale: float = 1.0  # Plan.noise_scale of the grown runs (LEMON: 1)
     grown_warmup: int | None = None  # the grown runs' warmup (None: the same as scratch's)
+    scenario: str = "annealed"  # annealed: the paper's setup; mid: growth mid-training (WSD)
+    growth_step: int | None = None  # mid: the source's stable-phase steps (None: source_steps)
+    cooldown_fraction: float = 0.2  # mid: the (1 - sqrt) cooldown, a fraction of each budget
+    rewarm: int = 250  # lemon_asym: the new capacity's warmup steps
+    new_peak_scale: float = 1.0  # lemon_asym: the new capacity's peak / scratch's tuned peak
+    inherited_scale: float | None = None  # lemon_asym's inherited rate (None: see below)
+    asym_width: str = "copies"  # lemon_asym: growth_param_groups(width=...)
     weight_decay: float = 0.01
     eval_every: int = 50
     val_windows: int = 256
@@ -107,7 +168,8 @@ class Config:
 
 
 QUICK = Config(context=32, batch=8, source_dim=32, source_steps=200, steps=120, warmup=10,
-               peak_lrs=(3e-3,), fractions=(0.5,), eval_every=20, val_windows=32)
+               peak_lrs=(3e-3,), fractions=(0.5,), eval_every=20, val_windows=32, rewarm=15,
+               growth_step=60)
 
 
 # ----------------------------------------------------------------------------- data
@@ -231,21 +293,64 @@ def evaluate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], chunk: in
     return total / count
 
 
-def train(model: nn.Module, train_tokens, val, cfg: Config, steps: int, peak: float,
-          seed: int, label: str = "", warmup: int | None = None) -> list[tuple[int, float]]:
-    """AdamW (decay on matrices), clip 1.0, ``LemonSchedule(warmup, steps)`` to 0
-    (``warmup``: ``cfg.warmup`` unless given).
+def adamw_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """Weight decay on matrices only (``dim >= 2``), as every run here uses."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": other, "weight_decay": 0.0}]
 
-    Returns ``(step, val loss)`` every ``eval_every`` steps and at the end.
+
+def cooldown(cfg: Config, steps: int) -> int:
+    """The (1 - sqrt) cooldown of a WSD run of ``steps`` steps."""
+    return int(round(cfg.cooldown_fraction * steps))
+
+
+def schedule_factor(cfg: Config, steps: int, warmup: int, stable: bool = False):
+    """The rate factor (``step -> multiple of the peak``) of a run of ``steps`` steps:
+    ``annealed``: warmup + cosine to 0 (``lemon_lr_factor``); ``mid``: warmup + constant +
+    a (1 - sqrt) cooldown over ``cooldown_fraction`` of the steps (``wsd_lr_factor``), or no
+    cooldown at all (``stable``: the source's stable phase)."""
+    warmup = min(warmup, steps)
+    if cfg.scenario == "annealed":
+        return lambda t: lemon_lr_factor(t, warmup, steps, 0.0)
+    cool = 0 if stable else min(cooldown(cfg, steps), steps - warmup)
+    return lambda t: wsd_lr_factor(t, warmup, steps, cool, 0.0)
+
+
+@dataclass
+class Setup:
+    """What a run trains with: the optimizer (its groups' ``lr`` are the peaks), one rate
+    factor per param group, and how gradients are clipped."""
+
+    optimizer: torch.optim.Optimizer
+    factors: list
+    clip_by_source_norm: bool = False  # GrowthAwareAdamW.clip_grad_norm_ (source's norm)
+    note: str = ""
+
+
+def fresh_setup(model: nn.Module, cfg: Config, steps: int, peak: float,
+                warmup: int | None = None, stable: bool = False) -> Setup:
+    """A fresh AdamW over ``adamw_groups`` and the scenario's schedule (``warmup``:
+    ``cfg.warmup`` unless given)."""
+    optimizer = torch.optim.AdamW(adamw_groups(model, cfg), lr=peak)
+    factor = schedule_factor(cfg, steps, cfg.warmup if warmup is None else warmup, stable)
+    return Setup(optimizer, [factor] * len(optimizer.param_groups), note=f"peak {peak:g}")
+
+
+def train(model: nn.Module, train_tokens, val, cfg: Config, steps: int, setup: Setup,
+          seed: int, label: str = "") -> list[tuple[int, float]]:
+    """``steps`` steps of ``setup``'s optimizer and rates, clip 1.0, on the one seeded batch
+    stream every run shares.
+
+    Returns ``(step, val loss)`` every ``eval_every`` steps and at the end (step 0: before
+    any training).
     """
     torch.manual_seed(seed)
     model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": other, "weight_decay": 0.0}], lr=peak)
-    warmup = cfg.warmup if warmup is None else warmup
-    schedule = lemon_fx.LemonSchedule(optimizer, min(warmup, steps), steps, floor=0.0)
+    optimizer = setup.optimizer
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, setup.factors)
+    params = [p for p in model.parameters() if p.requires_grad]
     stream = batches(train_tokens, cfg, seed=cfg.seed + 1000)  # the same batches for all
     curve = [(0, evaluate(model, val))]
     started = time.time()
@@ -254,12 +359,15 @@ def train(model: nn.Module, train_tokens, val, cfg: Config, steps: int, peak: fl
         loss = loss_fn(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if setup.clip_by_source_norm:
+            optimizer.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if step % cfg.eval_every == 0 or step == steps:
             curve.append((step, evaluate(model, val)))
-    print(f"  {label:34s} {steps:5d} steps  peak {peak:g}  val {curve[0][1]:.4f} -> "
+    print(f"  {label:34s} {steps:5d} steps  {setup.note}  val {curve[0][1]:.4f} -> "
           f"{curve[-1][1]:.4f} (best {min(v for _, v in curve):.4f})  "
           f"{time.time() - started:.0f} s", flush=True)
     return curve
@@ -277,7 +385,10 @@ def steps_to_reach(curve: list[tuple[int, float]], goal: float) -> int | None:
 
 # fields that only change the source or the grown runs: a scratch sweep can be reused
 GROWN_ONLY = {"fractions", "placement", "grown_peak_scale", "methods", "noise_scale",
-              "source_steps", "source_peak", "grown_warmup"}
+              "source_steps", "source_peak", "grown_warmup", "growth_step", "rewarm",
+              "new_peak_scale", "inherited_scale", "asym_width"}
+# fields that reports written before they existed ran with these values
+LEGACY = {"scenario": "annealed", "cooldown_fraction": Config.cooldown_fraction}
 
 
 def reusable_scratch(path: Path, cfg: Config) -> dict:
@@ -288,7 +399,10 @@ def reusable_scratch(path: Path, cfg: Config) -> dict:
         report["scratch_sweep_curves"] = {
             str(report["peak_lr"]): report["runs"]["scratch"]["curve"]}
     mine = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-    differ = sorted(k for k in mine if k not in GROWN_ONLY and report["config"].get(k) != mine[k])
+    theirs = {**LEGACY, **report["config"]}
+    if theirs["scenario"] == "annealed":  # no cooldown there: its length changes nothing
+        theirs["cooldown_fraction"] = mine["cooldown_fraction"]
+    differ = sorted(k for k in mine if k not in GROWN_ONLY and theirs.get(k) != mine[k])
     if differ:
         raise SystemExit(f"{path}: its scratch runs used another config ({', '.join(differ)} "
                          "differ): pass the same --steps/--peaks/... or rerun scratch")
@@ -300,15 +414,24 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
     started = time.time()
     train_tokens, val_tokens = corpus()
     val = make_batch(val_tokens, cfg, cfg.val_windows, torch.Generator().manual_seed(12345))
-    suffix = "" if cfg.task == "lm" else f"_{cfg.task}"
-    print(f"[{cfg.task}] {len(train_tokens):,} train bytes, {len(val_tokens):,} val bytes; "
-          f"{cfg.val_windows} val windows of {cfg.context}", flush=True)
+    suffix = ("" if cfg.task == "lm" else f"_{cfg.task}") + \
+        ("_mid" if cfg.scenario == "mid" else "")
+    print(f"[{cfg.task}, {cfg.scenario}] {len(train_tokens):,} train bytes, "
+          f"{len(val_tokens):,} val bytes; {cfg.val_windows} val windows of {cfg.context}",
+          flush=True)
 
     sd, sdepth = cfg.source_dim, cfg.source_depth
     td, tdepth = 2 * sd, 2 * sdepth
+    mid = cfg.scenario == "mid"
+    # annealed: the source's full budget, cosine to 0; mid: G steps of WSD's stable phase
+    source_train_steps = (cfg.growth_step or cfg.source_steps) if mid else cfg.source_steps
     small = build(cfg, sd, sdepth, cfg.seed)
-    source_curve = train(small, train_tokens, val, cfg, cfg.source_steps, cfg.source_peak,
+    source_setup = fresh_setup(small, cfg, source_train_steps, cfg.source_peak, stable=mid)
+    source_curve = train(small, train_tokens, val, cfg, source_train_steps, source_setup,
                          seed=cfg.seed + 1, label=f"source {sd}x{sdepth}")
+    source_optimizer = source_setup.optimizer
+    # the rate the source's next step would have taken: 0 annealed, its constant rate mid
+    source_last_lr = float(source_optimizer.param_groups[0]["lr"])
     small.eval()
     source_loss = evaluate(small, val)
     params = {"source": count_parameters(small),
@@ -316,17 +439,15 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
     example = make_batch(train_tokens, cfg, 2, torch.Generator().manual_seed(7))[0]
     gm = lemon_fx.trace(small, (example,))
 
-    def grown(method: str) -> nn.Module:
-        plan = lemon_fx.Plan(width=2.0, depth=2.0, method=method, seed=cfg.seed + 3,
+    def plan(method: str) -> lemon_fx.Plan:
+        return lemon_fx.Plan(width=2.0, depth=2.0, method=method, seed=cfg.seed + 3,
                              placement=cfg.placement, noise_scale=cfg.noise_scale)
-        return lemon_fx.grow(gm, plan)
 
+    def grown(method: str) -> nn.Module:
+        return lemon_fx.grow(gm, plan(method))
+
+    recipe = lemon_fx.plan_growth(gm, plan("lemon"))  # what grown("lemon") did, per tensor
     order = (interleave_order if cfg.placement == "interleave" else stack_order)(sdepth, tdepth)
-
-    def make(method: str) -> nn.Module:
-        if method == "random_new":
-            return random_new_weights(small, build(cfg, td, tdepth, cfg.seed + 2), order)
-        return grown(method)
 
     tokens_per_step = cfg.batch * cfg.context
 
@@ -339,27 +460,84 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
                  for k, curve in reuse["scratch_sweep_curves"].items()}
         print(f"  scratch: reused from an earlier run ({reuse['command']})", flush=True)
     else:
-        sweep = {peak: train(build(cfg, td, tdepth, cfg.seed + 2), train_tokens, val, cfg,
-                             cfg.steps, peak, seed=cfg.seed + 2,
-                             label=f"scratch peak {peak:g}") for peak in cfg.peak_lrs}
+        sweep = {}
+        for peak in cfg.peak_lrs:
+            model = build(cfg, td, tdepth, cfg.seed + 2)
+            sweep[peak] = train(model, train_tokens, val, cfg, cfg.steps,
+                                fresh_setup(model, cfg, cfg.steps, peak), seed=cfg.seed + 2,
+                                label=f"scratch peak {peak:g}")
     peak = min(sweep, key=lambda p: sweep[p][-1][1])
     goal = sweep[peak][-1][1]
-    print(f"  L* = {goal:.4f} (peak {peak:g}); source {source_loss:.4f}", flush=True)
+    print(f"  L* = {goal:.4f} (peak {peak:g}); source {source_loss:.4f} "
+          f"(next rate {source_last_lr:g})", flush=True)
 
     # 2. grown runs at every compressed decay length; LEMON with the full schedule
     grown_peak = peak * cfg.grown_peak_scale
     grown_warmup = cfg.warmup if cfg.grown_warmup is None else cfg.grown_warmup
+    # inherited capacity's rate in the state-carrying runs: mid, the source's own constant
+    # rate (no re-warm); annealed (the source ended at rate 0), lemon_state takes the grown
+    # peak, lemon_asym a low multiple of scratch's peak
+    inherited_scale = cfg.inherited_scale if cfg.inherited_scale is not None \
+        else (1.0 if mid else 0.5)
+    state_lr = source_last_lr if mid else grown_peak
+    asym_inherited_lr = inherited_scale * (source_last_lr if mid else peak)
+    asym_new_lr = cfg.new_peak_scale * peak
+
+    def with_grown_state(model: nn.Module, optimizer: GrowthAwareAdamW) -> None:
+        """The source's AdamW state (moments, steps, per-entry rate scales) laid onto
+        ``optimizer``'s groups; new blocks stay fresh (their own step 0)."""
+        optimizer.load_state_dict(grow_optimizer_state(recipe, small, source_optimizer,
+                                                       model, like=optimizer))
+
+    def setup(method: str, steps: int) -> tuple[nn.Module, Setup]:
+        if method == "random_new":
+            model = random_new_weights(small, build(cfg, td, tdepth, cfg.seed + 2), order)
+            return model, fresh_setup(model, cfg, steps, grown_peak, grown_warmup)
+        if method in ("lemon", "net2net"):
+            model = grown(method)
+            return model, fresh_setup(model, cfg, steps, grown_peak, grown_warmup)
+        model = grown("lemon")
+        if method == "llama_pro":  # only the new capacity trains, fresh AdamW
+            only_new = train_only_new(recipe, model)
+            optimizer = torch.optim.AdamW(only_new.param_groups(cfg.weight_decay),
+                                          lr=grown_peak)
+            factor = schedule_factor(cfg, steps, grown_warmup)
+            return model, Setup(optimizer, [factor] * len(optimizer.param_groups),
+                                note=f"peak {grown_peak:g}, new only")
+        if method == "lemon_state":  # the grown AdamW state, no warmup
+            optimizer = GrowthAwareAdamW(adamw_groups(model, cfg), lr=state_lr)
+            with_grown_state(model, optimizer)
+            factor = schedule_factor(cfg, steps, 0)
+            return model, Setup(optimizer, [factor] * len(optimizer.param_groups), True,
+                                note=f"rate {state_lr:g}, grown state")
+        if method == "lemon_asym":  # inherited low/continuing, new re-warmed; grown state
+            groups = growth_param_groups(recipe, model, lr=asym_inherited_lr,
+                                         new_lr=asym_new_lr, weight_decay=cfg.weight_decay,
+                                         width=cfg.asym_width)
+            optimizer = groups.optimizer()
+            with_grown_state(model, optimizer)
+            rewarm = min(cfg.rewarm, steps - (cooldown(cfg, steps) if mid else 1))
+            factors = groups.lr_lambdas(inherited=schedule_factor(cfg, steps, 0),
+                                        new=schedule_factor(cfg, steps, rewarm))
+            return model, Setup(optimizer, factors, True,
+                                note=f"inherited {asym_inherited_lr:g}, new "
+                                     f"{asym_new_lr:g} after {rewarm}, grown state")
+        raise ValueError(method)
+
     fraction_runs: dict[str, dict[str, list]] = {m: {} for m in GROWN if m in cfg.methods}
     for fraction in cfg.fractions:
         budget = max(int(round(cfg.steps * fraction)), grown_warmup + 1)
         for method in fraction_runs:
+            model, how = setup(method, budget)
             fraction_runs[method][str(fraction)] = train(
-                make(method), train_tokens, val, cfg, budget, grown_peak, seed=cfg.seed + 2,
-                label=f"{method} f={fraction:g}", warmup=grown_warmup)
+                model, train_tokens, val, cfg, budget, how, seed=cfg.seed + 2,
+                label=f"{method} f={fraction:g}")
     full = None
     if "lemon_full_schedule" in cfg.methods:
-        full = train(grown("lemon"), train_tokens, val, cfg, cfg.steps, grown_peak,
-                     seed=cfg.seed + 2, label="lemon_full_schedule", warmup=grown_warmup)
+        model = grown("lemon")
+        full = train(model, train_tokens, val, cfg, cfg.steps,
+                     fresh_setup(model, cfg, cfg.steps, grown_peak, grown_warmup),
+                     seed=cfg.seed + 2, label="lemon_full_schedule")
 
     def best(method: str) -> tuple[str, list]:
         def key(item):
@@ -375,7 +553,7 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
     if full is not None:
         curves["lemon_full_schedule"] = (full, 1.0)
 
-    source_flops = flops(params["source"], cfg.source_steps)
+    source_flops = flops(params["source"], source_train_steps)
     scratch_flops = flops(params["target"], cfg.steps)
 
     def summary(curve, fraction) -> dict:
@@ -411,6 +589,11 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
         "scratch_flops": scratch_flops,
         "peak_lr": peak,
         "grown_peak_lr": grown_peak,
+        "scenario": cfg.scenario,
+        "source_train_steps": source_train_steps,
+        "source_last_lr": source_last_lr,
+        "rates": {"lemon_state": state_lr, "lemon_asym_inherited": asym_inherited_lr,
+                  "lemon_asym_new": asym_new_lr},
         "peak_sweep": {str(k): v[-1][1] for k, v in sweep.items()},
         "scratch_sweep_curves": {str(k): [{"step": st, "val_loss": v} for st, v in curve]
                                  for k, curve in sweep.items()},
@@ -421,6 +604,7 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
         "fraction_sweep": {m: {f: summary(c, float(f)) for f, c in fraction_runs[m].items()}
                            for m in fraction_runs},
         "lemon_beats_every_baseline": _beats(runs),
+        **_ranking(runs),
         "wall_seconds": time.time() - started,
         "threads": threads,
         "torch": torch.__version__,
@@ -432,32 +616,57 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
     return report
 
 
-def _beats(runs: dict) -> bool | None:
-    """LEMON reaches L* in fewer steps than every other grown run (unreached counts as N+);
-    None when a run is missing (``--methods`` left some out)."""
-    if not set(RUNS) <= set(runs):
-        return None
+def _steps(run: dict) -> float:
+    s = run["steps_to_reach_scratch_loss"]
+    return math.inf if s is None else s
 
-    def steps(name):
-        s = runs[name]["steps_to_reach_scratch_loss"]
-        return math.inf if s is None else s
-    return all(steps("lemon") < steps(other)
-               for other in ("lemon_full_schedule", "net2net", "random_new"))
+
+def _beats(runs: dict) -> bool | None:
+    """LEMON reaches L* in fewer steps than every other grown run of the paper's comparison
+    (lemon_full_schedule, net2net, random_new; unreached counts as N+); None when one of
+    them is missing (``--methods`` left it out)."""
+    others = ("lemon_full_schedule", "net2net", "random_new")
+    if not {"lemon", *others} <= set(runs):
+        return None
+    return all(_steps(runs["lemon"]) < _steps(runs[other]) for other in others)
+
+
+def _ranking(runs: dict) -> dict:
+    """The grown runs ranked by saving (the fewest steps to L*, then the lowest final
+    loss), the best of the new recipes (``NEW_RECIPES``), and whether it reaches L* in
+    fewer steps than every baseline (``BASELINES``; None when a baseline or every new
+    recipe was left out)."""
+    ranked = sorted((name for name in runs if name != "scratch"),
+                    key=lambda name: (_steps(runs[name]), runs[name]["final_val_loss"]))
+    new = [name for name in ranked if name in NEW_RECIPES]
+    best = new[0] if new else None
+    beats = None
+    if best is not None and set(BASELINES) <= set(runs):
+        beats = all(_steps(runs[best]) < _steps(runs[b]) for b in BASELINES)
+    return {"ranking": ranked, "best_new_recipe": best,
+            "best_new_recipe_beats_every_baseline": beats}
 
 
 def _table(report: dict) -> None:
     fmt = (lambda v: "     -" if v is None else f"{100 * v:5.1f}%")
-    print(f"\n[{report['task']}] {'run':20s} {'decay':>6s} {'steps to L*':>11s} "
-          f"{'saving':>7s} {'w/ source':>9s} {'final loss':>10s}")
-    for name, r in report["runs"].items():
+    runs = report["runs"]
+    print(f"\n[{report['task']}, {report.get('scenario', 'annealed')}] {'run':20s} "
+          f"{'decay':>6s} {'steps to L*':>11s} {'saving':>7s} {'w/ source':>9s} "
+          f"{'final loss':>10s}")
+    for name in ["scratch"] + report["ranking"]:  # by saving, best first
+        r = runs[name]
         steps = r["steps_to_reach_scratch_loss"]
         reached = "not reached" if steps is None else steps
-        print(f"     {name:20s} {r['decay_steps']:6d} {reached:>11} "
+        kind = " (new)" if name in NEW_RECIPES else " (base)" if name in BASELINES else ""
+        print(f"     {name + kind:20s} {r['decay_steps']:6d} {reached:>11} "
               f"{fmt(r['saving']):>7s} {fmt(r['saving_with_source']):>9s} "
               f"{r['final_val_loss']:10.4f}")
     print(f"     L* = {report['scratch_final_loss']:.4f} (scratch, {report['config']['steps']} "
-          f"steps, peak {report['peak_lr']:g}); source {report['source_final_loss']:.4f}; "
-          f"LEMON beats every baseline: {report['lemon_beats_every_baseline']}; "
+          f"steps, peak {report['peak_lr']:g}); source {report['source_final_loss']:.4f} "
+          f"after {report['source_train_steps']} steps; LEMON beats every baseline: "
+          f"{report['lemon_beats_every_baseline']}; best new recipe "
+          f"{report['best_new_recipe']} beats every baseline ({', '.join(BASELINES)}): "
+          f"{report['best_new_recipe_beats_every_baseline']}; "
           f"{report['wall_seconds']:.0f} s\n", flush=True)
 
 
@@ -475,12 +684,13 @@ def _plot(report: dict, path: Path) -> None:
         curve = run["curve"]
         label = name if name in ("scratch", "lemon_full_schedule") else \
             f"{name} (decay {run['decay_steps']} steps)"
+        bold = name in ("lemon", report["best_new_recipe"])
         line, = ax.plot([c["flops"] for c in curve], [c["val_loss"] for c in curve],
-                        label=label, linewidth=2 if name == "lemon" else 1.2)
-        if name == "lemon":
+                        label=label, linewidth=2 if bold else 1.2)
+        if bold:
             ax.plot([c["flops"] + report["source_flops"] for c in curve],
                     [c["val_loss"] for c in curve], color=line.get_color(), linestyle="--",
-                    linewidth=1, label="lemon, counting the source's training")
+                    linewidth=1, label=f"{name}, counting the source's training")
     ax.axhline(report["scratch_final_loss"], color="gray", linestyle=":", label="L* (scratch)")
     ax.set_xlabel("training FLOPs of the target (6 x parameters x tokens)")
     ax.set_ylabel("validation loss (nats per predicted byte)")
@@ -489,7 +699,8 @@ def _plot(report: dict, path: Path) -> None:
     ax.set_ylim(bottom - 0.05, top)
     ax.legend(fontsize=8)
     task = "byte LM" if report["task"] == "lm" else "masked-byte MLM"
-    ax.set_title(f"LEMON growth vs from scratch: {task} on stdlib source "
+    when = "grown mid-training (WSD)" if report["scenario"] == "mid" else "annealed source"
+    ax.set_title(f"LEMON growth vs from scratch, {when}: {task} on stdlib source "
                  f"({report['parameters']['source']:,} -> {report['parameters']['target']:,} "
                  f"params)", fontsize=9)
     fig.tight_layout()
@@ -512,7 +723,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="compressed decay lengths for the grown runs, as fractions of N")
     parser.add_argument("--placement", choices=("interleave", "stack"))
     parser.add_argument("--methods", nargs="+", choices=RUNS[1:],
-                        help="the grown runs to train (default: all four)")
+                        help="the grown runs to train (default: all seven)")
+    parser.add_argument("--scenario", choices=SCENARIOS,
+                        help="annealed (default: the paper's setup, source trained to the "
+                             "end of its cosine) or mid (growth mid-training: the source in "
+                             "WSD's stable phase, every run WSD with one cooldown)")
+    parser.add_argument("--growth-step", type=int, metavar="G",
+                        help="mid: the source's steps at its constant rate before growth "
+                             "(default: --source-steps)")
+    parser.add_argument("--cooldown-fraction", type=float,
+                        help="mid: the (1 - sqrt) cooldown as a fraction of each run's "
+                             "steps (default 0.2)")
+    parser.add_argument("--rewarm", type=int,
+                        help="lemon_asym: warmup steps of the new capacity (default 250; "
+                             "--quick 15)")
+    parser.add_argument("--new-peak-scale", type=float,
+                        help="lemon_asym: the new capacity's peak as a multiple of "
+                             "scratch's tuned peak (default 1.0)")
+    parser.add_argument("--inherited-scale", type=float,
+                        help="lemon_asym: the inherited capacity's rate, a multiple of "
+                             "scratch's tuned peak (annealed, default 0.5) or of the "
+                             "source's constant rate (mid, default 1.0)")
+    parser.add_argument("--asym-width", choices=("copies", "modes"),
+                        help="lemon_asym, width-grown tensors: the new copies take the new "
+                             "rate (copies, SPARKLING's; default) or each copy set's "
+                             "differences do, its mean keeping the inherited rate (modes)")
     parser.add_argument("--reuse-scratch", type=Path, metavar="JSON",
                         help="take the scratch sweep (and L*) from an earlier report of the "
                              "same config instead of training it again")
@@ -533,7 +768,12 @@ def main(argv: list[str] | None = None) -> int:
                          ("methods", args.methods and tuple(args.methods)),
                          ("grown_peak_scale", args.grown_peak_scale),
                          ("noise_scale", args.noise_scale),
-                         ("grown_warmup", args.grown_warmup)):
+                         ("grown_warmup", args.grown_warmup),
+                         ("scenario", args.scenario), ("growth_step", args.growth_step),
+                         ("cooldown_fraction", args.cooldown_fraction),
+                         ("rewarm", args.rewarm), ("new_peak_scale", args.new_peak_scale),
+                         ("inherited_scale", args.inherited_scale),
+                         ("asym_width", args.asym_width)):
         if value is not None:
             cfg = replace(cfg, **{field: value})
     task = args.task or ("all" if args.quick else "lm")
