@@ -8,8 +8,8 @@ from zoo import ZOO, ZooEntry
 import lemon_fx
 
 # their residual stream only grows by whole multiples: Post-LN, a nonlinearity across
-# channels (Mixer's token mixing), a layer-scale product on a branch added to an avg stream
-WHOLE_MULTIPLE_STREAM = {"post_ln_encoder", "mlp_mixer", "layer_scale_vit"}
+# channels (Mixer's token mixing)
+WHOLE_MULTIPLE_STREAM = {"post_ln_encoder", "mlp_mixer"}
 
 
 def traced(name: str) -> tuple[ZooEntry, torch.nn.Module, torch.fx.GraphModule]:

@@ -128,8 +128,9 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
             continue
         by_role.setdefault(group.role, set()).add(pair[1])
     for role, targets in by_role.items():
-        sizes = {g.size for g, _ in pairs if (g.role == role if role in _ROLE_ATTRIBUTES
-                                               else _moe_ffn_field(config, g) == role)}
+        moe = role in _MOE_FIELDS  # by_role holds MoE fields beside roles
+        sizes = {g.size for g, _ in pairs
+                 if (_moe_ffn_field(config, g) == role if moe else g.role == role)}
         if len(targets) > 1:
             problems.append(Problem(
                 reason=f"the {role} groups grow to different sizes {sorted(targets)}, and "
@@ -139,7 +140,7 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
         (target,) = targets
         if sizes == {target}:
             continue
-        attribute = _ROLE_ATTRIBUTES.get(role, role)  # an MoE field names itself
+        attribute = role if moe else _ROLE_ATTRIBUTES.get(role)  # an MoE field names itself
         if role == FFN:
             attribute = next((a for a in _FFN_SPELLINGS if getattr(config, a, None)
                               is not None), None)
@@ -225,6 +226,7 @@ def _grown_config(config: Any, planned: Any) -> tuple[Any, dict[str, tuple[Any, 
 # intermediate_size, which the plain FFN spelling finds)
 _MOE_FFN_FIELDS = ((".shared_expert.", "shared_expert_intermediate_size"),
                    (".experts.", "moe_intermediate_size"))
+_MOE_FIELDS = {field for _, field in _MOE_FFN_FIELDS}
 
 
 def _moe_ffn_field(config: Any, group: Any) -> str | None:
