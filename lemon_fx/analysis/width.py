@@ -343,6 +343,10 @@ class NodeAnalysis:
         node scales, so that the scale can be folded into the layer's rows)."""
         return [c for claims in self._a.claims.values() for c in claims if c.node is node]
 
+    def claims_on(self, qualname: str) -> list[Claim]:
+        """The claims made so far on a parameter, in order (the first one grows it)."""
+        return list(self._a.claims.get(self._a.canonical(qualname), []))
+
     def same_dim(self, a: int, b: int) -> bool:
         """Whether ``a`` and ``b`` have been unified into one axis."""
         return self._a.dims.find(a) == self._a.dims.find(b)

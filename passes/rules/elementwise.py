@@ -169,11 +169,14 @@ def _layer_scale_parts(node: torch.fx.Node, ctx: NodeAnalysis):
         layer = h
         while len(layer.users) == 1 and isinstance(ctx.rule_of(layer), PassThroughRule):
             layer = layer.all_input_nodes[0] if layer.all_input_nodes else layer
+        claims = ctx.claims_made_by(layer)
         if len(layer.users) != 1 or not any(
                 len(c.axes) >= 2 and isinstance(c.axes[0], AxisUse)
                 and c.axes[0].kind == "expand" and isinstance(c.axes[1], AxisUse)
-                and c.axes[1].kind == "split" for c in ctx.claims_made_by(layer)):
+                and c.axes[1].kind == "split" for c in claims):
             continue
+        if any(ctx.claims_on(c.param)[0] is not c for c in claims):
+            continue  # a weight another op claimed first (tied) grows by that claim
         return reads[0], reads[1], layer
     return None
 
