@@ -113,20 +113,18 @@ def couple_expert_matmul(ctx: NodeAnalysis, a, b, out) -> bool:
         for d in (x[0], o[0]):  # one row per (token, expert) pair
             ctx.unify(g[0], d)
         ctx.same_form(ctx.slot(other, 0), ctx.slot(out, 0))
-        if weight_is_left:  # [N, out, in] @ [N, in, m]
-            ctx.unify(g[2], x[1])
-            ctx.unify(g[1], o[1])
-            ctx.unify(x[2], o[2])
-            ctx.same_form(ctx.slot(other, 2), ctx.slot(out, 2))
-            ctx.claim(name, [None, AxisUse("expand", ctx.slot(out, 1)),
-                             AxisUse("split", ctx.slot(other, 1))], readers=gather)
-        else:  # [N, m, in] @ [N, in, out]
-            ctx.unify(g[1], x[2])
-            ctx.unify(g[2], o[2])
-            ctx.unify(x[1], o[1])
-            ctx.same_form(ctx.slot(other, 1), ctx.slot(out, 1))
-            ctx.claim(name, [None, AxisUse("split", ctx.slot(other, 2)),
-                             AxisUse("expand", ctx.slot(out, 2))], readers=gather)
+        # P[ids] @ x: [N, out, in] @ [N, in, m]; x @ P[ids]: [N, m, in] @ [N, in, out]. The
+        # weight's out axis is the output's axis there, and the other operand's contraction
+        # axis; the weight's in axis is where the other operand's free axis sits
+        rows, cols = (1, 2) if weight_is_left else (2, 1)
+        ctx.unify(g[cols], x[rows])
+        ctx.unify(g[rows], o[rows])
+        ctx.unify(x[cols], o[cols])
+        ctx.same_form(ctx.slot(other, cols), ctx.slot(out, cols))
+        uses: list[AxisUse | None] = [None, None, None]
+        uses[rows] = AxisUse("expand", ctx.slot(out, rows))
+        uses[cols] = AxisUse("split", ctx.slot(other, rows))
+        ctx.claim(name, uses, readers=gather)
         return True
     return False
 
