@@ -136,6 +136,25 @@ def test_wsd_schedule_is_stable_then_one_cooldown(bench):
     assert annealed(50) < 1.0 and annealed(100) == 0.0
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_markdown_prints_every_run_of_a_report(bench, results, case, capsys):
+    """``--markdown`` prints README's table from a report: one row per run, scratch first,
+    then the ranking, each with the report's own figures."""
+    data, out = results
+    name = {CASES[0]: "bench_training.json", CASES[1]: "bench_training_mlm.json",
+            CASES[2]: "bench_training_mid.json"}[case]
+    assert bench.main(["--markdown", str(out / name)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    report = data[case]
+    assert f"`L*` = {report['scratch_final_loss']:.4f}" in rows[0]
+    assert len(rows) == 1 + len(RUNS)
+    assert rows[1].startswith("| scratch (peak ")
+    for row, run in zip(rows[2:], report["ranking"]):
+        figures = report["runs"][run]
+        assert row.startswith(f"| {bench.ROW_NAMES[run]} | {figures['decay_steps']} | ")
+        assert row.endswith(f" | {figures['final_val_loss']:.4f} |")
+
+
 def test_plots_are_written(results):
     _, out = results
     for name in ("bench_training.png", "bench_training_mlm.png", "bench_training_mid.png"):

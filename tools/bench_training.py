@@ -670,6 +670,47 @@ def _table(report: dict) -> None:
           f"{report['wall_seconds']:.0f} s\n", flush=True)
 
 
+ROW_NAMES = {
+    "lemon": "LEMON",
+    "lemon_full_schedule": "LEMON, from-scratch schedule",
+    "net2net": "net2net (equal splits, zero blocks)",
+    "random_new": "random new weights",
+    "llama_pro": "LLaMA-Pro (only new capacity trains)",
+    "lemon_state": "new: grown AdamW state",
+    "lemon_asym": "new: asymmetric rates, grown state",
+}
+
+
+def markdown_table(report: dict) -> str:
+    """README's table of one report: scratch, then the grown runs best first, the best
+    run's saving in bold; every figure as the JSON has it (tests check README against
+    the committed JSON)."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else "0%" if value == 0 else f"{100 * value:.1f}%"
+
+    runs = report["runs"]
+    task = "byte-level LM (GPT)" if report["task"] == "lm" else "masked-byte MLM (encoder)"
+    when = "grown mid-training" if report.get("scenario") == "mid" else "annealed source"
+    peaks = "/".join(f"{float(p):g}" for p in report["peak_sweep"])
+    lines = [f"| {task}, {when}, `L*` = {report['scratch_final_loss']:.4f} | decay steps "
+             "| steps to `L*` | saving | with source | final loss |",
+             "|---|---:|---:|---:|---:|---:|"]
+    ranking = report.get("ranking") or _ranking(runs)["ranking"]  # older reports: none
+    best = ranking[0] if ranking else None
+    for name in ["scratch"] + ranking:
+        r = runs[name]
+        label = f"scratch (peak {report['peak_lr']:g} of {peaks})" if name == "scratch" \
+            else ROW_NAMES.get(name, name)
+        steps = r["steps_to_reach_scratch_loss"]
+        saving = pct(r["saving"])
+        if name == best and r["saving"] is not None:
+            saving = f"**{saving}**"
+        lines.append(f"| {label} | {r['decay_steps']} | "
+                     f"{'not reached' if steps is None else steps} | {saving} | "
+                     f"{pct(r['saving_with_source'])} | {r['final_val_loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _plot(report: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -710,6 +751,8 @@ def _plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", type=Path, metavar="JSON", nargs="+",
+                        help="print README's table of earlier reports and exit (no training)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny smoke run (both tasks unless --task is given)")
     parser.add_argument("--task", choices=("lm", "mlm", "all"),
@@ -759,6 +802,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="peak rate of the grown runs as a multiple of scratch's tuned "
                              "peak (LEMON's recipe: 1.0, the default)")
     args = parser.parse_args(argv)
+    if args.markdown:
+        for path in args.markdown:
+            print(markdown_table(json.loads(path.read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else Config()
     for field, value in (("steps", args.steps), ("source_steps", args.source_steps),
