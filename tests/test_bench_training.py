@@ -155,6 +155,24 @@ def test_markdown_prints_every_run_of_a_report(bench, results, case, capsys):
         assert row.endswith(f" | {figures['final_val_loss']:.4f} |")
 
 
+def test_shapes_and_device_are_flags_and_the_report_names_the_device(bench, tmp_path):
+    """The paper's shapes on a GPU are one command (``--source-dim 384 --source-depth 6
+    --heads 6 --device cuda``); here a smaller source than --quick's, on the CPU."""
+    assert bench.main(["--quick", "--task", "lm", "--methods", "lemon", "--threads", "1",
+                       "--source-dim", "16", "--source-depth", "1", "--heads", "2",
+                       "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_training.json").read_text())
+    cfg = bench.replace(bench.QUICK, source_dim=16, source_depth=1, heads=2)
+    assert report["parameters"] == {
+        "source": bench.count_parameters(bench.build(cfg, 16, 1, 0)),
+        "target": bench.count_parameters(bench.build(cfg, 32, 2, 0))}
+    assert report["device"] == "cpu" and report["config"]["device"] == "cpu"
+    # a scratch sweep from another device is not reused
+    with pytest.raises(SystemExit, match="device"):
+        bench.reusable_scratch(tmp_path / "bench_training.json", bench.replace(cfg,
+                               device="cuda"))
+
+
 def test_plots_are_written(results):
     _, out = results
     for name in ("bench_training.png", "bench_training_mlm.png", "bench_training_mid.png"):

@@ -81,8 +81,11 @@ FLOPs (same formula) to the grown run's.
     python tools/bench_training.py --task lm --threads 1 --scenario mid \
         --out bench_results/recipes
 
-The figures in README (and their JSON in docs/bench/) came from the first commands
-(before ``llama_pro``, ``lemon_state`` and ``lemon_asym`` existed).
+    # the paper's shapes (6 x 384 -> 12 x 768, head_dim 64) on a GPU; the report names it:
+    python tools/bench_training.py --task lm --device cuda --source-dim 384 \
+        --source-depth 6 --heads 6 --out bench_results/gpu
+    # README's table of a report:
+    python tools/bench_training.py --markdown docs/bench/bench_training_mid.json
 
 Writes ``bench_training.json`` / ``.png`` (``lm``) and ``bench_training_mlm.json`` / ``.png``
 (``mlm``) in ``--out``, ``bench_training_mid.json`` / ``bench_training_mlm_mid.json`` (and
@@ -165,6 +168,7 @@ class Config:
     val_windows: int = 256
     mask_prob: float = 0.15
     seed: int = 0
+    device: str = "cpu"  # where every model trains; batches are drawn on the CPU either way
 
 
 QUICK = Config(context=32, batch=8, source_dim=32, source_steps=200, steps=120, warmup=10,
@@ -220,16 +224,19 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def build(cfg: Config, dim: int, depth: int, seed: int) -> nn.Module:
+    """The task's model at ``dim`` x ``depth``, initialised on the CPU from ``seed`` (the
+    same weights on every device), then moved to ``cfg.device``."""
     torch.manual_seed(seed)
     heads = cfg.heads * dim // cfg.source_dim
     if cfg.task == "lm":
-        return TinyGPT(vocab=256, dim=dim, depth=depth, num_heads=heads, max_len=cfg.context)
+        return TinyGPT(vocab=256, dim=dim, depth=depth, num_heads=heads,
+                       max_len=cfg.context).to(cfg.device)
     # Positions at unit scale, not GPT's 0.02: a masked byte has no bigram shortcut, all its
     # signal comes through attention to its neighbours, which needs positions attention can
     # tell apart. At 0.02 the 64x2 source sat on the unigram plateau (3.06 nats after 3000
     # steps; unigram 3.22), at 1.0 it reached 2.29.
     return TinyGPT(vocab=256, dim=dim, depth=depth, num_heads=heads, max_len=cfg.context,
-                   causal=False, input_vocab=MASK + 1, position_std=1.0)
+                   causal=False, input_vocab=MASK + 1, position_std=1.0).to(cfg.device)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -263,10 +270,10 @@ def random_new_weights(source: nn.Module, target: nn.Module, order: list[int]) -
         index = []
         for axis, (new_size, old_size) in enumerate(zip(value.shape, old.shape)):
             if axis == 0 and chunks == 3:
-                index.append(torch.cat([torch.arange(old_size // 3) + c * (new_size // 3)
-                                        for c in range(3)]))
+                index.append(torch.cat([torch.arange(old_size // 3, device=value.device)
+                                        + c * (new_size // 3) for c in range(3)]))
             else:
-                index.append(torch.arange(old_size))
+                index.append(torch.arange(old_size, device=value.device))
         grid = torch.meshgrid(*index, indexing="ij")
         value[grid] = old.to(value.dtype)
     target.load_state_dict(state)
@@ -355,7 +362,7 @@ def train(model: nn.Module, train_tokens, val, cfg: Config, steps: int, setup: S
     curve = [(0, evaluate(model, val))]
     started = time.time()
     for step in range(1, steps + 1):
-        x, y = next(stream)
+        x, y = (t.to(cfg.device) for t in next(stream))
         loss = loss_fn(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -388,7 +395,8 @@ GROWN_ONLY = {"fractions", "placement", "grown_peak_scale", "methods", "noise_sc
               "source_steps", "source_peak", "grown_warmup", "growth_step", "rewarm",
               "new_peak_scale", "inherited_scale", "asym_width"}
 # fields that reports written before they existed ran with these values
-LEGACY = {"scenario": "annealed", "cooldown_fraction": Config.cooldown_fraction}
+LEGACY = {"scenario": "annealed", "cooldown_fraction": Config.cooldown_fraction,
+          "device": "cpu"}
 
 
 def reusable_scratch(path: Path, cfg: Config) -> dict:
@@ -409,11 +417,19 @@ def reusable_scratch(path: Path, cfg: Config) -> dict:
     return report
 
 
+def device_name(device: str) -> str:
+    """What the runs trained on, as a report records it: ``cpu`` or the GPU's name."""
+    if torch.device(device).type == "cuda":
+        return f"{device}: {torch.cuda.get_device_name(torch.device(device))}"
+    return device
+
+
 def run_task(cfg: Config, out: Path, command: str, threads: int,
              reuse: dict | None = None) -> dict:
     started = time.time()
     train_tokens, val_tokens = corpus()
-    val = make_batch(val_tokens, cfg, cfg.val_windows, torch.Generator().manual_seed(12345))
+    val = tuple(t.to(cfg.device) for t in make_batch(
+        val_tokens, cfg, cfg.val_windows, torch.Generator().manual_seed(12345)))
     suffix = ("" if cfg.task == "lm" else f"_{cfg.task}") + \
         ("_mid" if cfg.scenario == "mid" else "")
     print(f"[{cfg.task}, {cfg.scenario}] {len(train_tokens):,} train bytes, "
@@ -436,7 +452,8 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
     source_loss = evaluate(small, val)
     params = {"source": count_parameters(small),
               "target": count_parameters(build(cfg, td, tdepth, cfg.seed))}
-    example = make_batch(train_tokens, cfg, 2, torch.Generator().manual_seed(7))[0]
+    example = make_batch(train_tokens, cfg, 2, torch.Generator().manual_seed(7))[0].to(
+        cfg.device)
     gm = lemon_fx.trace(small, (example,))
 
     def plan(method: str) -> lemon_fx.Plan:
@@ -607,6 +624,7 @@ def run_task(cfg: Config, out: Path, command: str, threads: int,
         **_ranking(runs),
         "wall_seconds": time.time() - started,
         "threads": threads,
+        "device": device_name(cfg.device),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
@@ -759,6 +777,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="lm (default), mlm, or all; --quick defaults to all")
     parser.add_argument("--out", default="bench_results", help="folder for JSON and PNG")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", help="where the models train: cpu (default), cuda, "
+                        "cuda:1, ...; batches and initial weights are the same on every one")
+    parser.add_argument("--source-dim", type=int,
+                        help="the source's width (64; the target's is twice it)")
+    parser.add_argument("--source-depth", type=int,
+                        help="the source's blocks (2; the target has twice as many)")
+    parser.add_argument("--heads", type=int,
+                        help="the source's heads (4; head_dim = width / heads is kept)")
+    parser.add_argument("--context", type=int, help="bytes per training window (64)")
+    parser.add_argument("--batch", type=int, help="windows per step (16)")
     parser.add_argument("--steps", type=int, help="N, the from-scratch budget")
     parser.add_argument("--source-steps", type=int, help="the source's training steps")
     parser.add_argument("--peaks", type=float, nargs="+", help="peak rates to sweep")
@@ -809,6 +837,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else Config()
     for field, value in (("steps", args.steps), ("source_steps", args.source_steps),
+                         ("device", args.device), ("source_dim", args.source_dim),
+                         ("source_depth", args.source_depth), ("heads", args.heads),
+                         ("context", args.context), ("batch", args.batch),
                          ("peak_lrs", args.peaks and tuple(args.peaks)),
                          ("fractions", args.fractions and tuple(args.fractions)),
                          ("placement", args.placement),
