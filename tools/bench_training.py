@@ -767,6 +767,63 @@ def _plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# the flags that replace a Config field when given: flag -> (field, argparse keywords)
+CONFIG_FLAGS = {
+    "--device": ("device", dict(help="where the models train: cpu (default), cuda, "
+                                "cuda:1, ...; batches and initial weights are the same on "
+                                "every one")),
+    "--source-dim": ("source_dim", dict(type=int, help="the source's width (64; the "
+                                        "target's is twice it)")),
+    "--source-depth": ("source_depth", dict(type=int, help="the source's blocks (2; the "
+                                            "target has twice as many)")),
+    "--heads": ("heads", dict(type=int, help="the source's heads (4; head_dim = width / "
+                              "heads is kept)")),
+    "--context": ("context", dict(type=int, help="bytes per training window (64)")),
+    "--batch": ("batch", dict(type=int, help="windows per step (16)")),
+    "--steps": ("steps", dict(type=int, help="N, the from-scratch budget")),
+    "--source-steps": ("source_steps", dict(type=int, help="the source's training steps")),
+    "--peaks": ("peak_lrs", dict(type=float, nargs="+", help="peak rates to sweep")),
+    "--fractions": ("fractions", dict(type=float, nargs="+", help="compressed decay "
+                                      "lengths for the grown runs, as fractions of N")),
+    "--placement": ("placement", dict(choices=("interleave", "stack"))),
+    "--methods": ("methods", dict(nargs="+", choices=RUNS[1:], help="the grown runs to "
+                                  "train (default: all seven)")),
+    "--scenario": ("scenario", dict(choices=SCENARIOS, help="annealed (default: the "
+                                    "paper's setup, source trained to the end of its "
+                                    "cosine) or mid (growth mid-training: the source in "
+                                    "WSD's stable phase, every run WSD with one cooldown)")),
+    "--growth-step": ("growth_step", dict(type=int, metavar="G", help="mid: the source's "
+                                          "steps at its constant rate before growth "
+                                          "(default: --source-steps)")),
+    "--cooldown-fraction": ("cooldown_fraction", dict(type=float, help="mid: the (1 - "
+                                                      "sqrt) cooldown as a fraction of "
+                                                      "each run's steps (default 0.2)")),
+    "--rewarm": ("rewarm", dict(type=int, help="lemon_asym: warmup steps of the new "
+                                "capacity (default 250; --quick 15)")),
+    "--new-peak-scale": ("new_peak_scale", dict(type=float, help="lemon_asym: the new "
+                                                "capacity's peak as a multiple of "
+                                                "scratch's tuned peak (default 1.0)")),
+    "--inherited-scale": ("inherited_scale", dict(type=float, help="lemon_asym: the "
+                                                  "inherited capacity's rate, a multiple "
+                                                  "of scratch's tuned peak (annealed, "
+                                                  "default 0.5) or of the source's "
+                                                  "constant rate (mid, default 1.0)")),
+    "--asym-width": ("asym_width", dict(choices=("copies", "modes"), help="lemon_asym, "
+                                        "width-grown tensors: the new copies take the new "
+                                        "rate (copies, SPARKLING's; default) or each copy "
+                                        "set's differences do, its mean keeping the "
+                                        "inherited rate (modes)")),
+    "--grown-warmup": ("grown_warmup", dict(type=int, help="warmup steps of the grown "
+                                            "runs (default: scratch's)")),
+    "--noise-scale": ("noise_scale", dict(type=float, help="Plan.noise_scale of the grown "
+                                          "runs (LEMON's: 1.0)")),
+    "--grown-peak-scale": ("grown_peak_scale", dict(type=float, help="peak rate of the "
+                                                    "grown runs as a multiple of "
+                                                    "scratch's tuned peak (LEMON's "
+                                                    "recipe: 1.0, the default)")),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", type=Path, metavar="JSON", nargs="+",
@@ -777,58 +834,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="lm (default), mlm, or all; --quick defaults to all")
     parser.add_argument("--out", default="bench_results", help="folder for JSON and PNG")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", help="where the models train: cpu (default), cuda, "
-                        "cuda:1, ...; batches and initial weights are the same on every one")
-    parser.add_argument("--source-dim", type=int,
-                        help="the source's width (64; the target's is twice it)")
-    parser.add_argument("--source-depth", type=int,
-                        help="the source's blocks (2; the target has twice as many)")
-    parser.add_argument("--heads", type=int,
-                        help="the source's heads (4; head_dim = width / heads is kept)")
-    parser.add_argument("--context", type=int, help="bytes per training window (64)")
-    parser.add_argument("--batch", type=int, help="windows per step (16)")
-    parser.add_argument("--steps", type=int, help="N, the from-scratch budget")
-    parser.add_argument("--source-steps", type=int, help="the source's training steps")
-    parser.add_argument("--peaks", type=float, nargs="+", help="peak rates to sweep")
-    parser.add_argument("--fractions", type=float, nargs="+",
-                        help="compressed decay lengths for the grown runs, as fractions of N")
-    parser.add_argument("--placement", choices=("interleave", "stack"))
-    parser.add_argument("--methods", nargs="+", choices=RUNS[1:],
-                        help="the grown runs to train (default: all seven)")
-    parser.add_argument("--scenario", choices=SCENARIOS,
-                        help="annealed (default: the paper's setup, source trained to the "
-                             "end of its cosine) or mid (growth mid-training: the source in "
-                             "WSD's stable phase, every run WSD with one cooldown)")
-    parser.add_argument("--growth-step", type=int, metavar="G",
-                        help="mid: the source's steps at its constant rate before growth "
-                             "(default: --source-steps)")
-    parser.add_argument("--cooldown-fraction", type=float,
-                        help="mid: the (1 - sqrt) cooldown as a fraction of each run's "
-                             "steps (default 0.2)")
-    parser.add_argument("--rewarm", type=int,
-                        help="lemon_asym: warmup steps of the new capacity (default 250; "
-                             "--quick 15)")
-    parser.add_argument("--new-peak-scale", type=float,
-                        help="lemon_asym: the new capacity's peak as a multiple of "
-                             "scratch's tuned peak (default 1.0)")
-    parser.add_argument("--inherited-scale", type=float,
-                        help="lemon_asym: the inherited capacity's rate, a multiple of "
-                             "scratch's tuned peak (annealed, default 0.5) or of the "
-                             "source's constant rate (mid, default 1.0)")
-    parser.add_argument("--asym-width", choices=("copies", "modes"),
-                        help="lemon_asym, width-grown tensors: the new copies take the new "
-                             "rate (copies, SPARKLING's; default) or each copy set's "
-                             "differences do, its mean keeping the inherited rate (modes)")
     parser.add_argument("--reuse-scratch", type=Path, metavar="JSON",
                         help="take the scratch sweep (and L*) from an earlier report of the "
                              "same config instead of training it again")
-    parser.add_argument("--grown-warmup", type=int,
-                        help="warmup steps of the grown runs (default: scratch's)")
-    parser.add_argument("--noise-scale", type=float,
-                        help="Plan.noise_scale of the grown runs (LEMON's: 1.0)")
-    parser.add_argument("--grown-peak-scale", type=float,
-                        help="peak rate of the grown runs as a multiple of scratch's tuned "
-                             "peak (LEMON's recipe: 1.0, the default)")
+    for flag, (field, keywords) in CONFIG_FLAGS.items():
+        parser.add_argument(flag, dest=field, **keywords)
     args = parser.parse_args(argv)
     if args.markdown:
         for path in args.markdown:
@@ -836,24 +846,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else Config()
-    for field, value in (("steps", args.steps), ("source_steps", args.source_steps),
-                         ("device", args.device), ("source_dim", args.source_dim),
-                         ("source_depth", args.source_depth), ("heads", args.heads),
-                         ("context", args.context), ("batch", args.batch),
-                         ("peak_lrs", args.peaks and tuple(args.peaks)),
-                         ("fractions", args.fractions and tuple(args.fractions)),
-                         ("placement", args.placement),
-                         ("methods", args.methods and tuple(args.methods)),
-                         ("grown_peak_scale", args.grown_peak_scale),
-                         ("noise_scale", args.noise_scale),
-                         ("grown_warmup", args.grown_warmup),
-                         ("scenario", args.scenario), ("growth_step", args.growth_step),
-                         ("cooldown_fraction", args.cooldown_fraction),
-                         ("rewarm", args.rewarm), ("new_peak_scale", args.new_peak_scale),
-                         ("inherited_scale", args.inherited_scale),
-                         ("asym_width", args.asym_width)):
+    for field, _ in CONFIG_FLAGS.values():
+        value = getattr(args, field)
         if value is not None:
-            cfg = replace(cfg, **{field: value})
+            cfg = replace(cfg, **{field: tuple(value) if isinstance(value, list) else value})
     task = args.task or ("all" if args.quick else "lm")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
