@@ -68,16 +68,14 @@ FLOPs (same formula) to the grown run's.
 
     python tools/bench_training.py --quick               # smoke check, both tasks, < 1 min
     python tools/bench_training.py --quick --scenario mid --task lm
-    python tools/bench_training.py --out bench_results    # the LM miniature, ~40-60 min
     python tools/bench_training.py --task mlm --fractions 0.25 0.375 0.5 --out bench_results
     # a knob on the grown runs only, reusing the scratch sweep of an earlier report:
     python tools/bench_training.py --methods lemon --grown-peak-scale 2 \
         --reuse-scratch bench_results/bench_training.json --out bench_results/peak_x2
 
-    # the new recipes next to every baseline, reusing the committed scratch sweep (~40 min):
-    python tools/bench_training.py --task lm --threads 1 \
-        --reuse-scratch docs/bench/bench_training.json --out bench_results/recipes
-    # growth mid-training, its own WSD scratch sweep (~50 min):
+    # README's two scenarios, every baseline and both new recipes (about 2 h each on one
+    # core; docs/bench/bench_training.json and bench_training_mid.json):
+    python tools/bench_training.py --task lm --threads 1 --out bench_results/recipes
     python tools/bench_training.py --task lm --threads 1 --scenario mid \
         --out bench_results/recipes
 
